@@ -1,0 +1,292 @@
+"""The `pydesk` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
+
+log = logging.getLogger("pydesk")
+
+EXIT_ERROR = 1
+
+
+def _console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+# --- vm -------------------------------------------------------------------------------
+def _apply_overrides(args: argparse.Namespace) -> Any:
+    """Settings from the config file with this command's flags applied (and saved)."""
+    from vmkit import settings as st
+    from vmkit.spec import PortForward
+
+    current = st.load()
+    changes: dict[str, Any] = {}
+    if args.cpus is not None:
+        changes["cpus"] = args.cpus
+    if args.memory is not None:
+        changes["memory_mib"] = st.parse_mib(args.memory, what="memory")
+    if args.disk is not None:
+        changes["disk_gib"] = st.parse_mib(args.disk, what="disk size", default_unit="G") // 1024
+        if changes["disk_gib"] < current.disk_gib and _data_disk_exists(args.name):
+            raise ConfigError(f"the data disk is {current.disk_gib}G and cannot shrink to {changes['disk_gib']}G",
+                              hint="delete the VM's data with `pydesk vm delete` first")
+    if args.accel is not None:
+        changes["accel"] = args.accel
+    if args.port:
+        changes["ports"] = tuple(PortForward.parse(p) for p in args.port)
+    if args.dns:
+        changes["dns"] = tuple(args.dns)
+    if args.restrict_network is not None:
+        changes["restrict_network"] = args.restrict_network
+    if not changes:
+        return current
+    new = dataclasses.replace(current, **changes)
+    st.save(new)
+    return new
+
+
+def _data_disk_exists(name: str) -> bool:
+    from vmkit.paths import VMPaths
+
+    return VMPaths(name).data_disk.exists()
+
+
+def _ensure_image() -> None:
+    """Build the guest image on first start where this host can (Linux with mmdebstrap)."""
+    import platform
+
+    from guest.build import build, load_image
+    from guest.recipe import Recipe
+    from vmkit.spec import Arch
+
+    recipe = Recipe(Arch.from_machine(platform.machine()))
+    try:
+        load_image(recipe)
+    except ImageError:
+        if not sys.platform.startswith("linux"):
+            raise
+        console = _console()
+        with console.status("building the guest image (first start only)…"):
+            build(recipe)
+
+
+def cmd_vm_start(args: argparse.Namespace) -> int:
+    from vmkit.client import DaemonClient, qemu_alive, start_daemon
+
+    client = DaemonClient(args.name)
+    if client.reachable():
+        raise AlreadyRunning(f"pydesk VM {args.name!r} is already running", hint="see `pydesk vm status`")
+    adopt = qemu_alive(args.name)
+    if not adopt:
+        _apply_overrides(args)
+        _ensure_image()
+    console = _console()
+    t0 = time.monotonic()
+    with console.status("starting the pydesk VM…") as status:
+        def on_event(event: dict[str, Any]) -> None:
+            msg = event.get("message")
+            if event.get("event") == "accel":
+                console.print(f"[dim]accelerator:[/] {event.get('accel')} — {msg}")
+            elif msg:
+                status.update(f"{msg}…")
+                log.debug("%s", msg)
+
+        ready = start_daemon(args.name, on_event, adopt=adopt, debug=args.debug)
+    took = time.monotonic() - t0
+    console.print(f"[green]pydesk VM {args.name!r} is running[/] (agent ready in {took:.1f}s, "
+                  f"guest {ready.get('guest_release')}, {ready.get('accel')})")
+    return 0
+
+
+def cmd_vm_stop(args: argparse.Namespace) -> int:
+    from vmkit.client import ensure_daemon
+
+    client = ensure_daemon(args.name)
+    console = _console()
+    with console.status("stopping the pydesk VM…"):
+        reply = client.stop()
+    console.print(f"pydesk VM {args.name!r} stopped ({reply.get('how')})")
+    return 0
+
+
+def cmd_vm_restart(args: argparse.Namespace) -> int:
+    from vmkit.client import DaemonClient
+
+    if DaemonClient(args.name).reachable():
+        cmd_vm_stop(args)
+    return cmd_vm_start(args)
+
+
+def _format_status(st: dict[str, Any]) -> str:
+    lines = [f"state:        {st.get('state')}"]
+    if st.get("state") == "running":
+        started = st.get("started_at")
+        lines += [
+            f"accelerator:  {st.get('accel')} ({st.get('accel_reason')})",
+            f"guest:        {st.get('guest_release')} (kernel {st.get('guest_kernel')}, {st.get('boot_layout')} root)",
+            f"resources:    {st.get('cpus')} CPUs, {st.get('memory_mib')} MiB memory, {st.get('disk_gib')} GiB disk",
+            f"agent:        {'connected' if st.get('agent_connected') else 'not connected'}",
+            f"QEMU pid:     {st.get('pid')}",
+        ]
+        if started:
+            lines.append(f"up since:     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}")
+        if st.get("ports"):
+            lines.append(f"forwards:     {', '.join(st['ports'])}")
+    else:
+        last = st.get("last_exit") or {}
+        if last.get("reason") == "crashed":
+            lines.append(f"last run:     crashed — {last.get('detail')} (see `pydesk vm logs`)")
+        elif last.get("reason") == "failed":
+            lines.append(f"last start:   failed — {last.get('detail')}")
+    return "\n".join(lines)
+
+
+def cmd_vm_status(args: argparse.Namespace) -> int:
+    from vmkit.client import DaemonClient, ensure_daemon, qemu_alive
+    from vmkit.paths import VMPaths
+    from vmkit.status import read_status
+
+    client = DaemonClient(args.name)
+    if client.reachable() or qemu_alive(args.name):
+        st = ensure_daemon(args.name).status()
+    else:
+        saved = read_status(VMPaths(args.name))
+        st = {"name": args.name, "state": "stopped", "last_exit": saved.get("last_exit")}
+    if args.format == "json":
+        print(json.dumps(st, indent=2))
+    else:
+        print(_format_status(st))
+    return 0 if st.get("state") == "running" else 3
+
+
+def cmd_vm_logs(args: argparse.Namespace) -> int:
+    from vmkit.paths import VMPaths
+
+    paths = VMPaths(args.name)
+    path = paths.daemon_log if args.daemon else paths.console_log
+    if not path.exists():
+        raise NotRunning(f"no logs yet for VM {args.name!r} ({path})", hint="start it with `pydesk vm start`")
+    with open(path, "rb") as f:
+        sys.stdout.buffer.write(f.read())
+        sys.stdout.flush()
+        while args.follow:
+            data = f.read()
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def cmd_vm_shell(args: argparse.Namespace) -> int:
+    from desktop import shell
+    from vmkit.client import ensure_daemon
+
+    client = ensure_daemon(args.name)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        return shell.run_command(client, command)
+    if not sys.stdin.isatty():
+        return shell.run_command(client, ["/bin/sh"])
+    return shell.interactive(client)
+
+
+def cmd_guest_build(args: argparse.Namespace) -> int:
+    import platform
+
+    from guest.build import build
+    from guest.recipe import Recipe
+    from vmkit.spec import Arch
+
+    arch = Arch(args.arch) if args.arch else Arch.from_machine(platform.machine())
+    print(build(Recipe(arch), force=args.force))
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pydesk", description="Containers on a small, fast Linux VM.")
+    p.add_argument("--debug", action="store_true", help="log debug details and show tracebacks")
+    p.add_argument("--name", default="default", help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    vm = sub.add_parser("vm", help="manage the pydesk VM")
+    vms = vm.add_subparsers(dest="vm_command", metavar="ACTION")
+    vms.required = True
+
+    def start_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--cpus", type=int, help="virtual CPUs (saved in settings)")
+        sp.add_argument("--memory", help="memory, e.g. 2G or 1536M (saved)")
+        sp.add_argument("--disk", help="data disk size, e.g. 20G (saved; applies when the disk is created)")
+        sp.add_argument("--accel", choices=["auto", "kvm", "hvf", "whpx", "tcg"], help="accelerator (saved)")
+        sp.add_argument("--port", action="append", metavar="[IP:]HOST:GUEST[/udp]", help="forward a host port into the VM (saved)")
+        sp.add_argument("--dns", action="append", metavar="IP", help="DNS server for the VM instead of the host's (saved)")
+        sp.add_argument("--restrict-network", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the VM's traffic on this host (saved)")
+
+    s = vms.add_parser("start", help="start the VM")
+    start_flags(s)
+    s.set_defaults(func=cmd_vm_start)
+    s = vms.add_parser("stop", help="stop the VM (clean shutdown)")
+    s.set_defaults(func=cmd_vm_stop)
+    s = vms.add_parser("restart", help="stop and start the VM")
+    start_flags(s)
+    s.set_defaults(func=cmd_vm_restart)
+    s = vms.add_parser("status", help="show the VM's state (exit 0 running, 3 stopped)")
+    s.add_argument("--format", choices=["text", "json"], default="text")
+    s.set_defaults(func=cmd_vm_status)
+    s = vms.add_parser("logs", help="show the guest console log")
+    s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("--daemon", action="store_true", help="show the host daemon's log instead")
+    s.set_defaults(func=cmd_vm_logs)
+    s = vms.add_parser("shell", help="a root shell in the VM, or run `-- CMD ARGS`")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_vm_shell)
+
+    guest = sub.add_parser("guest", help="the guest image")
+    gs = guest.add_subparsers(dest="guest_command", metavar="ACTION")
+    gs.required = True
+    s = gs.add_parser("build", help="build the guest image from Debian packages")
+    s.add_argument("--arch", choices=["x86_64", "aarch64"])
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_guest_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_daemon"]:  # the frozen app re-runs itself as the daemon
+        from vmkit.daemon import main as daemon_main
+
+        return daemon_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    if not args.debug:
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+    try:
+        return args.func(args)
+    except VMKitError as exc:
+        if args.debug:
+            raise
+        print(f"pydesk: error: {exc}" + (f" (hint: {exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("pydesk: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

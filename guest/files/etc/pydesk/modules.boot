@@ -1,0 +1,3 @@
+virtio_console
+qemu_fw_cfg
+virtio_net

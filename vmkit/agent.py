@@ -1,0 +1,208 @@
+"""The host end of the agent channel: SSH (paramiko) over the virtio-serial port.
+
+In the guest, OpenSSH runs in inetd mode on the port and is restarted after every
+disconnect. Here one ``AgentChannel`` holds the single SSH connection the port allows and
+multiplexes everything over it. It reconnects by itself: when the transport dies (the
+agent restarted, the guest rebooted, a previous daemon left mid-session) a watcher thread
+reconnects with backoff, and every call waits for a live connection up to its deadline.
+
+Lima's virtio-serial agent was "sometimes unreachable" after restarts (lima#2064): bytes
+left over from a previous session can reach a fresh sshd and break its handshake. We treat
+any handshake failure as retryable — closing our end makes the guest drop that sshd and
+start a clean one — and the test suite proves it over many start/stop cycles.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+
+from vmkit.errors import AgentError, AgentTimeout
+from vmkit.spec import Endpoint
+from vmkit.transport import connect_endpoint
+
+log = logging.getLogger(__name__)
+
+INNER_SSHD = "exec /usr/sbin/sshd -i -f /etc/pydesk/sshd_config"
+
+
+class PinnedHostKey(paramiko.MissingHostKeyPolicy):
+    """Refuse every host key but ours."""
+
+    def __init__(self, expected: paramiko.PKey) -> None:
+        self.expected = expected
+
+    def check(self, key: paramiko.PKey) -> None:
+        if key.get_base64() != self.expected.get_base64():
+            raise AgentError("the guest presented an unexpected SSH host key")
+
+
+def load_public_key(path: Path) -> paramiko.PKey:
+    kind, data = path.read_text().split()[:2]
+    return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+
+
+def open_transport(sock: socket.socket, client_key: paramiko.PKey, host_key: paramiko.PKey,
+                   timeout: float) -> paramiko.Transport:
+    """Run the SSH handshake on an already connected stream."""
+    t = paramiko.Transport(sock)
+    t.banner_timeout = timeout
+    t.handshake_timeout = timeout
+    t.auth_timeout = timeout
+    try:
+        t.start_client(timeout=timeout)
+        PinnedHostKey(host_key).check(t.get_remote_server_key())
+        t.auth_publickey("root", client_key)
+    except BaseException:
+        t.close()
+        raise
+    return t
+
+
+class AgentChannel:
+    """The daemon's one SSH connection to the guest."""
+
+    def __init__(self, endpoint: Endpoint, client_key: Path, host_key_pub: Path, name: str = "default") -> None:
+        self.endpoint = endpoint
+        self.client_key = paramiko.Ed25519Key.from_private_key_file(str(client_key))
+        self.host_key = load_public_key(host_key_pub)
+        self.log = log.getChild(name)
+        self._transport: paramiko.Transport | None = None
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._closed = False
+        self._watcher: threading.Thread | None = None
+        self.connects = 0
+
+    # --- connection -----------------------------------------------------------------
+    def _attempt(self, timeout: float) -> paramiko.Transport:
+        sock = connect_endpoint(self.endpoint, timeout=min(timeout, 5))
+        try:
+            return open_transport(sock, self.client_key, self.host_key, timeout)
+        except BaseException:
+            sock.close()
+            raise
+
+    def connect(self, deadline: float) -> None:
+        """Connect (or reconnect) before ``deadline`` (time.monotonic())."""
+        delay = 0.05
+        last: BaseException | None = None
+        while not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AgentTimeout(f"the guest agent did not answer ({last or 'no reply'})",
+                                   hint="see `pydesk vm logs`")
+            try:
+                t = self._attempt(remaining)
+            except (OSError, EOFError, paramiko.SSHException, AgentError) as exc:
+                last = exc
+                self.log.debug("agent connect failed: %s", exc)
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.5)
+                continue
+            with self._lock:
+                old, self._transport = self._transport, t
+                self.connects += 1
+                self._changed.notify_all()
+            if old is not None:
+                old.close()
+            self.log.debug("agent connected (connection %d)", self.connects)
+            self._start_watcher()
+            return
+        raise AgentError("agent channel closed")
+
+    def _start_watcher(self) -> None:
+        if self._watcher is None or not self._watcher.is_alive():
+            self._watcher = threading.Thread(target=self._watch, name="agent-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self) -> None:
+        """Reconnect as soon as the transport dies, for as long as we are open."""
+        while not self._closed:
+            t = self._transport
+            if t is not None:
+                t.join()  # a Transport is a thread; it ends with the connection
+            if self._closed:
+                return
+            self.log.info("agent connection lost; reconnecting")
+            try:
+                self.connect(time.monotonic() + 3600)
+            except AgentError:
+                return
+
+    def transport(self, timeout: float = 30.0) -> paramiko.Transport:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._closed:
+                t = self._transport
+                if t is not None and t.is_active():
+                    return t
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(min(remaining, 0.2))
+        raise AgentTimeout("the guest agent is not reachable", hint="check `pydesk vm status` and `pydesk vm logs`")
+
+    @property
+    def connected(self) -> bool:
+        t = self._transport
+        return t is not None and t.is_active()
+
+    # --- use -----------------------------------------------------------------------------
+    def exec(self, command: str, *, input: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        """Run ``command`` in the guest; returns (exit status, stdout, stderr)."""
+        chan = self.transport(timeout).open_session(timeout=timeout)
+        try:
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            if input:
+                chan.sendall(input)
+            chan.shutdown_write()
+            err = bytearray()
+
+            def drain_stderr() -> None:
+                while data := chan.recv_stderr(65536):
+                    err.extend(data)
+
+            t = threading.Thread(target=drain_stderr, daemon=True)
+            t.start()
+            out = bytearray()
+            while data := chan.recv(65536):
+                out += data
+            t.join(timeout)
+            return chan.recv_exit_status(), bytes(out), bytes(err)
+        except socket.timeout as exc:
+            raise AgentTimeout(f"guest command timed out after {timeout:g}s: {command}") from exc
+        finally:
+            chan.close()
+
+    def open_inner_sshd(self, timeout: float = 30.0) -> paramiko.Channel:
+        """A channel running a fresh ``sshd -i``: a whole SSH server for one client (the
+        CLI's `vm shell`), carried inside our connection."""
+        chan = self.transport(timeout).open_session(timeout=timeout)
+        chan.exec_command(INNER_SSHD)
+        return chan
+
+    def release(self) -> dict:
+        rc, out, err = self.exec("cat /etc/pydesk-release; uname -r", timeout=20)
+        if rc != 0:
+            raise AgentError(f"guest release query failed: {err.decode(errors='replace').strip()}")
+        lines = out.decode().splitlines()
+        info = json.loads(lines[0])
+        info["kernel"] = lines[1] if len(lines) > 1 else ""
+        return info
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            t, self._transport = self._transport, None
+            self._changed.notify_all()
+        if t is not None:
+            t.close()

@@ -1,0 +1,119 @@
+"""QEMU command lines, as pure functions of a spec and a host.
+
+Nothing here probes, spawns or writes: tests assert the exact argv for macOS/hvf, Windows/whpx,
+Linux/kvm and tcg without running QEMU.
+"""
+
+from __future__ import annotations
+
+from vmkit.host import Host
+from vmkit.spec import Accel, Arch, Protocol, VMSpec, qemu_escape
+
+AGENT_PORT_NAME = "org.pydesk.agent"
+FW_CFG_PREFIX = "opt/org.pydesk"
+
+#: Kernel options shared by every boot: quiet, no waiting for slow hardware checks.
+KERNEL_CMDLINE = ("quiet", "loglevel=4", "panic=-1", "i8042.noaux", "i8042.nopnp", "cryptomgr.notests",
+                  "rcupdate.rcu_expedited=1", "random.trust_cpu=on")
+
+
+def console_device(arch: Arch) -> str:
+    return {Arch.X86_64: "ttyS0", Arch.AARCH64: "ttyAMA0"}[arch]
+
+
+def machine_args(arch: Arch, accel: Accel, host: Host) -> list[str]:
+    if arch is Arch.X86_64:
+        machine = "q35,vmport=off"
+    elif accel is Accel.HVF:
+        machine = "virt,highmem=on"
+    else:
+        machine = "virt,gic-version=max"
+    return ["-machine", machine]
+
+
+def accel_args(arch: Arch, accel: Accel, host: Host) -> list[str]:
+    if accel is Accel.TCG:
+        # multi-threaded TCG: one host thread per vCPU.
+        return ["-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max"]
+    if accel is Accel.WHPX:
+        # The in-kernel irqchip of WHPX is unreliable with Linux guests.
+        return ["-accel", "whpx,kernel-irqchip=off", "-cpu", "max"]
+    return ["-accel", str(accel), "-cpu", "host"]
+
+
+def _common(arch: Arch, accel: Accel, host: Host) -> list[str]:
+    return [
+        host.qemu_binary(arch),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        *machine_args(arch, accel, host),
+        *accel_args(arch, accel, host),
+    ]
+
+
+def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
+    """The full QEMU command line for ``spec`` on ``host``."""
+    f = spec.files
+    console = console_device(spec.arch)
+    cmdline = [f"console={console}", *KERNEL_CMDLINE]
+    argv = _common(spec.arch, spec.accel, host) + [
+        "-name", f"pydesk-{spec.name}",
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mib}M",
+        "-no-reboot",
+        "-pidfile", str(f.pidfile),
+        "-kernel", str(spec.image.kernel),
+        "-initrd", str(spec.image.initrd),
+        "-append", " ".join(cmdline),
+        # Serial console to a file: boot messages for `pydesk vm logs`.
+        "-chardev", f"file,id=console,path={qemu_escape(str(f.console_log))}",
+        "-serial", "chardev:console",
+        # QMP: the daemon's control of QEMU.
+        "-chardev", f"socket,id=qmp,{f.qmp.chardev_opts()},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        # The agent channel: a virtio-serial port; the daemon speaks SSH over it.
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", f"socket,id=agent,{f.agent.chardev_opts()},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser.0,chardev=agent,name={AGENT_PORT_NAME}",
+        # Keys and settings reach the guest through fw_cfg, not the kernel command line.
+        "-fw_cfg", f"name={FW_CFG_PREFIX}/ssh_host_key,file={qemu_escape(str(f.host_key))}",
+        "-fw_cfg", f"name={FW_CFG_PREFIX}/authorized_keys,file={qemu_escape(str(f.authorized_keys))}",
+        "-fw_cfg", f"name={FW_CFG_PREFIX}/config,file={qemu_escape(str(f.guest_config))}",
+    ]
+    if spec.image.root_disk is not None:
+        argv += [
+            "-drive", f"if=none,id=root,file={qemu_escape(str(spec.image.root_disk))},format=raw,readonly=on",
+            "-device", "virtio-blk-pci,drive=root,serial=pydesk-root",
+        ]
+    argv += [
+        "-drive", f"if=none,id=data,file={qemu_escape(str(f.data_disk))},format=qcow2,discard=unmap",
+        "-device", "virtio-blk-pci,drive=data,serial=pydesk-data",
+        "-netdev", netdev_opts(spec),
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]
+    return argv
+
+
+def netdev_opts(spec: VMSpec) -> str:
+    """QEMU user networking: no root needed on any host OS; forwards bound to loopback
+    unless a port says otherwise."""
+    opts = ["user", "id=net0", "ipv6=off"]
+    if spec.restrict_network:
+        opts.append("restrict=on")
+    for p in spec.ports:
+        proto = "udp" if p.protocol is Protocol.UDP else "tcp"
+        opts.append(f"hostfwd={proto}:{p.host_ip}:{p.host_port}-:{p.guest_port}")
+    return ",".join(opts)
+
+
+def probe_argv(host: Host, arch: Arch, accel: Accel, kernel: str) -> list[str]:
+    """A minimal boot for the accelerator probe: the kernel alone, printing to stdout.
+    A working accelerator prints the kernel banner within a fraction of a second."""
+    console = console_device(arch)
+    return _common(arch, accel, host) + [
+        "-m", "256M", "-no-reboot",
+        "-serial", "stdio",
+        "-kernel", kernel,
+        "-append", f"console={console} earlycon panic=-1",
+    ]
+

@@ -1,0 +1,280 @@
+"""The host daemon: one per VM. It owns QEMU, the QMP connection and the agent channel,
+and serves its clients (the CLI, the tray) on a user-only local socket.
+
+Started by the CLI with a pipe on stdout: it writes JSON-lines progress there until the VM
+is ready (or failed), then lets go of the pipe and keeps serving. The control protocol is
+a JSON request line and JSON reply lines; the ``ssh`` request turns the connection into a
+byte stream to a fresh ``sshd -i`` in the guest.
+
+If the daemon dies, QEMU (in its own session) keeps running; ``--adopt`` makes a new
+daemon take it over through the pidfile and the QMP and agent sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import IO, Any
+
+import filelock
+import psutil
+
+from vmkit import accel
+from vmkit.errors import AlreadyRunning, DaemonError, NotRunning, VMKitError
+from vmkit.host import detect
+from vmkit.paths import VMPaths, cache_dir
+from vmkit.settings import load as load_settings
+from vmkit.spec import BootLayout
+from vmkit.status import write_status
+from vmkit.transport import Listener
+from vmkit.vm import VM, build_spec
+
+log = logging.getLogger("vmkit.daemon")
+
+
+class Progress:
+    """JSON-lines progress to the starting CLI; silent once it has let go."""
+
+    def __init__(self, stream: IO[str] | None) -> None:
+        self.stream = stream
+
+    def emit(self, event: str, **fields: Any) -> None:
+        log.info("%s %s", event, fields.get("message", ""))
+        if self.stream is None:
+            return
+        try:
+            self.stream.write(json.dumps({"event": event, **fields}) + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.stream = None
+
+    def step(self, message: str) -> None:
+        self.emit("progress", message=message)
+
+    def detach(self) -> None:
+        """Close the pipe to the CLI (it sees EOF) and point fd 1 at /dev/null."""
+        if self.stream is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        self.stream = None
+
+
+def pump(a: Any, b: Any) -> None:
+    """Copy bytes from a to b until EOF, then half-close b."""
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError, EOFError, AttributeError):
+            if isinstance(b, socket.socket):
+                b.shutdown(socket.SHUT_WR)
+            else:
+                b.shutdown_write()
+
+
+class Daemon:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.paths = VMPaths(name).ensure()
+        self.vm: VM | None = None
+        self.listener: Listener | None = None
+        self.stopping = threading.Event()
+        self.done = threading.Event()
+        self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
+        self.exit_reason: dict[str, Any] = {"reason": "stopped"}
+
+    # --- start --------------------------------------------------------------------
+    def start(self, progress: Progress, adopt: bool) -> None:
+        try:
+            self.lock.acquire(timeout=0)
+        except filelock.Timeout:
+            raise AlreadyRunning(f"pydesk VM {self.name!r} is already running") from None
+        settings = load_settings()
+        from guest.build import load_image
+        from guest.recipe import Recipe
+
+        host = detect()
+        layout = None if settings.layout == "auto" else BootLayout(settings.layout)
+        image = load_image(Recipe(host.arch), layout)
+        pid = self._running_qemu_pid()
+        if pid is not None and not adopt:
+            adopt = True
+        if adopt and pid is None:
+            raise NotRunning(f"no running QEMU for VM {self.name!r} to reattach to")
+        progress.step("checking the accelerator")
+        choice = accel.choose(host, image.arch, str(image.kernel), cache_file=cache_dir() / "accel-probe.json",
+                              requested=settings.requested_accel)
+        progress.emit("accel", accel=str(choice.accel), message=choice.reason)
+        spec = build_spec(self.name, settings, image, choice, self.paths)
+        self.vm = VM(spec, host, self.paths, choice)
+        self.listener = Listener(self.paths.control)
+        if adopt:
+            assert pid is not None
+            self.vm.adopt(pid, progress.step)
+        else:
+            self.vm.start(progress.step)
+        write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(), **self.vm.status()})
+        threading.Thread(target=self._watch_qemu, name="qemu-watch", daemon=True).start()
+
+    def _running_qemu_pid(self) -> int | None:
+        try:
+            pid = int(self.paths.pidfile.read_text().strip())
+            proc = psutil.Process(pid)
+            if str(self.paths.qmp) in " ".join(proc.cmdline()) or sys.platform == "win32":
+                return pid
+        except (OSError, ValueError, psutil.Error):
+            pass
+        return None
+
+    def _watch_qemu(self) -> None:
+        assert self.vm is not None
+        self.vm.qemu.wait()
+        if not self.stopping.is_set():
+            detail = self.vm.qemu.describe_exit()
+            log.error("VM crashed: %s", detail)
+            self.exit_reason = {"reason": "crashed", "detail": detail, "at": time.time()}
+            self.shutdown()
+
+    # --- serve --------------------------------------------------------------------
+    def serve(self) -> None:
+        assert self.listener is not None
+        while not self.done.is_set():
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+        self.done.wait()
+
+    def _handle(self, conn: socket.socket) -> None:
+        f = conn.makefile("rwb", buffering=0)
+        keep_open = False
+        try:
+            line = f.readline(65536)
+            if not line:
+                return
+            req = json.loads(line)
+            op = req.get("op")
+            if op == "status":
+                self._reply(f, ok=True, status=self.vm.status() if self.vm else {})
+            elif op == "stop":
+                how = self.stop()
+                self._reply(f, ok=True, how=how)
+            elif op == "ssh":
+                assert self.vm is not None and self.vm.agent is not None
+                chan = self.vm.agent.open_inner_sshd()
+                self._reply(f, ok=True)
+                keep_open = True
+                threading.Thread(target=pump, args=(chan, conn), daemon=True).start()
+                pump(conn, chan)
+            else:
+                raise DaemonError(f"unknown request {op!r}")
+        except VMKitError as exc:
+            self._reply(f, ok=False, error=exc.to_dict())
+        except (ValueError, KeyError) as exc:
+            self._reply(f, ok=False, error=DaemonError(f"bad request: {exc}").to_dict())
+        except OSError:
+            pass
+        finally:
+            if not keep_open:
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+    @staticmethod
+    def _reply(f: Any, **fields: Any) -> None:
+        with contextlib.suppress(OSError):
+            f.write((json.dumps(fields) + "\n").encode())
+
+    # --- stop ---------------------------------------------------------------------
+    def stop(self) -> str:
+        if self.stopping.is_set():
+            self.done.wait(120)
+            return "already stopping"
+        self.stopping.set()
+        how = self.vm.stop() if self.vm else "not started"
+        self.exit_reason = {"reason": "stopped", "how": how, "at": time.time()}
+        self.shutdown()
+        return how
+
+    def shutdown(self) -> None:
+        """Release everything this daemon holds; safe to call more than once."""
+        if self.done.is_set():
+            return
+        if self.listener is not None:
+            self.listener.close()
+        if self.vm is not None:
+            self.vm.close()
+        write_status(self.paths, {"state": "stopped", "last_exit": self.exit_reason})
+        if self.lock.is_locked:
+            with contextlib.suppress(OSError):
+                self.paths.lock.unlink()
+            self.lock.release(force=True)
+        with contextlib.suppress(OSError):
+            self.paths.run.rmdir()
+        self.done.set()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pydesk-daemon")
+    p.add_argument("--name", default="default")
+    p.add_argument("--adopt", action="store_true", help="take over a running QEMU")
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    paths = VMPaths(args.name).ensure()
+    if paths.daemon_log.exists() and paths.daemon_log.stat().st_size > 1 << 20:
+        os.replace(paths.daemon_log, paths.daemon_log.with_suffix(".log.1"))
+    logging.basicConfig(filename=paths.daemon_log, level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    progress = Progress(sys.stdout)
+    daemon = Daemon(args.name)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("signal %d: stopping the VM", signum)
+        threading.Thread(target=daemon.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the CLI's Ctrl-C is not ours
+    try:
+        daemon.start(progress, args.adopt)
+    except VMKitError as exc:
+        log.error("start failed: %s", exc)
+        progress.emit("error", error=exc.to_dict())
+        if not isinstance(exc, AlreadyRunning):
+            if daemon.vm is not None:
+                daemon.vm.qemu.kill()
+                daemon.vm.qemu.wait(5)
+            daemon.exit_reason = {"reason": "failed", "detail": str(exc), "at": time.time()}
+            daemon.shutdown()
+        return 1
+    except Exception as exc:
+        log.exception("start failed")
+        progress.emit("error", error=DaemonError(f"internal error: {exc}").to_dict())
+        if daemon.vm is not None:
+            daemon.vm.qemu.kill()
+        daemon.exit_reason = {"reason": "failed", "detail": repr(exc), "at": time.time()}
+        daemon.shutdown()
+        return 1
+    assert daemon.vm is not None
+    progress.emit("ready", status=daemon.vm.status())
+    progress.detach()
+    daemon.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""One pydesk VM: settings + image + accelerator -> a running QEMU with a reachable agent.
+
+The daemon owns exactly one ``VM``; nothing else starts or stops QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmkit.accel import AccelChoice
+from vmkit.agent import AgentChannel
+from vmkit.errors import AgentError, LaunchError
+from vmkit.host import Host
+from vmkit.keys import ensure_keys
+from vmkit.paths import VMPaths
+from vmkit.qemu import QemuProcess, create_data_disk
+from vmkit.settings import Settings
+from vmkit.spec import GuestImage, RuntimeFiles, VMSpec
+from vmkit.transport import qemu_endpoint
+
+log = logging.getLogger(__name__)
+
+#: How long a boot may take to reach "agent ready". Under TCG on a loaded 2-core machine a
+#: boot takes seconds; the deadline only guards against a guest that will never answer.
+READY_TIMEOUT = 180.0
+
+Progress = Callable[[str], None]
+
+
+def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelChoice, paths: VMPaths) -> VMSpec:
+    files = RuntimeFiles(
+        qmp=qemu_endpoint(paths.qmp),
+        agent=qemu_endpoint(paths.agent),
+        console_log=paths.console_log,
+        data_disk=paths.data_disk,
+        host_key=paths.host_key,
+        authorized_keys=paths.authorized_keys,
+        guest_config=paths.guest_config,
+        pidfile=paths.pidfile,
+    )
+    return VMSpec(
+        name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
+        disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
+        shares=settings.shares, ports=settings.ports, restrict_network=settings.restrict_network,
+        dns=settings.dns,
+    )
+
+
+class VM:
+    def __init__(self, spec: VMSpec, host: Host, paths: VMPaths, choice: AccelChoice) -> None:
+        self.spec = spec
+        self.host = host
+        self.paths = paths
+        self.choice = choice
+        self.qemu = QemuProcess(spec, host, paths.qemu_log)
+        self.agent: AgentChannel | None = None
+        self.release: dict[str, Any] = {}
+        self.started_at: float | None = None
+        self.ready_seconds: float | None = None
+
+    def _prepare(self, progress: Progress) -> None:
+        self.paths.ensure()
+        ensure_keys(self.paths)
+        if create_data_disk(self.host, self.paths.data_disk, self.spec.disk_gib):
+            progress(f"created a {self.spec.disk_gib} GiB data disk")
+        conf = "".join(f"dns={d}\n" for d in self.spec.dns[:1])
+        self.paths.guest_config.write_text(conf or "# no overrides\n")
+
+    def start(self, progress: Progress) -> None:
+        self._prepare(progress)
+        progress(f"booting the guest ({self.spec.accel}, {self.spec.cpus} CPUs, {self.spec.memory_mib} MiB)")
+        t0 = time.monotonic()
+        self.qemu.launch()
+        self.started_at = time.time()
+        progress("waiting for the agent")
+        self._connect_agent(t0 + READY_TIMEOUT)
+        self.ready_seconds = round(time.monotonic() - t0, 2)
+
+    def adopt(self, pid: int, progress: Progress) -> None:
+        progress(f"reattaching to the running VM (QEMU pid {pid})")
+        self.qemu.adopt(pid)
+        with contextlib.suppress(OSError):
+            self.started_at = self.paths.pidfile.stat().st_mtime
+        self._connect_agent(time.monotonic() + 60)
+
+    def _connect_agent(self, deadline: float) -> None:
+        self.agent = AgentChannel(self.spec.files.agent, self.paths.client_key, self.paths.known_host, self.spec.name)
+        try:
+            self.agent.connect(deadline)
+            self.release = self.agent.release()
+        except AgentError:
+            if not self.qemu.alive():
+                raise LaunchError(f"the guest stopped during boot: {self.qemu.describe_exit()}",
+                                  hint="see `pydesk vm logs`") from None
+            raise
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.spec.name,
+            "state": "running" if self.qemu.alive() else "stopped",
+            "pid": self.qemu.pid,
+            "accel": str(self.choice.accel),
+            "accel_reason": self.choice.reason,
+            "cpus": self.spec.cpus,
+            "memory_mib": self.spec.memory_mib,
+            "disk_gib": self.spec.disk_gib,
+            "guest_release": self.release.get("release"),
+            "guest_kernel": self.release.get("kernel"),
+            "boot_layout": str(self.spec.image.layout),
+            "agent_connected": bool(self.agent and self.agent.connected),
+            "agent_connects": self.agent.connects if self.agent else 0,
+            "started_at": self.started_at,
+            "ready_seconds": self.ready_seconds,
+            "ports": [str(p) for p in self.spec.ports],
+        }
+
+    def _poweroff_via_agent(self) -> None:
+        if self.agent is None:
+            raise AgentError("no agent connection")
+        self.agent.exec("poweroff", timeout=10)
+
+    def stop(self) -> str:
+        how = self.qemu.shutdown(self._poweroff_via_agent)
+        self.close()
+        return how
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+        self.qemu.close()
