@@ -33,7 +33,7 @@ deps:
 $(STAMP): pyproject.toml | deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,gui]'
 	touch $@
 
 venv: deps $(STAMP)

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
@@ -61,8 +62,9 @@ def _data_disk_exists(name: str) -> bool:
     return VMPaths(name).data_disk.exists()
 
 
-def _ensure_image() -> None:
-    """Build the guest image on first start where this host can (Linux with mmdebstrap)."""
+def _ensure_image() -> str:
+    """The guest image directory; built on first start where this host can (Linux with
+    mmdebstrap)."""
     import platform
 
     from guest.build import build, load_image
@@ -71,13 +73,12 @@ def _ensure_image() -> None:
 
     recipe = Recipe(Arch.from_machine(platform.machine()))
     try:
-        load_image(recipe)
+        return str(Path(load_image(recipe).kernel).parent)
     except ImageError:
         if not sys.platform.startswith("linux"):
             raise
-        console = _console()
-        with console.status("building the guest image (first start only)…"):
-            build(recipe)
+    with _console().status("building the guest image (first start only)…"):
+        return str(build(recipe))
 
 
 def cmd_vm_start(args: argparse.Namespace) -> int:
@@ -87,9 +88,10 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     if client.reachable():
         raise AlreadyRunning(f"pydesk VM {args.name!r} is already running", hint="see `pydesk vm status`")
     adopt = qemu_alive(args.name)
+    image = None
     if not adopt:
         _apply_overrides(args)
-        _ensure_image()
+        image = _ensure_image()
     console = _console()
     t0 = time.monotonic()
     with console.status("starting the pydesk VM…") as status:
@@ -101,7 +103,7 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
                 status.update(f"{msg}…")
                 log.debug("%s", msg)
 
-        ready = start_daemon(args.name, on_event, adopt=adopt, debug=args.debug)
+        ready = start_daemon(args.name, on_event, adopt=adopt, debug=args.debug, image_dir=image)
     took = time.monotonic() - t0
     console.print(f"[green]pydesk VM {args.name!r} is running[/] (agent ready in {took:.1f}s, "
                   f"guest {ready.get('guest_release')}, {ready.get('accel')})")

@@ -72,16 +72,22 @@ def image_dir(recipe: Recipe) -> Path:
 def load_image(recipe: Recipe, layout: BootLayout | None = None) -> GuestImage:
     """The built image for ``recipe``, or ImageError saying how to build it."""
     d = image_dir(recipe)
+    if not (d / "manifest.json").is_file():
+        raise ImageError(f"guest image for {recipe.arch} ({recipe.release()}) is not built",
+                         hint="build it with `pydesk guest build` (or `make image`)")
+    return load_image_dir(d, layout)
+
+
+def load_image_dir(d: Path, layout: BootLayout | None = None) -> GuestImage:
+    """The image built in directory ``d``."""
     manifest = d / "manifest.json"
-    hint = "build it with `pydesk guest build` (or `make image`)"
-    if not manifest.is_file():
-        raise ImageError(f"guest image for {recipe.arch} ({recipe.release()}) is not built", hint=hint)
+    hint = "rebuild it with `pydesk guest build --force`"
     try:
         meta = json.loads(manifest.read_text())
         layout = BootLayout(layout or meta["default_layout"])
-    except (ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise ImageError(f"guest image manifest {manifest} is damaged", hint=hint) from exc
-    return image_from_dir(d, recipe.arch, meta["release"], layout)
+    return image_from_dir(d, Arch(meta["arch"]), meta["release"], layout)
 
 
 def image_from_dir(d: Path, arch: Arch, release: str, layout: BootLayout) -> GuestImage:

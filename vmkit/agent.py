@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
@@ -30,6 +31,7 @@ from vmkit.transport import connect_endpoint
 
 log = logging.getLogger(__name__)
 
+ATTEMPT_TIMEOUT = 5.0
 INNER_SSHD = "exec /usr/sbin/sshd -i -f /etc/pydesk/sshd_config"
 
 
@@ -90,19 +92,28 @@ class AgentChannel:
             sock.close()
             raise
 
-    def connect(self, deadline: float) -> None:
-        """Connect (or reconnect) before ``deadline`` (time.monotonic())."""
+    def connect(self, deadline: float, alive: Callable[[], bool] = lambda: True,
+                attempt_timeout: float = ATTEMPT_TIMEOUT) -> None:
+        """Connect (or reconnect) before ``deadline`` (time.monotonic()); gives up early
+        when ``alive()`` says the VM is gone.
+
+        Each attempt has its own, growing, timeout: an sshd that started while a previous
+        connection was still open has sent its banner there, and waiting for it would hang;
+        dropping the attempt makes the guest start a fresh one."""
         delay = 0.05
         last: BaseException | None = None
         while not self._closed:
+            if not alive():
+                raise AgentError("the VM stopped while connecting to its agent")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AgentTimeout(f"the guest agent did not answer ({last or 'no reply'})",
                                    hint="see `pydesk vm logs`")
             try:
-                t = self._attempt(remaining)
+                t = self._attempt(min(remaining, attempt_timeout))
             except (OSError, EOFError, paramiko.SSHException, AgentError) as exc:
                 last = exc
+                attempt_timeout *= 2
                 self.log.debug("agent connect failed: %s", exc)
                 time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.5)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 Event = dict[str, Any]
 
 
-def daemon_command(name: str, adopt: bool = False, debug: bool = False) -> list[str]:
+def daemon_command(name: str, adopt: bool = False, debug: bool = False, image_dir: str | None = None) -> list[str]:
     """How to run the daemon: the frozen app re-runs itself, a source install runs the module."""
     if getattr(sys, "frozen", False):
         cmd = [sys.executable, "_daemon"]
@@ -34,6 +34,8 @@ def daemon_command(name: str, adopt: bool = False, debug: bool = False) -> list[
     cmd += ["--name", name]
     if adopt:
         cmd.append("--adopt")
+    if image_dir:
+        cmd += ["--image", image_dir]
     if debug:
         cmd.append("--debug")
     return cmd
@@ -115,10 +117,10 @@ def qemu_alive(name: str) -> bool:
 
 
 def start_daemon(name: str, on_event: Callable[[Event], None], *, adopt: bool = False,
-                 debug: bool = False) -> dict[str, Any]:
+                 debug: bool = False, image_dir: str | None = None) -> dict[str, Any]:
     """Spawn the daemon and relay its progress until the VM is ready; returns its status."""
     paths = VMPaths(name).ensure()
-    proc = spawn(daemon_command(name, adopt=adopt, debug=debug), stdout=subprocess.PIPE, detach=True)
+    proc = spawn(daemon_command(name, adopt=adopt, debug=debug, image_dir=image_dir), stdout=subprocess.PIPE, detach=True)
     assert proc.stdout is not None
     ready: dict[str, Any] | None = None
     error: VMKitError | None = None

@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import filelock
@@ -33,7 +34,7 @@ from vmkit.host import detect
 from vmkit.paths import VMPaths, cache_dir
 from vmkit.settings import load as load_settings
 from vmkit.spec import BootLayout
-from vmkit.status import write_status
+from vmkit.status import read_status, write_status
 from vmkit.transport import Listener
 from vmkit.vm import VM, build_spec
 
@@ -98,23 +99,26 @@ class Daemon:
         self.exit_reason: dict[str, Any] = {"reason": "stopped"}
 
     # --- start --------------------------------------------------------------------
-    def start(self, progress: Progress, adopt: bool) -> None:
+    def start(self, progress: Progress, adopt: bool, image_dir: Path | None = None) -> None:
         try:
             self.lock.acquire(timeout=0)
         except filelock.Timeout:
             raise AlreadyRunning(f"pydesk VM {self.name!r} is already running") from None
         settings = load_settings()
-        from guest.build import load_image
+        from guest.build import load_image, load_image_dir
         from guest.recipe import Recipe
 
         host = detect()
-        layout = None if settings.layout == "auto" else BootLayout(settings.layout)
-        image = load_image(Recipe(host.arch), layout)
         pid = self._running_qemu_pid()
         if pid is not None and not adopt:
             adopt = True
         if adopt and pid is None:
             raise NotRunning(f"no running QEMU for VM {self.name!r} to reattach to")
+        layout = None if settings.layout == "auto" else BootLayout(settings.layout)
+        if adopt:  # the image the running QEMU was started with
+            recorded = read_status(self.paths).get("image_dir")
+            image_dir = Path(recorded) if recorded else image_dir
+        image = load_image_dir(image_dir, layout) if image_dir else load_image(Recipe(host.arch), layout)
         progress.step("checking the accelerator")
         choice = accel.choose(host, image.arch, str(image.kernel), cache_file=cache_dir() / "accel-probe.json",
                               requested=settings.requested_accel)
@@ -127,7 +131,8 @@ class Daemon:
             self.vm.adopt(pid, progress.step)
         else:
             self.vm.start(progress.step)
-        write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(), **self.vm.status()})
+        write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
+                                  "image_dir": str(Path(image.kernel).parent), **self.vm.status()})
         threading.Thread(target=self._watch_qemu, name="qemu-watch", daemon=True).start()
 
     def _running_qemu_pid(self) -> int | None:
@@ -232,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pydesk-daemon")
     p.add_argument("--name", default="default")
     p.add_argument("--adopt", action="store_true", help="take over a running QEMU")
+    p.add_argument("--image", type=Path, help="the guest image directory to boot")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     paths = VMPaths(args.name).ensure()
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(paths.daemon_log, paths.daemon_log.with_suffix(".log.1"))
     logging.basicConfig(filename=paths.daemon_log, level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
+    # paramiko logs every failed handshake with a traceback; reconnects are expected.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if args.debug else logging.CRITICAL)
     progress = Progress(sys.stdout)
     daemon = Daemon(args.name)
 
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the CLI's Ctrl-C is not ours
     try:
-        daemon.start(progress, args.adopt)
+        daemon.start(progress, args.adopt, args.image)
     except VMKitError as exc:
         log.error("start failed: %s", exc)
         progress.emit("error", error=exc.to_dict())

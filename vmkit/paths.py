@@ -7,9 +7,11 @@ can still share one built image.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import platformdirs
@@ -51,9 +53,12 @@ def runtime_dir(platform: str = sys.platform) -> Path:
         # platformdirs' macOS runtime dir is too long for sun_path with our names.
         base = Path(tempfile.gettempdir()) / f"{APP}-{os.getuid()}"
     else:
-        base = Path(platformdirs.user_runtime_dir(APP, appauthor=False))
+        with warnings.catch_warnings():  # no XDG_RUNTIME_DIR: platformdirs falls back, and says so
+            warnings.simplefilter("ignore")
+            base = Path(platformdirs.user_runtime_dir(APP, appauthor=False))
     if len(str(base)) > SUN_PATH_MAX - 40:
-        base = Path(tempfile.gettempdir()) / f"{APP}-{abs(hash(str(base))) % 10**8}"
+        digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]  # stable across processes
+        base = Path(tempfile.gettempdir()) / f"{APP}-{digest}"
     return base
 
 

@@ -201,7 +201,8 @@ class QemuProcess:
                 return f"QEMU was killed by {signal.Signals(-rc).name}"
             err = self.last_error()
             return f"QEMU exited with status {rc}" + (f": {err}" if rc and err else "")
-        return "QEMU exited"
+        # An adopted QEMU is not our child: its exit status is not ours to collect.
+        return "QEMU stopped unexpectedly (killed or crashed)"
 
     # --- shutdown -----------------------------------------------------------------------
     def shutdown(self, gentle: Callable[[], None] | None = None, *, gentle_timeout: float = 15.0,

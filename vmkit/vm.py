@@ -87,10 +87,25 @@ class VM:
             self.started_at = self.paths.pidfile.stat().st_mtime
         self._connect_agent(time.monotonic() + 60)
 
+    def _wait_port_open(self, deadline: float) -> None:
+        """Wait until the guest has opened the agent port (QMP tells us), so the first SSH
+        attempt meets a listening sshd instead of timing out on a booting guest."""
+        assert self.qemu.monitor is not None
+        while time.monotonic() < deadline and self.qemu.alive():
+            try:
+                devs = self.qemu.monitor.execute("query-chardev", timeout=5)
+            except Exception as exc:  # QMP gone: the liveness check below decides
+                log.debug("query-chardev failed: %s", exc)
+                break
+            if any(d.get("label") == "agent" and d.get("frontend-open") for d in devs):
+                return
+            time.sleep(0.05)
+
     def _connect_agent(self, deadline: float) -> None:
         self.agent = AgentChannel(self.spec.files.agent, self.paths.client_key, self.paths.known_host, self.spec.name)
         try:
-            self.agent.connect(deadline)
+            self._wait_port_open(deadline)
+            self.agent.connect(deadline, alive=self.qemu.alive)
             self.release = self.agent.release()
         except AgentError:
             if not self.qemu.alive():

@@ -1,0 +1,113 @@
+"""Shared fixtures: isolated pydesk homes, the CLI as a subprocess, one shared VM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Pydesk:
+    """Runs the real `pydesk` entry point with its own PYDESK_HOME."""
+
+    def __init__(self, home: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.env = os.environ.copy()
+        self.env["PYDESK_HOME"] = str(home)
+        self.env.pop("PYDESK_QEMU_DIR", None)
+        self.env.update(extra_env or {})
+
+    def __call__(self, *args: str, input: bytes | None = None, timeout: float = 300,
+                 check: bool = False) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "desktop.cli", *args], cwd=ROOT, env=self.env,
+            input=input.decode() if input is not None else None,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pydesk {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def sh(self, script: str, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self("vm", "shell", "--", "sh", "-c", script, **kw)  # type: ignore[arg-type]
+
+    @property
+    def state(self) -> Path:
+        return self.home / "state" / "vms" / "default"
+
+    @property
+    def run_dir(self) -> Path:
+        from vmkit.paths import VMPaths
+
+        old = os.environ.get("PYDESK_HOME")
+        os.environ["PYDESK_HOME"] = str(self.home)
+        try:
+            return VMPaths("default").run
+        finally:
+            if old is None:
+                del os.environ["PYDESK_HOME"]
+            else:
+                os.environ["PYDESK_HOME"] = old
+
+    def qemu_pid(self) -> int | None:
+        try:
+            return int((self.state / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+
+#: Small VMs: the suite runs several on a 2-core machine, one at a time.
+VM_FLAGS = ("--memory", "1G", "--cpus", "2", "--disk", "4G", "--restrict-network")
+
+
+@pytest.fixture
+def pydesk(tmp_path: Path) -> Iterator[Pydesk]:
+    """A fresh pydesk home; any VM started in it is stopped (or killed) afterwards."""
+    p = Pydesk(tmp_path / "home")
+    yield p
+    _teardown(p)
+
+
+def _teardown(p: Pydesk) -> None:
+    if (p.run_dir / "daemon.sock").exists() or p.qemu_pid():
+        p("vm", "stop", timeout=120)
+    pid = p.qemu_pid()
+    if pid:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def shared_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pydesk]:
+    """One running VM shared by every test that does not need its own."""
+    p = Pydesk(tmp_path_factory.mktemp("shared") / "home")
+    p("vm", "start", *VM_FLAGS, check=True)
+    yield p
+    _teardown(p)
+
+
+@pytest.fixture(scope="session")
+def guest_image():  # type: ignore[no-untyped-def]
+    """The built guest image for this host (built on first use, then cached)."""
+    import platform
+
+    from guest.build import build, load_image
+    from guest.recipe import Recipe
+    from vmkit.spec import Arch
+
+    recipe = Recipe(Arch.from_machine(platform.machine()))
+    build(recipe)
+    return load_image(recipe)
+
+
+@pytest.fixture(scope="session")
+def guest_kernel(guest_image) -> str:  # type: ignore[no-untyped-def]
+    return str(guest_image.kernel)

@@ -1,0 +1,147 @@
+"""The exact QEMU command line per host OS and accelerator (no QEMU is run)."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath as P
+from pathlib import PureWindowsPath as W
+
+import pytest
+
+from vmkit.argv import netdev_opts, probe_argv, qemu_argv
+from vmkit.host import Host
+from vmkit.spec import Accel, Arch, Endpoint, GuestImage, HostOS, PortForward, RuntimeFiles, VMSpec
+
+
+def files_posix(base: str = "/s") -> RuntimeFiles:
+    return RuntimeFiles(
+        qmp=Endpoint(path="/r/qmp.sock"), agent=Endpoint(path="/r/agent.sock"),
+        console_log=P(f"{base}/console.log"), data_disk=P(f"{base}/data.qcow2"),
+        host_key=P(f"{base}/hk"), authorized_keys=P(f"{base}/ak"), guest_config=P(f"{base}/guest.conf"),
+        pidfile=P(f"{base}/qemu.pid"))
+
+
+def spec_for(arch: Arch, accel: Accel, files: RuntimeFiles, img_base: str = "/img", ports=()) -> VMSpec:
+    image = GuestImage(arch, "0.1+abc", P(f"{img_base}/vmlinuz"), P(f"{img_base}/boot.img"), P(f"{img_base}/root.erofs"))
+    return VMSpec(name="default", arch=arch, cpus=2, memory_mib=2048, disk_gib=20, accel=accel,
+                  image=image, files=files, ports=ports)
+
+
+def tail(console: str, files: RuntimeFiles, img: str, sep: str = "/") -> list[str]:
+    f = files
+    return [
+        "-name", "pydesk-default", "-smp", "2", "-m", "2048M", "-no-reboot",
+        "-pidfile", str(f.pidfile),
+        "-kernel", f"{img}{sep}vmlinuz", "-initrd", f"{img}{sep}boot.img",
+        "-append", f"console={console} quiet loglevel=4 panic=-1 i8042.noaux i8042.nopnp cryptomgr.notests "
+                   "rcupdate.rcu_expedited=1 random.trust_cpu=on",
+        "-chardev", f"file,id=console,path={f.console_log}", "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,{f.qmp.chardev_opts()},server=on,wait=off", "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", f"socket,id=agent,{f.agent.chardev_opts()},server=on,wait=off",
+        "-device", "virtserialport,bus=vser.0,chardev=agent,name=org.pydesk.agent",
+        "-fw_cfg", f"name=opt/org.pydesk/ssh_host_key,file={f.host_key}",
+        "-fw_cfg", f"name=opt/org.pydesk/authorized_keys,file={f.authorized_keys}",
+        "-fw_cfg", f"name=opt/org.pydesk/config,file={f.guest_config}",
+        "-drive", f"if=none,id=root,file={img}{sep}root.erofs,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=root,serial=pydesk-root",
+        "-drive", f"if=none,id=data,file={f.data_disk},format=qcow2,discard=unmap",
+        "-device", "virtio-blk-pci,drive=data,serial=pydesk-data",
+        "-netdev", "user,id=net0,ipv6=off",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-device", "virtio-rng-pci",
+    ]
+
+
+HEAD = ["-nodefaults", "-no-user-config", "-display", "none"]
+
+
+def test_linux_kvm_x86_64() -> None:
+    f = files_posix()
+    argv = qemu_argv(spec_for(Arch.X86_64, Accel.KVM, f), Host(HostOS.LINUX, Arch.X86_64))
+    assert argv == ["qemu-system-x86_64", *HEAD, "-machine", "q35,vmport=off", "-accel", "kvm", "-cpu", "host",
+                    *tail("ttyS0", f, "/img")]
+
+
+def test_linux_tcg_x86_64() -> None:
+    f = files_posix()
+    argv = qemu_argv(spec_for(Arch.X86_64, Accel.TCG, f), Host(HostOS.LINUX, Arch.X86_64))
+    assert argv == ["qemu-system-x86_64", *HEAD, "-machine", "q35,vmport=off",
+                    "-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max", *tail("ttyS0", f, "/img")]
+
+
+def test_macos_intel_hvf() -> None:
+    f = files_posix()
+    host = Host(HostOS.DARWIN, Arch.X86_64, P("/usr/local/bin"))
+    argv = qemu_argv(spec_for(Arch.X86_64, Accel.HVF, f), host)
+    assert argv == ["/usr/local/bin/qemu-system-x86_64", *HEAD, "-machine", "q35,vmport=off",
+                    "-accel", "hvf", "-cpu", "host", *tail("ttyS0", f, "/img")]
+
+
+def test_macos_apple_silicon_hvf() -> None:
+    f = files_posix()
+    host = Host(HostOS.DARWIN, Arch.AARCH64, P("/opt/homebrew/bin"))
+    argv = qemu_argv(spec_for(Arch.AARCH64, Accel.HVF, f), host)
+    assert argv == ["/opt/homebrew/bin/qemu-system-aarch64", *HEAD, "-machine", "virt,highmem=on",
+                    "-accel", "hvf", "-cpu", "host", *tail("ttyAMA0", f, "/img")]
+
+
+def test_linux_aarch64_tcg_on_x86_host() -> None:
+    f = files_posix()
+    argv = qemu_argv(spec_for(Arch.AARCH64, Accel.TCG, f), Host(HostOS.LINUX, Arch.X86_64))
+    assert argv[:9] == ["qemu-system-aarch64", *HEAD, "-machine", "virt,gic-version=max", "-accel",
+                         "tcg,thread=multi,tb-size=256"]
+
+
+def test_windows_whpx() -> None:
+    f = RuntimeFiles(
+        qmp=Endpoint(port=50001), agent=Endpoint(port=50002),
+        console_log=W(r"C:\Users\me\AppData\Local\pydesk\console.log"),
+        data_disk=W(r"C:\Users\me\AppData\Local\pydesk\data.qcow2"),
+        host_key=W(r"C:\Users\me\AppData\Local\pydesk\hk"), authorized_keys=W(r"C:\Users\me\AppData\Local\pydesk\ak"),
+        guest_config=W(r"C:\Users\me\AppData\Local\pydesk\guest.conf"),
+        pidfile=W(r"C:\Users\me\AppData\Local\pydesk\qemu.pid"))
+    image = GuestImage(Arch.X86_64, "0.1+abc", W(r"C:\pd\img\vmlinuz"), W(r"C:\pd\img\boot.img"), W(r"C:\pd\img\root.erofs"))
+    spec = VMSpec(name="default", arch=Arch.X86_64, cpus=2, memory_mib=2048, disk_gib=20, accel=Accel.WHPX,
+                  image=image, files=f)
+    host = Host(HostOS.WINDOWS, Arch.X86_64, W(r"C:\Program Files\qemu"))
+    argv = qemu_argv(spec, host)
+    assert argv == [r"C:\Program Files\qemu\qemu-system-x86_64.exe", *HEAD, "-machine", "q35,vmport=off",
+                    "-accel", "whpx,kernel-irqchip=off", "-cpu", "max", *tail("ttyS0", f, r"C:\pd\img", "\\")]
+    # TCP loopback chardevs instead of unix sockets
+    assert "socket,id=qmp,host=127.0.0.1,port=50001,server=on,wait=off" in argv
+    assert "socket,id=agent,host=127.0.0.1,port=50002,server=on,wait=off" in argv
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    f = files_posix("/home/a,b")
+    argv = qemu_argv(spec_for(Arch.X86_64, Accel.TCG, f), Host(HostOS.LINUX, Arch.X86_64))
+    assert "if=none,id=data,file=/home/a,,b/data.qcow2,format=qcow2,discard=unmap" in argv
+
+
+def test_initramfs_layout_has_no_root_disk() -> None:
+    f = files_posix()
+    image = GuestImage(Arch.X86_64, "r", P("/img/vmlinuz"), P("/img/initrd.img"))
+    spec = VMSpec(name="default", arch=Arch.X86_64, cpus=1, memory_mib=512, disk_gib=1, accel=Accel.TCG, image=image, files=f)
+    argv = qemu_argv(spec, Host(HostOS.LINUX, Arch.X86_64))
+    assert "serial=pydesk-root" not in " ".join(argv)
+    assert argv[argv.index("-initrd") + 1] == "/img/initrd.img"
+
+
+@pytest.mark.parametrize(("ports", "restrict", "expected"), [
+    ((), False, "user,id=net0,ipv6=off"),
+    ((), True, "user,id=net0,ipv6=off,restrict=on"),
+    ((PortForward.parse("8080:80"), PortForward.parse("0.0.0.0:5353:53/udp")), False,
+     "user,id=net0,ipv6=off,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:0.0.0.0:5353-:53"),
+])
+def test_netdev(ports, restrict, expected) -> None:
+    import dataclasses
+
+    spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.TCG, files_posix()), ports=ports, restrict_network=restrict)
+    assert netdev_opts(spec) == expected
+
+
+def test_probe_argv() -> None:
+    argv = probe_argv(Host(HostOS.LINUX, Arch.X86_64), Arch.X86_64, Accel.KVM, "/img/vmlinuz")
+    assert argv == ["qemu-system-x86_64", *HEAD, "-machine", "q35,vmport=off", "-accel", "kvm", "-cpu", "host",
+                    "-m", "256M", "-no-reboot", "-serial", "stdio", "-kernel", "/img/vmlinuz",
+                    "-append", "console=ttyS0 earlycon panic=-1"]

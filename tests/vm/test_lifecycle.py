@@ -1,0 +1,187 @@
+"""VM lifecycle through the real CLI, daemon, QEMU (TCG here) and guest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import VM_FLAGS, Pydesk
+
+pytestmark = pytest.mark.vm
+
+
+def one_line_error(proc) -> str:  # type: ignore[no-untyped-def]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0, proc
+    assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
+    assert lines[0].startswith("pydesk: error: ")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def assert_nothing_left(p: Pydesk, pid: int | None) -> None:
+    if pid is not None:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    leftovers = [x.name for x in p.run_dir.glob("*")] if p.run_dir.exists() else []
+    assert leftovers == [], f"sockets left behind: {leftovers}"
+    assert not (p.state / "vm.lock").exists()
+    assert not (p.state / "qemu.pid").exists()
+
+
+def test_start_status_shell_stop(pydesk: Pydesk) -> None:
+    out = pydesk("vm", "start", *VM_FLAGS)
+    assert out.returncode == 0, out.stderr
+    assert "is running" in out.stderr
+
+    status = pydesk("vm", "status")
+    assert status.returncode == 0
+    assert "state:        running" in status.stdout
+    assert "accelerator:  " in status.stdout and "(" in status.stdout  # the accelerator and why
+    st = json.loads(pydesk("vm", "status", "--format", "json").stdout)
+    assert st["state"] == "running" and st["agent_connected"] is True
+    assert st["guest_release"].startswith("0.") and st["guest_kernel"]
+    assert st["accel_reason"]
+    assert (st["cpus"], st["memory_mib"], st["disk_gib"]) == (2, 1024, 4)
+    pid = st["pid"]
+    assert psutil.Process(pid).is_running()
+
+    again = pydesk("vm", "start")
+    assert "already running" in one_line_error(again)
+
+    sh = pydesk("vm", "shell", "--", "sh", "-c", "cat; echo to-stderr >&2; exit 7", input=b"through stdin\n")
+    assert sh.returncode == 7
+    assert sh.stdout == "through stdin\n"
+    assert sh.stderr == "to-stderr\n"
+    # settings were saved by `vm start --memory ...`
+    saved = json.loads((pydesk.home / "config" / "settings.json").read_text())
+    assert saved["memory_mib"] == 1024
+
+    stop = pydesk("vm", "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert_nothing_left(pydesk, pid)
+    assert pydesk("vm", "status").returncode == 3
+    assert "not running" in one_line_error(pydesk("vm", "stop"))
+    assert "not running" in one_line_error(pydesk("vm", "shell", "--", "true"))
+
+
+def test_data_disk_survives_stop_and_sigkill_and_daemon_death(pydesk: Pydesk) -> None:
+    pydesk("vm", "start", *VM_FLAGS, check=True)
+    pydesk.sh("echo one > /var/lib/pydesk/one && sync", check=True)
+    pydesk("vm", "stop", check=True)
+    pydesk("vm", "start", check=True)
+    assert pydesk.sh("cat /var/lib/pydesk/one").stdout == "one\n"
+
+    # QEMU is killed: the crash is detected and reported; nothing written and synced is lost.
+    pydesk.sh("echo two > /var/lib/pydesk/two && sync", check=True)
+    qemu_pid = pydesk.qemu_pid()
+    os.kill(qemu_pid, signal.SIGKILL)
+    wait_daemon_gone(pydesk)
+    status = pydesk("vm", "status")
+    assert status.returncode == 3
+    assert "crashed" in status.stdout and "SIGKILL" in status.stdout
+    assert_nothing_left(pydesk, qemu_pid)
+    pydesk("vm", "start", check=True)
+    assert pydesk.sh("cat /var/lib/pydesk/one /var/lib/pydesk/two").stdout == "one\ntwo\n"
+
+    # The daemon dies: QEMU keeps running and a fresh daemon reattaches on the next command.
+    daemon_pid = json.loads((pydesk.state / "status.json").read_text())["daemon_pid"]
+    qemu_pid = pydesk.qemu_pid()
+    os.kill(daemon_pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(daemon_pid).wait(10)
+    assert psutil.Process(qemu_pid).is_running()
+    st = pydesk("vm", "status", "--format", "json")
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["pid"] == qemu_pid
+    assert pydesk.sh("cat /var/lib/pydesk/two").stdout == "two\n"
+    # ...and a crash of the adopted QEMU is still noticed.
+    os.kill(qemu_pid, signal.SIGKILL)
+    wait_daemon_gone(pydesk)
+    assert "crashed" in pydesk("vm", "status").stdout
+    assert_nothing_left(pydesk, qemu_pid)
+
+
+def wait_daemon_gone(p: Pydesk) -> None:
+    deadline = time.monotonic() + 30
+    while (p.run_dir / "daemon.sock").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_agent_reconnects_after_the_guest_side_restarts(shared_vm: Pydesk) -> None:
+    before = json.loads(shared_vm("vm", "status", "--format", "json").stdout)["agent_connects"]
+    # Kill every sshd in the guest, the daemon's own connection included.
+    shared_vm.sh("kill -9 $(pidof sshd)")
+    for _ in range(3):
+        out = shared_vm.sh("echo back")
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "back\n"
+    after = json.loads(shared_vm("vm", "status", "--format", "json").stdout)["agent_connects"]
+    assert after > before
+
+
+def test_twenty_start_stop_cycles(pydesk: Pydesk) -> None:
+    """Lima's virtio-serial agent was sometimes unreachable after restarts (lima#2064)."""
+    pydesk("vm", "start", *VM_FLAGS, check=True)
+    pydesk("vm", "stop", check=True)
+    for cycle in range(20):
+        start = pydesk("vm", "start")
+        assert start.returncode == 0, f"cycle {cycle}: {start.stderr}"
+        out = pydesk.sh(f"echo cycle-{cycle}")
+        assert out.stdout == f"cycle-{cycle}\n", f"cycle {cycle}: {out.stderr}"
+        stop = pydesk("vm", "stop")
+        assert stop.returncode == 0, f"cycle {cycle}: {stop.stderr}"
+        assert "(agent)" in stop.stderr  # a clean shutdown through the agent each time
+    assert_nothing_left(pydesk, None)
+
+
+def test_corrupt_config_file(pydesk: Pydesk) -> None:
+    cfg = pydesk.home / "config" / "settings.json"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('{"cpus": 2,,}')
+    err = one_line_error(pydesk("vm", "start"))
+    assert "is not valid JSON" in err and str(cfg) in err
+    assert cfg.read_text() == '{"cpus": 2,,}'
+
+
+def test_port_already_in_use(pydesk: Pydesk) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = one_line_error(pydesk("vm", "start", *VM_FLAGS, "--port", f"{port}:80"))
+        assert f"127.0.0.1:{port}/tcp is already in use" in err
+    assert pydesk.qemu_pid() is None
+
+
+def test_missing_qemu(pydesk: Pydesk, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pydesk.env["PATH"] = str(tmp_path / "empty-bin")
+    err = one_line_error(pydesk("vm", "start", *VM_FLAGS))
+    assert "QEMU (qemu-system-x86_64) not found" in err and "hint:" in err
+
+
+def test_broken_guest_images(pydesk: Pydesk, guest_image, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    from pathlib import Path
+
+    src = Path(guest_image.kernel).parent
+    cache = tmp_path / "cache"
+    dst = cache / "guest" / src.name
+    shutil.copytree(src, dst)
+    pydesk.env["PYDESK_CACHE"] = str(cache)
+    # an empty kernel file
+    (dst / "vmlinuz").write_bytes(b"")
+    err = one_line_error(pydesk("vm", "start", *VM_FLAGS))
+    assert "vmlinuz is missing or empty" in err
+    # a root disk that is not a file system: the guest cannot boot and QEMU stops
+    shutil.copy2(src / "vmlinuz", dst / "vmlinuz")
+    (dst / "root.erofs").write_bytes(b"\0" * (dst / "root.erofs").stat().st_size)
+    err = one_line_error(pydesk("vm", "start", "--accel", "tcg"))
+    assert "the guest stopped during boot" in err
+    assert pydesk.qemu_pid() is None or not psutil.pid_exists(pydesk.qemu_pid())
