@@ -16,13 +16,15 @@ mmdebstrap, plus cpio, zstd, mkfs.erofs and depmod.
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import stat
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -234,6 +236,58 @@ def _overlay(recipe: Recipe, rootfs: Path) -> None:
     sbin_init.symlink_to("/bin/busybox")
 
 
+HELLO_MESSAGE = (
+    "\nHello from pydesk!\n"
+    "This message shows that your installation appears to be working correctly:\n"
+    "the pydesk VM booted, its engine unpacked this image and crun ran it in a container.\n\n"
+)
+
+
+def _tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            info.mtime, info.uid, info.gid, info.uname, info.gname = EPOCH, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _builtin_images(rootfs: Path, arch: Arch) -> None:
+    """A tiny busybox-based ``hello`` image inside the guest, so the first `pydesk run
+    --rm hello` works offline. Written as a docker-archive the engine loads at start."""
+    busybox = (rootfs / "bin/busybox").read_bytes()
+    entries: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    d = tarfile.TarInfo("bin")
+    d.type, d.mode = tarfile.DIRTYPE, 0o755
+    entries.append((d, None))
+    f = tarfile.TarInfo("bin/busybox")
+    f.size, f.mode = len(busybox), 0o755
+    entries.append((f, busybox))
+    for name in ("sh", "echo", "printf", "cat", "ls", "sleep"):
+        ln = tarfile.TarInfo(f"bin/{name}")
+        ln.type, ln.linkname = tarfile.SYMTYPE, "busybox"
+        entries.append((ln, None))
+    layer = _tar_bytes(entries)
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({
+        "architecture": arch.debian, "os": "linux", "created": "2023-11-14T22:13:20Z",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/printf", HELLO_MESSAGE]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "pydesk guest build: busybox-static"}],
+    }, sort_keys=True).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = json.dumps([{"Config": config_name, "RepoTags": ["hello:latest"], "Layers": ["layer.tar"]}]).encode()
+    files = [("manifest.json", manifest), (config_name, config), ("layer.tar", layer)]
+    archive = []
+    for name, data in files:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o644
+        archive.append((info, data))
+    out = rootfs / "usr/lib/pydesk/images"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hello.tar").write_bytes(_tar_bytes(archive))
+
+
 def _compile_python(rootfs: Path, arch: Arch) -> None:
     """Byte-compile the stdlib and agent so the guest does not at every start."""
     import platform
@@ -279,6 +333,7 @@ def build(recipe: Recipe, *, force: bool = False) -> Path:
         _prune(rootfs, recipe.prune)
         _busybox_links(rootfs, recipe.arch)
         _overlay(recipe, rootfs)
+        _builtin_images(rootfs, recipe.arch)
         _compile_python(rootfs, recipe.arch)
         _set_times(rootfs)
         _set_times(work / "boot")

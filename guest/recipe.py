@@ -32,6 +32,9 @@ PACKAGES = (
     "e2fsprogs",  # formats and checks the data disk
     "kmod",
     "ca-certificates",
+    "zstd",  # zstd-compressed layers
+    "tini",  # `--init` (tini-static is bind-mounted into containers)
+    "mount",  # overlay mounts with long lowerdir lists (busybox mount is limited)
 )
 
 #: Kernel modules the guest loads (their dependencies are added from modules.dep).

@@ -51,10 +51,35 @@ def load_public_key(path: Path) -> paramiko.PKey:
     return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
 
 
+class Transport(paramiko.Transport):
+    """paramiko's Transport plus OpenSSH's ``direct-streamlocal@openssh.com`` channels (a
+    connection to a unix socket on the server), which paramiko does not offer. open_channel
+    writes no type-specific fields for unknown channel types, so we append the socket path
+    to that one CHANNEL_OPEN message on its way out (marked per thread)."""
+
+    _pending = threading.local()
+
+    def _send_user_message(self, data: paramiko.Message) -> None:  # type: ignore[override]
+        path = getattr(self._pending, "path", None)
+        if path is not None:
+            self._pending.path = None
+            data.add_string(path)
+            data.add_string("")  # reserved
+            data.add_int(0)  # reserved
+        super()._send_user_message(data)
+
+    def open_streamlocal(self, path: str, timeout: float | None = None) -> paramiko.Channel:
+        self._pending.path = path
+        try:
+            return self.open_channel("direct-streamlocal@openssh.com", timeout=timeout)
+        finally:
+            self._pending.path = None
+
+
 def open_transport(sock: socket.socket, client_key: paramiko.PKey, host_key: paramiko.PKey,
-                   timeout: float) -> paramiko.Transport:
+                   timeout: float) -> Transport:
     """Run the SSH handshake on an already connected stream."""
-    t = paramiko.Transport(sock)
+    t = Transport(sock)
     t.banner_timeout = timeout
     t.handshake_timeout = timeout
     t.auth_timeout = timeout
@@ -76,7 +101,7 @@ class AgentChannel:
         self.client_key = paramiko.Ed25519Key.from_private_key_file(str(client_key))
         self.host_key = load_public_key(host_key_pub)
         self.log = log.getChild(name)
-        self._transport: paramiko.Transport | None = None
+        self._transport: Transport | None = None
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closed = False
@@ -200,6 +225,12 @@ class AgentChannel:
         chan = self.transport(timeout).open_session(timeout=timeout)
         chan.exec_command(INNER_SSHD)
         return chan
+
+    def open_unix(self, path: str, timeout: float = 30.0) -> paramiko.Channel:
+        """A stream to the unix socket ``path`` in the guest (sshd forwards it in-process)."""
+        t = self.transport(timeout)
+        assert isinstance(t, Transport)
+        return t.open_streamlocal(path, timeout=timeout)
 
     def release(self) -> dict:
         rc, out, err = self.exec("cat /etc/pydesk-release; uname -r", timeout=20)

@@ -40,6 +40,21 @@ from vmkit.vm import VM, build_spec
 
 log = logging.getLogger("vmkit.daemon")
 
+GUEST_ENGINE_SOCKET = "/run/pydesk/engine.sock"
+ENGINE_WAIT = 60.0  # how long a client may wait for the engine after a boot
+
+
+def _http_error(conn: socket.socket, status: int, message: str) -> None:
+    """Answer an Engine API client in Docker's error shape, so it prints our message."""
+    body = json.dumps({"message": message}).encode()
+    with contextlib.suppress(OSError):
+        conn.settimeout(2)
+        with contextlib.suppress(OSError):
+            conn.recv(65536)
+        conn.sendall(f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        conn.close()
+
 
 class Progress:
     """JSON-lines progress to the starting CLI; silent once it has let go."""
@@ -93,6 +108,7 @@ class Daemon:
         self.paths = VMPaths(name).ensure()
         self.vm: VM | None = None
         self.listener: Listener | None = None
+        self.engine_listener: Listener | None = None
         self.stopping = threading.Event()
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
@@ -131,9 +147,39 @@ class Daemon:
             self.vm.adopt(pid, progress.step)
         else:
             self.vm.start(progress.step)
+        self.engine_listener = Listener(self.paths.engine)
+        threading.Thread(target=self._serve_engine, name="engine-accept", daemon=True).start()
         write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
                                   "image_dir": str(Path(image.kernel).parent), **self.vm.status()})
         threading.Thread(target=self._watch_qemu, name="qemu-watch", daemon=True).start()
+
+    # --- the engine socket ------------------------------------------------------------
+    def _serve_engine(self) -> None:
+        """Docker Engine API clients on the host: each connection becomes a stream to the
+        engine's unix socket in the guest, carried over the agent's SSH connection."""
+        assert self.engine_listener is not None
+        while not self.done.is_set():
+            try:
+                conn = self.engine_listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._forward_engine, args=(conn,), daemon=True).start()
+
+    def _forward_engine(self, conn: socket.socket) -> None:
+        assert self.vm is not None and self.vm.agent is not None
+        deadline = time.monotonic() + ENGINE_WAIT
+        chan = None
+        while chan is None:
+            try:
+                chan = self.vm.agent.open_unix(GUEST_ENGINE_SOCKET, timeout=10)
+            except Exception as exc:  # the engine may still be starting after a boot
+                if time.monotonic() > deadline or self.done.is_set():
+                    log.warning("engine connection failed: %s", exc)
+                    _http_error(conn, 503, f"the pydesk engine in the VM is not answering: {exc}")
+                    return
+                time.sleep(0.1)
+        threading.Thread(target=pump, args=(chan, conn), daemon=True).start()
+        pump(conn, chan)
 
     def _running_qemu_pid(self) -> int | None:
         try:
@@ -221,6 +267,8 @@ class Daemon:
             return
         if self.listener is not None:
             self.listener.close()
+        if self.engine_listener is not None:
+            self.engine_listener.close()
         if self.vm is not None:
             self.vm.close()
         write_status(self.paths, {"state": "stopped", "last_exit": self.exit_reason})

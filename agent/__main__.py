@@ -1,0 +1,31 @@
+"""`python3 -m agent`: the engine, serving the Docker Engine API in the guest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from agent.api import serve
+from agent.engine import ENGINE_ROOT, Engine
+
+SOCKET = "/run/pydesk/engine.sock"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pydesk-engine")
+    p.add_argument("--root", type=Path, default=ENGINE_ROOT)
+    p.add_argument("--socket", default=SOCKET)
+    p.add_argument("--debug", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    engine = Engine(args.root)
+    engine.startup()
+    serve(engine, args.socket)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

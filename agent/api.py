@@ -1,0 +1,1090 @@
+"""The Docker Engine API (a versioned subset) over a unix socket in the guest.
+
+Plain ``http.server`` (the guest has only the standard library): HTTP/1.1 keep-alive,
+chunked streams for pulls, logs and events, and connection hijacking (101 UPGRADED) for
+attach and exec with Docker's 8-byte multiplexed framing when there is no TTY.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import queue
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+from agent import logs as logmod
+from agent.engine import Engine, EngineError, familiar, normalize
+from agent.store import ImageInUse, StoreError
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1.44"
+MIN_API_VERSION = "1.24"
+ENGINE_VERSION = "24.0.0+pydesk.0.1"
+VERSION_RE = re.compile(r"^/v(\d+\.\d+)(/.*)$")
+
+
+def _vtuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("."))
+
+
+def frame(stream: int, data: bytes) -> bytes:
+    return struct.pack(">BxxxI", stream, len(data)) + data
+
+
+STREAM_IDS = {"stdin": 0, "stdout": 1, "stderr": 2}
+
+
+class Routes:
+    def __init__(self) -> None:
+        self.table: list[tuple[str, re.Pattern[str], Callable[..., None]]] = []
+
+    def add(self, method: str, pattern: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+        def deco(fn: Callable[..., None]) -> Callable[..., None]:
+            self.table.append((method, re.compile("^" + pattern + "$"), fn))
+            return fn
+        return deco
+
+    def match(self, method: str, path: str) -> tuple[Callable[..., None] | None, dict[str, str], bool]:
+        path_known = False
+        for m, rx, fn in self.table:
+            mt = rx.match(path)
+            if mt:
+                path_known = True
+                if m == method or (method == "HEAD" and m == "GET"):
+                    return fn, {k: urllib.parse.unquote(v) for k, v in mt.groupdict().items()}, True
+        return None, {}, path_known
+
+
+routes = Routes()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "pydesk-engine"
+    engine: Engine
+
+    # --- plumbing ---------------------------------------------------------------------
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("%s", fmt % args)
+
+    def address_string(self) -> str:
+        return "local"
+
+    def version_string(self) -> str:
+        return f"Docker/{ENGINE_VERSION} (linux)"
+
+    def _common_headers(self) -> None:
+        self.send_header("Api-Version", API_VERSION)
+        self.send_header("Docker-Experimental", "false")
+        self.send_header("Ostype", "linux")
+
+    def reply(self, status: int, body: Any = None, content_type: str = "application/json") -> None:
+        if body is None:
+            data = b""
+        elif isinstance(body, bytes):
+            data = body
+        elif isinstance(body, str):
+            data = body.encode()
+        else:
+            data = json.dumps(body).encode() + b"\n"
+        self.send_response(status)
+        self._common_headers()
+        if data or status not in (204, 304):
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD" and data:
+            self.wfile.write(data)
+
+    def error(self, status: int, message: str) -> None:
+        self.reply(status, {"message": message})
+
+    def start_stream(self, content_type: str = "application/json", status: int = 200) -> None:
+        self.send_response(status)
+        self._common_headers()
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+
+    def chunk(self, data: bytes) -> None:
+        if data:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+    def end_stream(self) -> None:
+        with contextlib.suppress(OSError):
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    def hijack(self, content_type: str) -> socket.socket:
+        """Answer with 101 (or 200 for clients that did not ask to upgrade) and hand over
+        the raw connection."""
+        upgrade = "upgrade" in (self.headers.get("Connection") or "").lower()
+        if upgrade:
+            self.send_response(101, "UPGRADED")
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", "tcp")
+        else:
+            self.send_response(200)
+        self._common_headers()
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        return self.connection
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {k: v[-1] for k, v in urllib.parse.parse_qs(self._query, keep_blank_values=True).items()}
+
+    def qbool(self, name: str, default: bool = False) -> bool:
+        v = self.query.get(name)
+        if v is None:
+            return default
+        return v.lower() in ("1", "true", "yes")
+
+    def qint(self, name: str, default: int | None = None) -> int | None:
+        v = self.query.get(name)
+        if v in (None, ""):
+            return default
+        try:
+            return int(v)
+        except ValueError:
+            raise EngineError(400, f"invalid value for {name}: {v}") from None
+
+    def filters(self) -> dict[str, list[str]]:
+        raw = self.query.get("filters")
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise EngineError(400, "invalid filter") from None
+        return {k: (list(v) if isinstance(v, list) else [x for x, on in v.items() if on]) for k, v in data.items()}
+
+    def body_json(self) -> Any:
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            raw = self.rfile.read(n)
+        elif "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+            raw = self._read_chunked()
+        else:
+            return {}
+        if not raw.strip():
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise EngineError(400, "invalid JSON in request body") from None
+
+    def _read_chunked(self) -> bytes:
+        out = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                self.rfile.readline()
+                return out
+            out += self.rfile.read(size)
+            self.rfile.readline()
+
+    def body_stream(self):  # type: ignore[no-untyped-def]
+        """The request body as a file-like object (for image load)."""
+        n = self.headers.get("Content-Length")
+        if n is not None:
+            return _Limited(self.rfile, int(n))
+        return _Chunked(self.rfile)
+
+    # --- dispatch -----------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        self._query = url.query
+        path = url.path
+        m = VERSION_RE.match(path)
+        if m:
+            version, path = m.group(1), m.group(2)
+            if _vtuple(version) > _vtuple(API_VERSION):
+                return self.error(400, f"client version {version} is too new. Maximum supported API version is {API_VERSION}")
+            if _vtuple(version) < _vtuple(MIN_API_VERSION):
+                return self.error(400, f"client version {version} is too old. Minimum supported API version is "
+                                       f"{MIN_API_VERSION}, please upgrade your client to a newer version")
+        fn, params, known = routes.match(self.command, path)
+        if fn is None:
+            return self.error(405 if known else 404, "page not found" if not known else "method not allowed")
+        try:
+            fn(self, **params)
+        except EngineError as exc:
+            self._safe_error(exc.status, exc.message)
+        except ImageInUse as exc:
+            self._safe_error(409, str(exc))
+        except StoreError as exc:
+            self._safe_error(404 if "not found" in str(exc).lower() or "no such" in str(exc).lower() else 500, str(exc))
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # an engine bug must still answer in Docker's shape
+            log.exception("%s %s failed", self.command, self.path)
+            self._safe_error(500, f"internal error: {exc}")
+
+    def _safe_error(self, status: int, message: str) -> None:
+        try:
+            self.error(status, message)
+        except OSError:
+            self.close_connection = True
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_HEAD = _dispatch
+
+
+class _Limited:
+    def __init__(self, f: Any, n: int) -> None:
+        self.f, self.left = f, n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.f.read(size)
+        self.left -= len(data)
+        return data
+
+
+class _Chunked:
+    def __init__(self, f: Any) -> None:
+        self.f, self.buf, self.eof = f, b"", False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.eof and (size < 0 or len(self.buf) < size):
+            n = int(self.f.readline().split(b";")[0].strip() or b"0", 16)
+            if n == 0:
+                self.f.readline()
+                self.eof = True
+                break
+            self.buf += self.f.read(n)
+            self.f.readline()
+        if size < 0:
+            data, self.buf = self.buf, b""
+        else:
+            data, self.buf = self.buf[:size], self.buf[size:]
+        return data
+
+
+# --- system -------------------------------------------------------------------------------
+@routes.add("GET", "/_ping")
+def ping(h: Handler) -> None:
+    h.send_response(200)
+    h._common_headers()
+    h.send_header("Content-Type", "text/plain; charset=utf-8")
+    h.send_header("Cache-Control", "no-cache, no-store, must-revalidate")
+    h.send_header("Builder-Version", "1")
+    h.send_header("Content-Length", "2")
+    h.end_headers()
+    if h.command != "HEAD":
+        h.wfile.write(b"OK")
+
+
+def version_info() -> dict[str, Any]:
+    uname = os.uname()
+    return {
+        "Platform": {"Name": "pydesk"},
+        "Components": [{"Name": "Engine", "Version": ENGINE_VERSION,
+                        "Details": {"ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "Os": "linux",
+                                    "Arch": _goarch(), "KernelVersion": uname.release}}],
+        "Version": ENGINE_VERSION, "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION,
+        "GitCommit": "pydesk", "GoVersion": f"python{platform.python_version()}", "Os": "linux",
+        "Arch": _goarch(), "KernelVersion": uname.release, "BuildTime": "",
+    }
+
+
+def _goarch() -> str:
+    return {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
+
+
+@routes.add("GET", "/version")
+def version(h: Handler) -> None:
+    h.reply(200, version_info())
+
+
+@routes.add("GET", "/info")
+def info(h: Handler) -> None:
+    e = h.engine
+    cs = list(e.containers.values())
+    mem = int(open("/proc/meminfo").read().split()[1]) * 1024
+    running = sum(1 for c in cs if c.running and not c.state.get("Paused"))
+    paused = sum(1 for c in cs if c.state.get("Paused"))
+    h.reply(200, {
+        "ID": "pydesk", "Containers": len(cs), "ContainersRunning": running, "ContainersPaused": paused,
+        "ContainersStopped": len(cs) - running - paused, "Images": len(e.store.images()), "Driver": "overlay2",
+        "DriverStatus": [["Backing Filesystem", "extfs"]], "Plugins": {"Volume": ["local"], "Network": ["bridge", "host", "null"],
+                                                                       "Log": ["json-file"]},
+        "MemoryLimit": True, "SwapLimit": True, "CpuCfsPeriod": True, "CpuCfsQuota": True, "CPUShares": True,
+        "PidsLimit": True, "IPv4Forwarding": True, "Debug": False, "NFd": len(os.listdir("/proc/self/fd")),
+        "NGoroutines": threading.active_count(), "SystemTime": logmod.now_rfc3339(), "LoggingDriver": "json-file",
+        "CgroupDriver": "cgroupfs", "CgroupVersion": "2", "NEventsListener": 0, "KernelVersion": os.uname().release,
+        "OperatingSystem": "pydesk guest (Debian GNU/Linux 12)", "OSVersion": "12", "OSType": "linux",
+        "Architecture": os.uname().machine, "IndexServerAddress": "https://index.docker.io/v1/",
+        "RegistryConfig": {"IndexConfigs": {}, "InsecureRegistryCIDRs": ["127.0.0.0/8"], "Mirrors": []},
+        "NCPU": os.cpu_count() or 1, "MemTotal": mem, "DockerRootDir": str(e.root), "Name": "pydesk",
+        "Labels": [], "ExperimentalBuild": False, "ServerVersion": ENGINE_VERSION,
+        "Runtimes": {"crun": {"path": "/usr/bin/crun"}}, "DefaultRuntime": "crun",
+        "Swarm": {"NodeID": "", "NodeAddr": "", "LocalNodeState": "inactive", "ControlAvailable": False, "Error": "",
+                  "RemoteManagers": None},
+        "LiveRestoreEnabled": False, "Isolation": "", "InitBinary": "docker-init",
+        "SecurityOptions": ["name=seccomp,profile=builtin", "name=cgroupns"], "Warnings": [],
+    })
+
+
+@routes.add("GET", "/events")
+def events(h: Handler) -> None:
+    since = h.query.get("since")
+    until = h.query.get("until")
+    past, q = h.engine.events.subscribe(float(since) if since else None)
+    flt = h.filters()
+    h.start_stream()
+    deadline = float(until) if until else None
+    try:
+        for ev in past:
+            if _event_match(ev, flt):
+                h.chunk(json.dumps(ev).encode() + b"\n")
+        while deadline is None or time.time() < deadline:
+            try:
+                ev = q.get(timeout=1 if deadline else 30)
+            except queue.Empty:
+                continue
+            if _event_match(ev, flt):
+                h.chunk(json.dumps(ev).encode() + b"\n")
+        h.end_stream()
+    except OSError:
+        pass
+    finally:
+        h.engine.events.unsubscribe(q)
+        h.close_connection = True
+
+
+def _event_match(ev: dict[str, Any], flt: dict[str, list[str]]) -> bool:
+    for k, vs in flt.items():
+        if k == "type" and ev["Type"] not in vs:
+            return False
+        if k == "event" and ev["Action"] not in vs:
+            return False
+        if k == "container" and not any(ev["Actor"]["ID"].startswith(v) or ev["Actor"]["Attributes"].get("name") == v for v in vs):
+            return False
+    return True
+
+
+@routes.add("GET", "/system/df")
+def system_df(h: Handler) -> None:
+    e = h.engine
+    images = [_image_summary(e, i) for i in e.store.images()]
+    containers = []
+    for c in e.containers.values():
+        s = e.summary(c)
+        s["SizeRw"] = _du(c.root / "upper")
+        containers.append(s)
+    h.reply(200, {"LayersSize": sum(i["Size"] for i in images), "Images": images, "Containers": containers,
+                  "Volumes": [_volume(e, v) for v in _volumes(e)], "BuildCache": []})
+
+
+def _du(path: Any) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+    return total
+
+
+@routes.add("POST", "/auth")
+def auth(h: Handler) -> None:
+    body = h.body_json()
+    h.engine_auth = body  # type: ignore[attr-defined]
+    h.reply(200, {"Status": "Login Succeeded", "IdentityToken": ""})
+
+
+@routes.add("POST", "/build")
+def build(h: Handler) -> None:
+    h.error(501, "pydesk does not support `docker build` yet")
+
+
+# --- containers ---------------------------------------------------------------------------
+@routes.add("POST", "/containers/create")
+def container_create(h: Handler) -> None:
+    c = h.engine.create(h.body_json(), h.query.get("name"))
+    h.reply(201, {"Id": c.id, "Warnings": []})
+
+
+@routes.add("GET", "/containers/json")
+def container_list(h: Handler) -> None:
+    h.reply(200, h.engine.list(h.qbool("all"), h.filters(), h.qint("limit", -1) or -1))
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/json")
+def container_inspect(h: Handler, ref: str) -> None:
+    h.reply(200, h.engine.inspect(h.engine.container(ref)))
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/start")
+def container_start(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    if c.running:
+        return h.reply(304)
+    h.engine.start(c)
+    h.reply(204)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/stop")
+def container_stop(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    stopped = h.engine.stop(c, h.qint("t"), h.query.get("signal"))
+    h.reply(204 if stopped else 304)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/restart")
+def container_restart(h: Handler, ref: str) -> None:
+    h.engine.restart(h.engine.container(ref), h.qint("t"))
+    h.reply(204)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/kill")
+def container_kill(h: Handler, ref: str) -> None:
+    h.engine.kill(h.engine.container(ref), h.query.get("signal"))
+    h.reply(204)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/(?P<action>pause|unpause)")
+def container_pause(h: Handler, ref: str, action: str) -> None:
+    h.engine.pause(h.engine.container(ref), resume=action == "unpause")
+    h.reply(204)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/rename")
+def container_rename(h: Handler, ref: str) -> None:
+    h.engine.rename(h.engine.container(ref), h.query.get("name") or "")
+    h.reply(204)
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/wait")
+def container_wait(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    condition = h.query.get("condition") or "not-running"
+    if condition not in ("not-running", "next-exit", "removed"):
+        raise EngineError(400, f"invalid condition: {condition}")
+    result: dict[str, Any] = {}
+    seq = c.exit_seq  # registered before the headers go out, so a fast exit is not missed
+
+    def waiter() -> None:
+        with c.lock:
+            if condition == "next-exit":
+                while c.exit_seq == seq and not c.removed:
+                    c.exited.wait(1)
+            elif condition == "removed":
+                while not c.removed:
+                    c.exited.wait(1)
+            else:
+                while (c.running or c.state.get("Restarting")) and not c.removed:
+                    c.exited.wait(1)
+            result["code"] = int(c.state.get("ExitCode") or 0)
+            result["error"] = c.state.get("Error") or None
+
+    h.start_stream()
+    waiter()
+    body = {"StatusCode": result["code"], "Error": None}
+    h.chunk(json.dumps(body).encode() + b"\n")
+    h.end_stream()
+
+
+@routes.add("DELETE", r"/containers/(?P<ref>[^/]+)")
+def container_remove(h: Handler, ref: str) -> None:
+    h.engine.remove(h.engine.container(ref), force=h.qbool("force"), volumes=h.qbool("v"))
+    h.reply(204)
+
+
+@routes.add("POST", "/containers/prune")
+def container_prune(h: Handler) -> None:
+    deleted, space = [], 0
+    for c in list(h.engine.containers.values()):
+        if not c.running and not c.state.get("Restarting"):
+            space += _du(c.root / "upper")
+            h.engine.remove(c)
+            deleted.append(c.id)
+    h.reply(200, {"ContainersDeleted": deleted or None, "SpaceReclaimed": space})
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/top")
+def container_top(h: Handler, ref: str) -> None:
+    h.reply(200, h.engine.top(h.engine.container(ref)))
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/stats")
+def container_stats(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    if not h.qbool("stream", True) or h.qbool("one-shot"):
+        return h.reply(200, h.engine.stats(c))
+    h.start_stream()
+    try:
+        while c.running:
+            h.chunk(json.dumps(h.engine.stats(c)).encode() + b"\n")
+            time.sleep(1)
+        h.end_stream()
+    except OSError:
+        h.close_connection = True
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/resize")
+def container_resize(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    proc = h.engine.procs.get(c.id)
+    if proc is not None:
+        with contextlib.suppress(OSError):
+            proc.resize(h.qint("h", 24) or 24, h.qint("w", 80) or 80)
+    h.reply(200, b"", "text/plain")
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/logs")
+def container_logs(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    stdout, stderr = h.qbool("stdout"), h.qbool("stderr")
+    if not stdout and not stderr:
+        raise EngineError(400, "You must choose at least one stream")
+    tail_s = h.query.get("tail", "all")
+    tail = None if tail_s in ("all", "") else int(tail_s)
+    since = float(h.query.get("since") or 0)
+    until = float(h.query.get("until") or 0)
+    ts = h.qbool("timestamps")
+    tty = c.tty
+    offset = c.log_path.stat().st_size if c.log_path.exists() else 0
+    recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until)
+    h.start_stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
+
+    def send(rec: dict[str, Any]) -> None:
+        data = rec["log"].encode()
+        if ts:
+            data = rec["time"].encode() + b" " + data
+        h.chunk(data if tty else frame(STREAM_IDS[rec["stream"]], data))
+
+    try:
+        for rec in recs:
+            send(rec)
+        if h.qbool("follow") and (c.running or c.state.get("Restarting")):
+            changed = c.logfile.changed if c.logfile else None
+            for rec in logmod.follow(c.log_path, offset, lambda: c.running or bool(c.state.get("Restarting")),
+                                     changed, stdout, stderr):
+                send(rec)
+        h.end_stream()
+    except OSError:
+        h.close_connection = True
+
+
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/attach")
+def container_attach(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    want = {s for s in ("stdout", "stderr") if h.qbool(s)}
+    use_stdin = h.qbool("stdin")
+    tty = c.tty
+    if c.logfile is None:
+        from agent.logs import LogFile
+
+        c.logfile = LogFile(c.log_path)
+    sub = c.logfile.subscribe()
+    sock = h.hijack("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
+    if use_stdin:
+        threading.Thread(target=_pump_stdin, args=(h, lambda: h.engine.procs.get(c.id)), daemon=True).start()
+    try:
+        if h.qbool("logs"):
+            for rec in logmod.read_logs(c.log_path, stdout="stdout" in want, stderr="stderr" in want):
+                data = rec["log"].encode()
+                sock.sendall(data if tty else frame(STREAM_IDS[rec["stream"]], data))
+        if h.qbool("stream", True):
+            while True:
+                item = sub.get()
+                if item is None:
+                    break
+                stream, data = item
+                if stream in want:
+                    sock.sendall(data if tty else frame(STREAM_IDS[stream], data))
+    except OSError:
+        pass
+    finally:
+        if c.logfile is not None:
+            c.logfile.unsubscribe(sub)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+
+def _pump_stdin(h: Handler, target: Callable[[], Any]) -> None:
+    """Client input (after the hijack) to the process's stdin; EOF closes it."""
+    proc = None
+    for _ in range(300):  # attach comes before start: wait for the process
+        proc = target()
+        if proc is not None:
+            break
+        time.sleep(0.05)
+    try:
+        while True:
+            data = h.rfile.read1(65536)
+            if not data:
+                break
+            if proc is None:
+                proc = target()
+            if proc is not None:
+                proc.write_stdin(data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        if proc is not None:
+            proc.close_stdin()
+
+
+# --- exec -----------------------------------------------------------------------------------
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/exec")
+def exec_create(h: Handler, ref: str) -> None:
+    e = h.engine.exec_create(h.engine.container(ref), h.body_json())
+    h.reply(201, {"Id": e.id})
+
+
+@routes.add("POST", r"/exec/(?P<eid>[^/]+)/start")
+def exec_start(h: Handler, eid: str) -> None:
+    e = h.engine.execs.get(eid)
+    if e is None:
+        raise EngineError(404, f"No such exec instance: {eid}")
+    body = h.body_json()
+    if e.running or e.exit_code is not None:
+        raise EngineError(409, f"exec {eid} has already started")
+    tty = bool(e.config.get("Tty") or body.get("Tty"))
+    if body.get("Detach"):
+        h.engine.exec_start(e, lambda s, d: None)
+        return h.reply(200, b"", "application/json")
+    out: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+    proc = h.engine.exec_start(e, lambda s, d: out.put((s, d)))
+    sock = h.hijack("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
+    if e.config.get("AttachStdin"):
+        threading.Thread(target=_pump_stdin, args=(h, lambda: proc), daemon=True).start()
+
+    def closer() -> None:
+        e.done.wait()
+        out.put(None)
+
+    threading.Thread(target=closer, daemon=True).start()
+    try:
+        while (item := out.get()) is not None:
+            stream, data = item
+            sock.sendall(data if tty else frame(STREAM_IDS[stream], data))
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+
+@routes.add("POST", r"/exec/(?P<eid>[^/]+)/resize")
+def exec_resize(h: Handler, eid: str) -> None:
+    e = h.engine.execs.get(eid)
+    if e is None:
+        raise EngineError(404, f"No such exec instance: {eid}")
+    if e.process is not None:
+        with contextlib.suppress(OSError):
+            e.process.resize(h.qint("h", 24) or 24, h.qint("w", 80) or 80)
+    h.reply(200, b"", "text/plain")
+
+
+@routes.add("GET", r"/exec/(?P<eid>[^/]+)/json")
+def exec_inspect(h: Handler, eid: str) -> None:
+    e = h.engine.execs.get(eid)
+    if e is None:
+        raise EngineError(404, f"No such exec instance: {eid}")
+    h.reply(200, e.inspect())
+
+
+# --- images ---------------------------------------------------------------------------------
+def _image_summary(e: Engine, img: Any) -> dict[str, Any]:
+    return {
+        "Id": img.id, "ParentId": "", "RepoTags": [familiar(t) for t in img.tags] or None,
+        "RepoDigests": [familiar(d.split("@")[0]) + "@" + d.split("@")[1] for d in img.digests] or None,
+        "Created": int(_created(img.created)), "Size": img.size, "VirtualSize": img.size, "SharedSize": -1,
+        "Labels": (img.config.get("config") or {}).get("Labels") or {}, "Containers":
+            sum(1 for c in e.containers.values() if c.r["Image"] == img.id),
+    }
+
+
+def _created(value: str) -> float:
+    try:
+        return logmod.parse_time(value[:26].rstrip("Z") + "Z" if "." in value else value)
+    except ValueError:
+        return 0.0
+
+
+@routes.add("GET", "/images/json")
+def image_list(h: Handler) -> None:
+    flt = h.filters()
+    out = []
+    for img in h.engine.store.images():
+        if flt.get("dangling") and (flt["dangling"][0] in ("true", "1")) == bool(img.tags):
+            continue
+        if flt.get("reference") and not any(any(familiar(t).split(":")[0] == r.split(":")[0] or familiar(t) == r
+                                                for t in img.tags) for r in flt["reference"]):
+            continue
+        out.append(_image_summary(h.engine, img))
+    h.reply(200, out)
+
+
+@routes.add("GET", r"/images/(?P<name>.+)/json")
+def image_inspect(h: Handler, name: str) -> None:
+    img = h.engine.image(name)
+    cfg = img.config
+    h.reply(200, {
+        "Id": img.id, "RepoTags": [familiar(t) for t in img.tags], "RepoDigests": [
+            familiar(d.split("@")[0]) + "@" + d.split("@")[1] for d in img.digests],
+        "Parent": "", "Comment": "", "Created": img.created or cfg.get("created", ""), "DockerVersion": "",
+        "Author": cfg.get("author", ""), "Config": cfg.get("config") or {}, "Architecture": cfg.get("architecture", ""),
+        "Variant": cfg.get("variant"), "Os": cfg.get("os", "linux"), "Size": img.size, "VirtualSize": img.size,
+        "GraphDriver": {"Name": "overlay2", "Data": {"LowerDir": ":".join(str(p) for p in img.lower_dirs)}},
+        "RootFS": {"Type": "layers", "Layers": img.diff_ids}, "Metadata": {"LastTagTime": ZERO},
+    })
+
+
+ZERO = "0001-01-01T00:00:00Z"
+
+
+@routes.add("GET", r"/images/(?P<name>.+)/history")
+def image_history(h: Handler, name: str) -> None:
+    img = h.engine.image(name)
+    hist = img.config.get("history") or []
+    out = []
+    for i, entry in enumerate(reversed(hist)):
+        out.append({"Id": img.id if i == 0 else "<missing>", "Created": int(_created(entry.get("created", ""))),
+                    "CreatedBy": entry.get("created_by", ""), "Tags": [familiar(t) for t in img.tags] if i == 0 else None,
+                    "Size": 0, "Comment": entry.get("comment", "")})
+    h.reply(200, out)
+
+
+@routes.add("POST", r"/images/(?P<name>.+)/tag")
+def image_tag(h: Handler, name: str) -> None:
+    img = h.engine.image(name)
+    repo = h.query.get("repo") or ""
+    tag = h.query.get("tag") or "latest"
+    h.engine.store.tag(img.id, normalize(f"{repo}:{tag}"))
+    h.engine.events.emit("image", "tag", img.id, {"name": f"{repo}:{tag}"})
+    h.reply(201)
+
+
+@routes.add("DELETE", r"/images/(?P<name>.+)")
+def image_remove(h: Handler, name: str) -> None:
+    img = h.engine.image(name)
+    ref = name if name.startswith("sha256:") or img.id.split(":")[1].startswith(name) else normalize(name)
+    if h.engine._image_in_use(img.id) and not h.qbool("force"):
+        users = [c for c in h.engine.containers.values() if c.r["Image"] == img.id]
+        if ref == img.id or name == img.id or img.id.split(":")[1].startswith(name) or len(img.tags) <= 1:
+            raise EngineError(409, f"conflict: unable to remove repository reference \"{name}\" (must force) - "
+                                   f"container {users[0].id[:12]} is using its referenced image {img.short_id}")
+    result = h.engine.store.remove_image(ref, force=h.qbool("force"))
+    for r in result:
+        for k in ("Untagged",):
+            if k in r and "@" not in r[k]:
+                r[k] = familiar(r[k])
+    h.engine.events.emit("image", "delete", img.id, {"name": name})
+    h.reply(200, result)
+
+
+@routes.add("POST", "/images/prune")
+def image_prune(h: Handler) -> None:
+    flt = h.filters()
+    dangling = not (flt.get("dangling") and flt["dangling"][0] in ("false", "0"))
+    before = {i.id for i in h.engine.store.images()}
+    space = h.engine.store.prune(dangling_only=dangling)
+    after = {i.id for i in h.engine.store.images()}
+    h.reply(200, {"ImagesDeleted": [{"Deleted": i} for i in sorted(before - after)] or None, "SpaceReclaimed": space})
+
+
+@routes.add("POST", "/images/create")
+def image_create(h: Handler) -> None:
+    from agent.pull import pull
+
+    image = h.query.get("fromImage") or ""
+    tag = h.query.get("tag") or ""
+    if h.query.get("fromSrc"):
+        raise EngineError(501, "docker import is not supported")
+    if not image:
+        raise EngineError(400, "fromImage is required")
+    ref = image if "@" in image or not tag else f"{image}{'@' if tag.startswith('sha256:') else ':'}{tag}"
+    auth = _decode_auth(h.headers.get("X-Registry-Auth"))
+    h.start_stream()
+
+    def emit(msg: dict[str, Any]) -> None:
+        h.chunk(json.dumps(msg).encode() + b"\r\n")
+
+    try:
+        pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
+    except OSError:
+        h.close_connection = True
+        return
+    h.end_stream()
+
+
+def _decode_auth(header: str | None) -> dict[str, str] | None:
+    if not header:
+        return None
+    import base64
+
+    try:
+        pad = "=" * (-len(header) % 4)
+        data = json.loads(base64.urlsafe_b64decode(header + pad))
+        return data if isinstance(data, dict) else None
+    except ValueError:
+        return None
+
+
+@routes.add("GET", r"/images/(?P<name>.+)/get")
+def image_get_one(h: Handler, name: str) -> None:
+    _save(h, [name])
+
+
+@routes.add("GET", "/images/get")
+def image_get(h: Handler) -> None:
+    names = urllib.parse.parse_qs(h._query).get("names") or []
+    _save(h, names)
+
+
+def _save(h: Handler, names: list[str]) -> None:
+    refs = []
+    for n in names:
+        img = h.engine.image(n)
+        refs.append(n if n.startswith("sha256:") or img.id.split(":")[1].startswith(n) else normalize(n))
+    h.start_stream("application/x-tar")
+
+    class Out:
+        def write(self, data: bytes) -> int:
+            h.chunk(bytes(data))
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    h.engine.store.save(refs, Out())  # type: ignore[arg-type]
+    h.end_stream()
+
+
+@routes.add("POST", "/images/load")
+def image_load(h: Handler) -> None:
+    ids = h.engine.store.load(h.body_stream(), normalize=normalize)  # type: ignore[arg-type]
+    lines = []
+    for i in ids:
+        img = h.engine.store.image(i)
+        for t in img.tags or [img.id]:
+            lines.append({"stream": f"Loaded image: {familiar(t)}\n" if t != img.id else f"Loaded image ID: {img.id}\n"})
+    h.start_stream()
+    for line in lines:
+        h.chunk(json.dumps(line).encode() + b"\n")
+    h.end_stream()
+
+
+# --- networks ---------------------------------------------------------------------------------
+def _network_json(e: Engine, net: Any) -> dict[str, Any]:
+    r = dict(net.r)
+    r["Containers"] = {}
+    for c in e.containers.values():
+        ep = c.r["NetworkSettings"]["Networks"].get(net.name)
+        if ep and c.running and ep.get("IPAddress"):
+            r["Containers"][c.id] = {"Name": c.name, "EndpointID": ep.get("EndpointID", ""),
+                                     "MacAddress": ep.get("MacAddress", ""),
+                                     "IPv4Address": f"{ep['IPAddress']}/{ep.get('IPPrefixLen', 16)}", "IPv6Address": ""}
+    return r
+
+
+@routes.add("GET", "/networks")
+def network_list(h: Handler) -> None:
+    flt = h.filters()
+    nets = [_network_json(h.engine, n) for n in h.engine.networks.nets.values()]
+    nets += [_pseudo_net("host"), _pseudo_net("none")]
+    if flt.get("name"):
+        nets = [n for n in nets if any(v in n["Name"] for v in flt["name"])]
+    h.reply(200, nets)
+
+
+def _pseudo_net(name: str) -> dict[str, Any]:
+    return {"Name": name, "Id": name.ljust(64, "0")[:64], "Created": ZERO, "Scope": "local",
+            "Driver": "host" if name == "host" else "null", "EnableIPv6": False,
+            "IPAM": {"Driver": "default", "Options": None, "Config": []}, "Internal": False, "Attachable": False,
+            "Ingress": False, "ConfigFrom": {"Network": ""}, "ConfigOnly": False, "Containers": {}, "Options": {},
+            "Labels": {}}
+
+
+@routes.add("GET", r"/networks/(?P<ref>[^/]+)")
+def network_inspect(h: Handler, ref: str) -> None:
+    if ref in ("host", "none"):
+        return h.reply(200, _pseudo_net(ref))
+    try:
+        h.reply(200, _network_json(h.engine, h.engine.networks.get(ref)))
+    except KeyError:
+        raise EngineError(404, f"network {ref} not found") from None
+
+
+@routes.add("POST", "/networks/create")
+def network_create(h: Handler) -> None:
+    body = h.body_json()
+    name = body.get("Name") or ""
+    if not name:
+        raise EngineError(400, "network name is required")
+    if (body.get("Driver") or "bridge") != "bridge":
+        raise EngineError(400, f"plugin \"{body.get('Driver')}\" not found")
+    cfg = ((body.get("IPAM") or {}).get("Config") or [{}])
+    subnet = (cfg[0] or {}).get("Subnet") if cfg else None
+    try:
+        net = h.engine.networks.create(name, subnet, bool(body.get("Internal")), body.get("Labels") or {})
+    except ValueError as exc:
+        raise EngineError(409 if "already exists" in str(exc) else 400, str(exc)) from None
+    h.engine.events.emit("network", "create", net.id, {"name": name, "type": "bridge"})
+    h.reply(201, {"Id": net.id, "Warning": ""})
+
+
+@routes.add("DELETE", r"/networks/(?P<ref>[^/]+)")
+def network_remove(h: Handler, ref: str) -> None:
+    if ref in ("host", "none", "bridge"):
+        raise EngineError(403, f"{ref} is a pre-defined network and cannot be removed")
+    try:
+        net = h.engine.networks.get(ref)
+    except KeyError:
+        raise EngineError(404, f"network {ref} not found") from None
+    users = [c.name for c in h.engine.containers.values() if net.name in c.r["NetworkSettings"]["Networks"] and c.running]
+    if users:
+        raise EngineError(403, f"error while removing network: network {net.name} id {net.id} has active endpoints")
+    try:
+        h.engine.networks.remove(net)
+    except (RuntimeError, PermissionError) as exc:
+        raise EngineError(403, str(exc)) from None
+    h.engine.events.emit("network", "destroy", net.id, {"name": net.name, "type": "bridge"})
+    h.reply(204)
+
+
+@routes.add("POST", "/networks/prune")
+def network_prune(h: Handler) -> None:
+    removed = []
+    for net in list(h.engine.networks.nets.values()):
+        if net.user_defined and not any(net.name in c.r["NetworkSettings"]["Networks"] for c in h.engine.containers.values()):
+            h.engine.networks.remove(net)
+            removed.append(net.name)
+    h.reply(200, {"NetworksDeleted": removed or None})
+
+
+@routes.add("POST", r"/networks/(?P<ref>[^/]+)/(?P<action>connect|disconnect)")
+def network_connect(h: Handler, ref: str, action: str) -> None:
+    body = h.body_json()
+    try:
+        net = h.engine.networks.get(ref)
+    except KeyError:
+        raise EngineError(404, f"network {ref} not found") from None
+    c = h.engine.container(body.get("Container") or "")
+    nets = c.r["NetworkSettings"]["Networks"]
+    if action == "connect":
+        if c.running:
+            raise EngineError(501, "connecting a running container to a network is not supported yet; stop it first")
+        nets[net.name] = dict(body.get("EndpointConfig") or {})
+    else:
+        if c.running:
+            raise EngineError(501, "disconnecting a running container is not supported yet; stop it first")
+        nets.pop(net.name, None)
+    c.save()
+    h.reply(200, b"", "text/plain")
+
+
+# --- volumes ------------------------------------------------------------------------------------
+def _volumes(e: Engine) -> list[str]:
+    root = e.root / "volumes"
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def _volume(e: Engine, name: str) -> dict[str, Any]:
+    meta_path = e.root / "volumes" / name / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return {"Name": name, "Driver": "local", "Mountpoint": str(e.root / "volumes" / name / "_data"),
+            "CreatedAt": meta.get("CreatedAt", ZERO), "Labels": meta.get("Labels") or {}, "Scope": "local",
+            "Options": meta.get("Options") or {}, "UsageData": {"Size": -1, "RefCount": -1}}
+
+
+VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+
+
+@routes.add("GET", "/volumes")
+def volume_list(h: Handler) -> None:
+    h.reply(200, {"Volumes": [_volume(h.engine, v) for v in _volumes(h.engine)], "Warnings": []})
+
+
+@routes.add("POST", "/volumes/create")
+def volume_create(h: Handler) -> None:
+    body = h.body_json()
+    import secrets
+
+    name = body.get("Name") or secrets.token_hex(32)
+    if not VOLUME_NAME.match(name):
+        raise EngineError(400, f"create {name}: \"{name}\" includes invalid characters for a local volume name")
+    d = h.engine.root / "volumes" / name
+    (d / "_data").mkdir(parents=True, exist_ok=True)
+    if not (d / "meta.json").exists():
+        (d / "meta.json").write_text(json.dumps({"CreatedAt": logmod.now_rfc3339(), "Labels": body.get("Labels") or {},
+                                                 "Options": body.get("DriverOpts") or {}}))
+    h.engine.events.emit("volume", "create", name, {"driver": "local"})
+    h.reply(201, _volume(h.engine, name))
+
+
+@routes.add("GET", r"/volumes/(?P<name>[^/]+)")
+def volume_inspect(h: Handler, name: str) -> None:
+    if name not in _volumes(h.engine):
+        raise EngineError(404, f"get {name}: no such volume")
+    h.reply(200, _volume(h.engine, name))
+
+
+@routes.add("DELETE", r"/volumes/(?P<name>[^/]+)")
+def volume_remove(h: Handler, name: str) -> None:
+    if name not in _volumes(h.engine):
+        raise EngineError(404, f"get {name}: no such volume")
+    users = [c.id for c in h.engine.containers.values() if any(m.get("Name") == name for m in c.r.get("Mounts") or [])]
+    if users and not h.qbool("force"):
+        raise EngineError(409, f"remove {name}: volume is in use - [{', '.join(users)}]")
+    import shutil
+
+    shutil.rmtree(h.engine.root / "volumes" / name)
+    h.engine.events.emit("volume", "destroy", name, {"driver": "local"})
+    h.reply(204)
+
+
+@routes.add("POST", "/volumes/prune")
+def volume_prune(h: Handler) -> None:
+    import shutil
+
+    deleted, space = [], 0
+    used = {m.get("Name") for c in h.engine.containers.values() for m in c.r.get("Mounts") or []}
+    for v in _volumes(h.engine):
+        if v not in used:
+            space += _du(h.engine.root / "volumes" / v)
+            shutil.rmtree(h.engine.root / "volumes" / v)
+            deleted.append(v)
+    h.reply(200, {"VolumesDeleted": deleted or None, "SpaceReclaimed": space})
+
+
+# --- server -------------------------------------------------------------------------------------
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(engine: Engine, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    handler = type("BoundHandler", (Handler,), {"engine": engine})
+    old = os.umask(0o177)
+    try:
+        server = Server(path, handler)
+    finally:
+        os.umask(old)
+    log.info("engine API on %s", path)
+    server.serve_forever()

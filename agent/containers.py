@@ -1,0 +1,302 @@
+"""Containers: their records on the data disk and their lifecycle around crun.
+
+The engine is a child subreaper, so a container's init (started by ``crun run --detach``)
+becomes our child when crun exits; a pidfd per container tells us when it exits and with
+which status. Output goes through pipes (or a pty) that we read into the json-file log and
+to attached clients.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import logging
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import runtime
+from agent.logs import LogFile, now_rfc3339
+
+log = logging.getLogger(__name__)
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+SIGNALS = {name[3:]: int(getattr(signal, name)) for name in dir(signal)
+           if name.startswith("SIG") and not name.startswith("SIG_") and isinstance(getattr(signal, name), int)}
+
+
+def parse_signal(value: str | int | None, default: int = signal.SIGTERM) -> int:
+    if value in (None, ""):
+        return default
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    name = str(value).upper()
+    name = name[3:] if name.startswith("SIG") else name
+    if name not in SIGNALS:
+        raise ValueError(f"invalid signal: {value}")
+    return SIGNALS[name]
+
+
+def set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def new_id() -> str:
+    return secrets.token_hex(32)
+
+
+class Container:
+    """One container's record (what ``inspect`` shows) plus its live process state."""
+
+    def __init__(self, root: Path, record: dict[str, Any]) -> None:
+        self.root = root  # containers/<id>/
+        self.r = record
+        self.lock = threading.RLock()
+        self.exited = threading.Condition(self.lock)
+        self.exit_seq = 0  # bumped at every exit; `wait` watches it
+        self.logfile: LogFile | None = None
+        self.stdin_w: int | None = None
+        self.pty_master: int | None = None
+        self.stopping = False  # stopped by request: no restart
+        self.restart_timer: threading.Timer | None = None
+        self.removed = False
+
+    # --- identity -------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.r["Id"]
+
+    @property
+    def name(self) -> str:
+        return self.r["Name"].lstrip("/")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.r["State"]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.state.get("Running"))
+
+    @property
+    def tty(self) -> bool:
+        return bool(self.r["Config"].get("Tty"))
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / f"{self.id}-json.log"
+
+    def save(self) -> None:
+        tmp = self.root / "config.v2.json.tmp"
+        tmp.write_text(json.dumps(self.r))
+        os.replace(tmp, self.root / "config.v2.json")
+
+    @classmethod
+    def load(cls, root: Path) -> Container:
+        return cls(root, json.loads((root / "config.v2.json").read_text()))
+
+    def status_text(self) -> str:
+        """`docker ps` STATUS column."""
+        s = self.state
+        if s.get("Restarting"):
+            return f"Restarting ({s.get('ExitCode', 0)}) {ago(s.get('FinishedAt'))}"
+        if s.get("Running"):
+            return f"Up {duration(s.get('StartedAt'))}" + (" (Paused)" if s.get("Paused") else "")
+        if s.get("Status") == "created":
+            return "Created"
+        if s.get("Status") == "dead":
+            return "Dead"
+        return f"Exited ({s.get('ExitCode', 0)}) {ago(s.get('FinishedAt'))}"
+
+
+def _ts(value: str | None) -> float | None:
+    if not value or value.startswith("0001"):
+        return None
+    from agent.logs import parse_time
+
+    return parse_time(value)
+
+
+def human_duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s < 60:
+        return f"{s} second{'s' if s != 1 else ''}"
+    if s < 3600:
+        m = s // 60
+        return "About a minute" if m == 1 else f"{m} minutes"
+    h = s // 3600
+    return "About an hour" if h == 1 else f"{h} hours" if h < 48 else f"{h // 24} days"
+
+
+def duration(since: str | None) -> str:
+    t = _ts(since)
+    return human_duration(time.time() - t) if t else ""
+
+
+def ago(when: str | None) -> str:
+    t = _ts(when)
+    return f"{human_duration(time.time() - t)} ago" if t else ""
+
+
+def _recv_fd(sock_path: Path, timeout: float = 30) -> int:
+    """Receive the pty master crun sends to its --console-socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(str(sock_path))
+        srv.listen(1)
+        srv.settimeout(timeout)
+        conn, _ = srv.accept()
+        with conn:
+            fds = array.array("i")
+            msg, ancdata, flags, addr = conn.recvmsg(1024, socket.CMSG_LEN(fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+                    return fds[0]
+    raise OSError("crun sent no terminal")
+
+
+class Process:
+    """A process started by crun (a container's init, or an exec) whose stdio we own."""
+
+    def __init__(self, argv: list[str], *, tty: bool, stdin: bool, console_dir: Path,
+                 on_output: Callable[[str, bytes], None]) -> None:
+        self.tty = tty
+        self.on_output = on_output
+        self.master: int | None = None
+        self.stdin_w: int | None = None
+        self._threads: list[threading.Thread] = []
+        if tty:
+            sock = console_dir / f"console-{secrets.token_hex(4)}.sock"
+            box: dict[str, Any] = {}
+            t = threading.Thread(target=lambda: box.setdefault("fd", _recv_fd(sock)), daemon=True)
+            t.start()
+            for _ in range(100):
+                if sock.exists():
+                    break
+                time.sleep(0.01)
+            at = next(i for i, a in enumerate(argv) if a in ("run", "exec", "create")) + 1
+            argv = argv[:at] + ["--console-socket", str(sock)] + argv[at:]
+            try:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.PIPE)
+                t.join(30)
+            finally:
+                sock.unlink(missing_ok=True)
+            if "fd" not in box:
+                err = self.proc.communicate(timeout=30)[1] if self.proc.poll() is not None else b""
+                raise runtime.RuntimeError_(_last_line(err) or "crun did not hand over a terminal")
+            self.master = box["fd"]
+            self.stdin_w = self.master
+            self._start_reader(self.master, "stdout", is_master=True)
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
+            try:
+                self.proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True)
+            finally:
+                for fd in (out_w, err_w, in_r):
+                    os.close(fd)
+            self.stdin_w = in_w
+            self._start_reader(out_r, "stdout")
+            self._start_reader(err_r, "stderr")
+
+    def _start_reader(self, fd: int, stream: str, is_master: bool = False) -> None:
+        def reader() -> None:
+            try:
+                while True:
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:  # EIO on a pty master once the slave side is gone
+                        break
+                    if not data:
+                        break
+                    self.on_output(stream, data)
+            finally:
+                if not is_master:
+                    os.close(fd)
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def write_stdin(self, data: bytes) -> None:
+        if self.stdin_w is not None:
+            os.write(self.stdin_w, data)
+
+    def close_stdin(self) -> None:
+        if self.stdin_w is not None and not self.tty:
+            with contextlib.suppress(OSError):
+                os.close(self.stdin_w)
+            self.stdin_w = None
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.master is not None:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def drain(self, timeout: float = 5) -> None:
+        for t in self._threads:
+            t.join(timeout)
+        if self.master is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.master)
+            self.master = None
+
+
+def _last_line(err: bytes | None) -> str:
+    lines = (err or b"").decode(errors="replace").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def wait_pid(pid: int) -> int:
+    """Block until ``pid`` (our child, via subreaping) exits; returns Docker's exit code."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return 255
+    try:
+        select.select([fd], [], [])
+        try:
+            info = os.waitid(os.P_PIDFD, fd, os.WEXITED)  # type: ignore[attr-defined]
+        except ChildProcessError:
+            return 255
+        if info is None:
+            return 255
+        if info.si_code == os.CLD_EXITED:
+            return info.si_status
+        return 128 + info.si_status
+    finally:
+        os.close(fd)
+
+
+def utc_now() -> str:
+    return now_rfc3339()
+
+
+def iso_from_epoch(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,854 @@
+"""The engine: images, containers, networks and execs — what the Engine API serves.
+
+Errors raised here carry the HTTP status Docker would answer with (``EngineError``), so
+the API layer only translates them to Docker's JSON error shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import reference, runtime
+from agent.containers import (ZERO_TIME, Container, Process, new_id, parse_signal, set_subreaper, utc_now,
+                              wait_pid)
+from agent.events import Events
+from agent.logs import LogFile
+from agent.network import Network, NetworkError, Networks
+from agent.rootpath import lookup_user
+from agent.store import ImageInUse, ImageNotFound, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+ENGINE_ROOT = Path("/var/lib/pydesk/engine")
+BUILTIN_IMAGES = Path("/usr/lib/pydesk/images")
+INIT_BINARY = "/usr/bin/tini-static"
+NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+ADJECTIVES = ("brave", "calm", "eager", "fond", "happy", "jolly", "keen", "lucid", "nifty", "quirky", "sharp", "witty")
+NOUNS = ("turing", "hopper", "lovelace", "ritchie", "thompson", "torvalds", "knuth", "liskov", "hamilton", "curie")
+
+
+class EngineError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def not_found(what: str) -> EngineError:
+    return EngineError(404, what)
+
+
+def normalize(ref: str) -> str:
+    try:
+        return str(reference.parse(ref))
+    except ValueError as exc:
+        raise EngineError(400, str(exc)) from exc
+
+
+def familiar(ref: str) -> str:
+    try:
+        return reference.parse(ref).familiar
+    except ValueError:
+        return ref
+
+
+class ExecInstance:
+    def __init__(self, container: Container, config: dict[str, Any]) -> None:
+        self.id = new_id()
+        self.container = container
+        self.config = config
+        self.process: Process | None = None
+        self.running = False
+        self.exit_code: int | None = None
+        self.pid = 0
+        self.done = threading.Event()
+
+    def inspect(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "ID": self.id, "Running": self.running, "ExitCode": self.exit_code, "ProcessConfig": {
+                "tty": bool(c.get("Tty")), "entrypoint": (c.get("Cmd") or [""])[0],
+                "arguments": (c.get("Cmd") or [])[1:], "privileged": bool(c.get("Privileged")),
+                "user": c.get("User") or ""},
+            "OpenStdin": bool(c.get("AttachStdin")), "OpenStderr": bool(c.get("AttachStderr")),
+            "OpenStdout": bool(c.get("AttachStdout")), "CanRemove": False, "ContainerID": self.container.id,
+            "DetachKeys": "", "Pid": self.pid,
+        }
+
+
+class Engine:
+    def __init__(self, root: Path = ENGINE_ROOT) -> None:
+        self.root = root
+        (root / "containers").mkdir(parents=True, exist_ok=True)
+        self.store = Store(root / "images", in_use=self._image_in_use)
+        self.networks = Networks(root / "networks")
+        self.events = Events()
+        self.lock = threading.RLock()
+        self.containers: dict[str, Container] = {}
+        self.execs: dict[str, ExecInstance] = {}
+        self.procs: dict[str, Process] = {}
+        self.started = time.time()
+        for d in sorted((root / "containers").iterdir()):
+            try:
+                c = Container.load(d)
+            except (OSError, ValueError) as exc:
+                log.warning("skipping damaged container record %s: %s", d.name, exc)
+                continue
+            self.containers[c.id] = c
+
+    # --- start-up ---------------------------------------------------------------------
+    def startup(self) -> None:
+        set_subreaper()
+        runtime.setup_cgroups()
+        Path(runtime.CRUN_ROOT).mkdir(parents=True, exist_ok=True)
+        try:
+            self.networks.setup()
+        except (NetworkError, OSError) as exc:
+            log.error("network setup failed: %s", exc)
+        self._load_builtin_images()
+        for c in self.containers.values():
+            # The VM stopped under these containers: record that, as Docker does after a crash.
+            if c.state.get("Running") or c.state.get("Restarting"):
+                c.state.update(Running=False, Paused=False, Restarting=False, Pid=0, Status="exited",
+                               ExitCode=c.state.get("ExitCode") or 255, FinishedAt=utc_now())
+                c.save()
+        for c in list(self.containers.values()):
+            policy = (c.r["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
+            if policy == "always" or (policy == "unless-stopped" and not c.r.get("ManuallyStopped")):
+                try:
+                    self.start(c)
+                except EngineError as exc:
+                    log.error("restart of %s at boot failed: %s", c.name, exc.message)
+
+    def _load_builtin_images(self) -> None:
+        if not BUILTIN_IMAGES.is_dir():
+            return
+        for tar in sorted(BUILTIN_IMAGES.glob("*.tar")):
+            ref = normalize(tar.stem)
+            try:
+                self.store.image(ref)
+                continue
+            except (ImageNotFound, StoreError):
+                pass
+            with open(tar, "rb") as f:
+                self.store.load(f, normalize=normalize)
+            log.info("loaded built-in image %s", ref)
+
+    # --- lookups ----------------------------------------------------------------------
+    def container(self, ref: str) -> Container:
+        with self.lock:
+            if ref in self.containers:
+                return self.containers[ref]
+            name = ref.lstrip("/")
+            for c in self.containers.values():
+                if c.name == name:
+                    return c
+            matches = [c for c in self.containers.values() if c.id.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+        raise not_found(f"No such container: {ref}")
+
+    def image(self, ref: str):  # type: ignore[no-untyped-def]
+        """An image by name (normalised as Docker does), full id or unique id prefix."""
+        candidates = [ref]
+        if not ref.startswith("sha256:"):
+            with contextlib.suppress(EngineError):
+                candidates.insert(0, normalize(ref))
+        for cand in candidates:
+            with contextlib.suppress(ImageNotFound, StoreError):
+                return self.store.image(cand)
+        raise not_found(f"No such image: {ref if ref.startswith('sha256:') else familiar(ref)}")
+
+    def _image_in_use(self, image_id: str) -> bool:
+        return any(c.r["Image"] == image_id for c in self.containers.values())
+
+    # --- create -----------------------------------------------------------------------
+    def _unique_name(self, name: str | None) -> str:
+        with self.lock:
+            taken = {c.name for c in self.containers.values()}
+            if name:
+                if not NAME_RE.match(name):
+                    raise EngineError(400, f"Invalid container name ({name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
+                name = name.lstrip("/")
+                if name in taken:
+                    other = next(c for c in self.containers.values() if c.name == name)
+                    raise EngineError(409, f'Conflict. The container name "/{name}" is already in use by container '
+                                           f'"{other.id}". You have to remove (or rename) that container to be able to reuse that name.')
+                return name
+            while True:
+                cand = f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}"
+                if cand not in taken:
+                    return cand
+
+    def create(self, body: dict[str, Any], name: str | None = None) -> Container:
+        image_ref = body.get("Image") or ""
+        if not image_ref:
+            raise EngineError(400, "Config.Image must be set")
+        img = self.image(image_ref)
+        icfg = img.config.get("config") or {}
+        host = dict(body.get("HostConfig") or {})
+        env: dict[str, str] = {}
+        for e in list(icfg.get("Env") or []) + list(body.get("Env") or []):
+            k, _, v = e.partition("=")
+            env[k] = v
+        entrypoint = body.get("Entrypoint")
+        cmd = body.get("Cmd")
+        if isinstance(entrypoint, str):
+            entrypoint = [entrypoint]
+        if isinstance(cmd, str):
+            cmd = [cmd]
+        if entrypoint is None or entrypoint == []:
+            entrypoint = [] if entrypoint == [] and body.get("Entrypoint") is not None else (icfg.get("Entrypoint") or [])
+            if not cmd:
+                cmd = icfg.get("Cmd") or []
+        elif not cmd:
+            cmd = []
+        args = list(entrypoint or []) + list(cmd or [])
+        if not args:
+            raise EngineError(400, "no command specified")
+        cid = new_id()
+        cname = self._unique_name(name)
+        network_mode = host.get("NetworkMode") or "default"
+        if network_mode == "default":
+            network_mode = "bridge"
+        host["NetworkMode"] = network_mode
+        if network_mode not in ("none", "host") and not network_mode.startswith("container:"):
+            try:
+                self.networks.get(network_mode)
+            except KeyError:
+                raise not_found(f"network {network_mode} not found") from None
+        labels = dict(icfg.get("Labels") or {})
+        labels.update(body.get("Labels") or {})
+        config = {
+            "Hostname": body.get("Hostname") or (cid[:12] if network_mode != "host" else os.uname().nodename),
+            "Domainname": body.get("Domainname") or "", "User": body.get("User") or icfg.get("User") or "",
+            "AttachStdin": bool(body.get("AttachStdin")), "AttachStdout": bool(body.get("AttachStdout", True)),
+            "AttachStderr": bool(body.get("AttachStderr", True)),
+            "ExposedPorts": {**(icfg.get("ExposedPorts") or {}), **(body.get("ExposedPorts") or {})} or None,
+            "Tty": bool(body.get("Tty")), "OpenStdin": bool(body.get("OpenStdin")),
+            "StdinOnce": bool(body.get("StdinOnce")), "Env": [f"{k}={v}" for k, v in env.items()],
+            "Cmd": cmd or None, "Image": image_ref,
+            "Volumes": {**(icfg.get("Volumes") or {}), **(body.get("Volumes") or {})} or None,
+            "WorkingDir": body.get("WorkingDir") or icfg.get("WorkingDir") or "",
+            "Entrypoint": entrypoint or None, "OnBuild": None, "Labels": labels,
+            "StopSignal": body.get("StopSignal") or icfg.get("StopSignal") or "SIGTERM",
+            "StopTimeout": body.get("StopTimeout"),
+        }
+        root = self.root / "containers" / cid
+        for d in ("upper", "work", "rootfs"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        record = {
+            "Id": cid, "Created": utc_now(), "Path": args[0], "Args": args[1:],
+            "State": {"Status": "created", "Running": False, "Paused": False, "Restarting": False,
+                      "OOMKilled": False, "Dead": False, "Pid": 0, "ExitCode": 0, "Error": "",
+                      "StartedAt": ZERO_TIME, "FinishedAt": ZERO_TIME},
+            "Image": img.id, "ImageName": familiar(image_ref), "ResolvConfPath": str(root / "resolv.conf"),
+            "HostnamePath": str(root / "hostname"), "HostsPath": str(root / "hosts"),
+            "LogPath": str(root / f"{cid}-json.log"), "Name": "/" + cname, "RestartCount": 0,
+            "Driver": "overlay2", "Platform": "linux", "MountLabel": "", "ProcessLabel": "", "AppArmorProfile": "",
+            "ExecIDs": None, "HostConfig": host, "GraphDriver": {"Name": "overlay2", "Data": {
+                "UpperDir": str(root / "upper"), "WorkDir": str(root / "work"), "MergedDir": str(root / "rootfs")}},
+            "Mounts": [], "Config": config,
+            "NetworkSettings": {"Bridge": "", "SandboxID": "", "HairpinMode": False, "Ports": {},
+                                "SandboxKey": "", "IPAddress": "", "IPPrefixLen": 0, "Gateway": "", "MacAddress": "",
+                                "Networks": self._initial_networks(body, network_mode)},
+            "ManuallyStopped": False,
+        }
+        c = Container(root, record)
+        c.save()
+        with self.lock:
+            self.containers[cid] = c
+        self.events.emit("container", "create", cid, {"name": cname, "image": image_ref})
+        return c
+
+    def _initial_networks(self, body: dict[str, Any], mode: str) -> dict[str, Any]:
+        if mode in ("none", "host"):
+            return {mode: {"NetworkID": "", "EndpointID": "", "IPAddress": "", "Aliases": None}}
+        endpoints = dict((body.get("NetworkingConfig") or {}).get("EndpointsConfig") or {})
+        if "default" in endpoints:
+            endpoints.setdefault("bridge", endpoints.pop("default"))
+        nets = {mode: dict(endpoints.get(mode) or {})}
+        for name, ep in endpoints.items():
+            try:
+                self.networks.get(name)
+            except KeyError:
+                raise not_found(f"network {name} not found") from None
+            nets.setdefault(name, dict(ep or {}))
+        return nets
+
+    # --- start ------------------------------------------------------------------------
+    def _mount_rootfs(self, c: Container) -> None:
+        if os.path.ismount(c.rootfs):
+            return
+        lowers = self.store.lower_dirs(c.r["Image"])
+        opts = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={c.root / 'upper'},workdir={c.root / 'work'}"
+        proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(c.rootfs)], capture_output=True)
+        if proc.returncode != 0:
+            raise EngineError(500, f"mounting the container file system failed: {proc.stderr.decode().strip()}")
+
+    def _umount_rootfs(self, c: Container) -> None:
+        if os.path.ismount(c.rootfs):
+            if subprocess.run(["umount", str(c.rootfs)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(c.rootfs)], capture_output=True)
+
+    def _write_etc(self, c: Container, addresses: list[str]) -> None:
+        cfg, host = c.r["Config"], c.r["HostConfig"]
+        hostname = cfg["Hostname"]
+        (c.root / "hostname").write_text(hostname + "\n")
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        for a in addresses:
+            lines.append(f"{a}\t{hostname}")
+        for entry in host.get("ExtraHosts") or []:
+            name, _, addr = entry.partition(":")  # "name:address"; names have no colons
+            if addr == "host-gateway":
+                addr = "10.0.2.2"
+            lines.append(f"{addr}\t{name}")
+        (c.root / "hosts").write_text("\n".join(lines) + "\n")
+        dns = host.get("Dns") or []
+        if dns:
+            resolv = "".join(f"nameserver {d}\n" for d in dns)
+        else:
+            try:
+                resolv = Path("/etc/resolv.conf").read_text()
+            except OSError:
+                resolv = "nameserver 10.0.2.3\n"
+        for opt in host.get("DnsSearch") or []:
+            resolv += f"search {opt}\n"
+        (c.root / "resolv.conf").write_text(resolv)
+
+    def _setup_network(self, c: Container) -> str | None:
+        mode = c.r["HostConfig"]["NetworkMode"]
+        if mode == "host":
+            return "host"
+        path = self.networks.create_netns(c.id)
+        if mode == "none":
+            return path
+        settings = c.r["NetworkSettings"]
+        for i, (name, ep) in enumerate(settings["Networks"].items()):
+            net = self.networks.get(name)
+            addr = self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))
+            info = self.networks.attach(net, c.id, addr, f"eth{i}")
+            ep.update(info, EndpointID=new_id(), Gateway=info["Gateway"], IPPrefixLen=info["IPPrefixLen"])
+            if net.user_defined:
+                aliases = list(ep.get("Aliases") or [])
+                for a in (c.name, c.id[:12]):
+                    if a not in aliases:
+                        aliases.append(a)
+                ep["Aliases"] = aliases
+            if i == 0:
+                settings.update(IPAddress=addr, IPPrefixLen=info["IPPrefixLen"], Gateway=info["Gateway"],
+                                MacAddress=info["MacAddress"], SandboxKey=path)
+                if not net.user_defined:
+                    settings["Bridge"] = net.bridge
+        return path
+
+    def _teardown_network(self, c: Container) -> None:
+        self.networks.delete_netns(c.id)
+        self.networks.release(c.id)
+        s = c.r["NetworkSettings"]
+        s.update(IPAddress="", Gateway="", MacAddress="", SandboxKey="", IPPrefixLen=0)
+        for ep in s["Networks"].values():
+            ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
+
+    def _spec(self, c: Container, netns: str | None) -> runtime.ContainerSpec:
+        cfg, host = c.r["Config"], c.r["HostConfig"]
+        user = cfg.get("User") or ""
+        uid = gid = 0
+        extra: tuple[int, ...] = ()
+        if user:
+            try:
+                uid, gid, extra = lookup_user(c.rootfs, user)
+            except KeyError as exc:
+                raise EngineError(400, str(exc).strip("'\"")) from exc
+        args = [c.r["Path"], *c.r["Args"]]
+        mounts = [runtime.Mount(p, str(c.root / f), options=("rbind", "rprivate"))
+                  for p, f in (("/etc/hosts", "hosts"), ("/etc/hostname", "hostname"), ("/etc/resolv.conf", "resolv.conf"))]
+        if host.get("Init"):
+            mounts.append(runtime.Mount("/sbin/docker-init", INIT_BINARY, options=("bind", "ro")))
+            args = ["/sbin/docker-init", "--", *args]
+        mounts += self._bind_mounts(c)
+        memory = host.get("Memory") or None
+        swap = host.get("MemorySwap")
+        return runtime.ContainerSpec(
+            id=c.id, rootfs=str(c.rootfs),
+            process=runtime.ProcessSpec(args=tuple(args), env=tuple(cfg.get("Env") or ()), cwd=cfg.get("WorkingDir") or "/",
+                                        uid=uid, gid=gid, additional_gids=extra, terminal=c.tty),
+            hostname=cfg["Hostname"], mounts=tuple(mounts),
+            resources=runtime.Resources(memory=memory, memory_swap=(swap if swap and swap > 0 else (memory if memory and swap in (None, 0) else None)),
+                                        nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
+                                        pids_limit=host.get("PidsLimit") or None),
+            readonly_rootfs=bool(host.get("ReadonlyRootfs")), netns=netns, privileged=bool(host.get("Privileged")),
+            cap_add=tuple(host.get("CapAdd") or ()), cap_drop=tuple(host.get("CapDrop") or ()),
+            sysctls=tuple((host.get("Sysctls") or {}).items()),
+            shm_size=host.get("ShmSize") or 64 * 1024 * 1024,
+        )
+
+    def _bind_mounts(self, c: Container) -> list[runtime.Mount]:
+        """Bind mounts and volumes (`-v`); named volumes live on the data disk."""
+        mounts: list[runtime.Mount] = []
+        records = []
+        for spec in c.r["HostConfig"].get("Binds") or []:
+            parts = spec.split(":")
+            if len(parts) < 2:
+                raise EngineError(400, f"invalid volume specification: '{spec}'")
+            src, dst = parts[0], parts[1]
+            mode = parts[2] if len(parts) > 2 else "rw"
+            ro = "ro" in mode.split(",")
+            if src.startswith("/"):
+                if not os.path.exists(src):
+                    os.makedirs(src, exist_ok=True)
+                mounts.append(runtime.Mount(dst, src, options=("rbind", "rprivate") + (("ro",) if ro else ())))
+                records.append({"Type": "bind", "Source": src, "Destination": dst, "Mode": mode if len(parts) > 2 else "",
+                                "RW": not ro, "Propagation": "rprivate"})
+            else:
+                vol = self.root / "volumes" / src / "_data"
+                vol.mkdir(parents=True, exist_ok=True)
+                mounts.append(runtime.Mount(dst, str(vol), options=("rbind", "rprivate") + (("ro",) if ro else ())))
+                records.append({"Type": "volume", "Name": src, "Source": str(vol), "Destination": dst, "Driver": "local",
+                                "Mode": mode if len(parts) > 2 else "z", "RW": not ro, "Propagation": ""})
+        c.r["Mounts"] = records
+        return mounts
+
+    def start(self, c: Container) -> None:
+        with c.lock:
+            if c.running:
+                return
+            if c.removed:
+                raise not_found(f"No such container: {c.id}")
+            if c.restart_timer:
+                c.restart_timer.cancel()
+                c.restart_timer = None
+            c.stopping = False
+            c.r["ManuallyStopped"] = False
+            try:
+                self._mount_rootfs(c)
+                netns = self._setup_network(c)
+                addrs = [ep.get("IPAddress") for ep in c.r["NetworkSettings"]["Networks"].values() if ep.get("IPAddress")]
+                self._write_etc(c, addrs)
+                spec = self._spec(c, netns)
+                runtime.write_bundle(c.root, spec)
+                runtime.delete(c.id)  # a stale runtime state from a crash would block the name
+                if c.logfile is None:
+                    c.logfile = LogFile(c.log_path)
+                crun_log = c.root / "crun.log"
+                crun_log.unlink(missing_ok=True)
+                pid_file = c.root / "init.pid"
+                pid_file.unlink(missing_ok=True)
+                argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run", "--detach",
+                        "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
+                proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
+                               on_output=c.logfile.write)
+                rc = proc.proc.wait(60)
+                if rc != 0:
+                    message = docker_message(_crun_error(crun_log) or f"crun exited with status {rc}")
+                    proc.drain(1)
+                    raise EngineError(_start_status(message), message)
+                # The pid file, not `crun state`: a quick container may be gone already
+                # (it stays our zombie until reaped, since we are its subreaper).
+                pid = int(pid_file.read_text().strip() or 0)
+            except EngineError as exc:
+                self._start_failed(c, exc.message)
+                raise
+            except (OSError, NetworkError, runtime.RuntimeError_, StoreError, ValueError, KeyError) as exc:
+                self._start_failed(c, str(exc))
+                raise EngineError(500, str(exc)) from exc
+            self.procs[c.id] = proc
+            c.state.update(Status="running", Running=True, Paused=False, Restarting=False, OOMKilled=False,
+                           Dead=False, Pid=pid, ExitCode=0, Error="", StartedAt=utc_now())
+            c.save()
+        self.events.emit("container", "start", c.id, {"name": c.name})
+        threading.Thread(target=self._reap, args=(c, proc, pid), name=f"reap-{c.id[:12]}", daemon=True).start()
+
+    def _start_failed(self, c: Container, message: str) -> None:
+        runtime.delete(c.id)
+        self._teardown_network(c)
+        self._umount_rootfs(c)
+        code = _start_status(message)
+        c.state.update(Status="created" if c.state.get("StartedAt") == ZERO_TIME else "exited", Running=False,
+                       Pid=0, Error=message, ExitCode=127 if code == 400 and "not found" in message else 128)
+        c.save()
+        if c.r["HostConfig"].get("AutoRemove"):  # as Docker: a --rm container that cannot start is removed
+            threading.Thread(target=self.remove, args=(c,), kwargs={"force": True}, daemon=True).start()
+
+    def _reap(self, c: Container, proc: Process, pid: int) -> None:
+        code = wait_pid(pid) if pid else 255
+        oom = False
+        with contextlib.suppress(OSError, ValueError):
+            events = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}/memory.events").read_text()
+            oom = any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines())
+        proc.drain(5)
+        runtime.delete(c.id)
+        with c.lock:
+            self.procs.pop(c.id, None)
+            self._teardown_network(c)
+            self._umount_rootfs(c)
+            if c.logfile is not None:
+                c.logfile.close()
+                c.logfile = None
+            c.state.update(Status="exited", Running=False, Paused=False, Pid=0, ExitCode=code, OOMKilled=oom,
+                           FinishedAt=utc_now())
+            c.exit_seq += 1
+            c.save()
+            c.exited.notify_all()
+        self.events.emit("container", "die", c.id, {"name": c.name, "exitCode": str(code)})
+        if oom:
+            self.events.emit("container", "oom", c.id, {"name": c.name})
+        if not self._maybe_restart(c, code) and c.r["HostConfig"].get("AutoRemove"):
+            with contextlib.suppress(EngineError):
+                self.remove(c, force=True)
+
+    def _maybe_restart(self, c: Container, code: int) -> bool:
+        if c.stopping or c.removed:
+            return False
+        policy = c.r["HostConfig"].get("RestartPolicy") or {}
+        name = policy.get("Name") or "no"
+        maximum = int(policy.get("MaximumRetryCount") or 0)
+        if name == "no" or (name == "on-failure" and (code == 0 or (maximum and c.r["RestartCount"] >= maximum))):
+            return False
+        if name not in ("always", "unless-stopped", "on-failure"):
+            return False
+        c.r["RestartCount"] += 1
+        delay = min(0.1 * (2 ** min(c.r["RestartCount"] - 1, 10)), 60.0)
+        c.state.update(Restarting=True, Status="restarting")
+        c.save()
+
+        def again() -> None:
+            c.restart_timer = None
+            if c.stopping or c.removed:
+                return
+            try:
+                self.start(c)
+            except EngineError as exc:
+                log.error("restarting %s failed: %s", c.name, exc.message)
+                c.state.update(Restarting=False, Status="exited")
+                c.save()
+
+        c.restart_timer = threading.Timer(delay, again)
+        c.restart_timer.daemon = True
+        c.restart_timer.start()
+        return True
+
+    # --- stop, kill, wait -----------------------------------------------------------
+    def _wait_exit(self, c: Container, seq: int, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with c.lock:
+            while c.exit_seq == seq and c.running:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                c.exited.wait(remaining)
+        return True
+
+    def stop(self, c: Container, timeout: int | None = None, signal_name: str | None = None) -> bool:
+        """False if the container was not running (Docker answers 304)."""
+        with c.lock:
+            c.stopping = True
+            c.r["ManuallyStopped"] = True
+            if c.restart_timer:
+                c.restart_timer.cancel()
+                c.restart_timer = None
+                c.state.update(Restarting=False, Status="exited")
+                c.save()
+            if not c.running:
+                c.save()
+                return False
+            seq = c.exit_seq
+            if c.state.get("Paused"):
+                runtime.crun("resume", c.id, check=False)
+        if timeout is None:
+            timeout = c.r["Config"].get("StopTimeout")
+        if timeout is None:
+            timeout = 10
+        sig = parse_signal(signal_name or c.r["Config"].get("StopSignal"), signal.SIGTERM)
+        runtime.kill(c.id, str(sig))
+        if timeout < 0 or not self._wait_exit(c, seq, float(timeout) if timeout >= 0 else None):
+            runtime.kill(c.id, "KILL", all_processes=True)
+            self._wait_exit(c, seq, 30)
+        self.events.emit("container", "stop", c.id, {"name": c.name})
+        return True
+
+    def kill(self, c: Container, signal_name: str | None = None) -> None:
+        with c.lock:
+            if not c.running:
+                raise EngineError(409, f"Cannot kill container: {c.id}: Container {c.id} is not running")
+        try:
+            sig = parse_signal(signal_name, signal.SIGKILL)
+        except ValueError as exc:
+            raise EngineError(400, str(exc)) from exc
+        if sig == signal.SIGKILL:
+            c.stopping = True  # docker kill is a manual stop for restart policies
+        runtime.kill(c.id, str(sig), all_processes=sig == signal.SIGKILL)
+        self.events.emit("container", "kill", c.id, {"name": c.name, "signal": str(sig)})
+
+    def restart(self, c: Container, timeout: int | None = None) -> None:
+        self.stop(c, timeout)
+        self.start(c)
+        self.events.emit("container", "restart", c.id, {"name": c.name})
+
+    def wait(self, c: Container, condition: str = "not-running") -> int:
+        with c.lock:
+            if condition == "next-exit":
+                seq = c.exit_seq
+                while c.exit_seq == seq and not c.removed:
+                    c.exited.wait(1)
+            elif condition == "removed":
+                while not c.removed:
+                    c.exited.wait(1)
+            else:
+                while (c.running or c.state.get("Restarting")) and not c.removed:
+                    c.exited.wait(1)
+            return int(c.state.get("ExitCode") or 0)
+
+    def pause(self, c: Container, resume: bool = False) -> None:
+        if not c.running:
+            raise EngineError(409, f"Container {c.id} is not running")
+        runtime.crun("resume" if resume else "pause", c.id)
+        c.state.update(Paused=not resume, Status="running" if resume else "paused")
+        c.save()
+        self.events.emit("container", "unpause" if resume else "pause", c.id, {"name": c.name})
+
+    def remove(self, c: Container, force: bool = False, volumes: bool = False) -> None:
+        with c.lock:
+            if c.running:
+                if not force:
+                    raise EngineError(409, f"You cannot remove a running container {c.id}. Stop the container before "
+                                           "attempting removal or force remove")
+                c.stopping = True
+        if c.running:
+            seq = c.exit_seq
+            runtime.kill(c.id, "KILL", all_processes=True)
+            self._wait_exit(c, seq, 30)
+        with c.lock:
+            if c.removed:
+                return
+            if c.restart_timer:
+                c.restart_timer.cancel()
+            c.removed = True
+            self._umount_rootfs(c)
+            with self.lock:
+                self.containers.pop(c.id, None)
+            shutil.rmtree(c.root, ignore_errors=True)
+            c.exited.notify_all()
+        self.events.emit("container", "destroy", c.id, {"name": c.name})
+
+    def rename(self, c: Container, new: str) -> None:
+        name = self._unique_name(new)
+        c.r["Name"] = "/" + name
+        c.save()
+        self.events.emit("container", "rename", c.id, {"name": name})
+
+    # --- exec -------------------------------------------------------------------------
+    def exec_create(self, c: Container, config: dict[str, Any]) -> ExecInstance:
+        if not c.running:
+            raise EngineError(409, f"Container {c.id} is not running")
+        if c.state.get("Paused"):
+            raise EngineError(409, f"Container {c.id} is paused, unpause the container before exec")
+        if not config.get("Cmd"):
+            raise EngineError(400, "No exec command specified")
+        e = ExecInstance(c, config)
+        with self.lock:
+            self.execs[e.id] = e
+        return e
+
+    def exec_start(self, e: ExecInstance, on_output: Callable[[str, bytes], None]) -> Process:
+        c, cfg = e.container, e.config
+        argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec"]
+        if cfg.get("Tty"):
+            argv.append("--tty")
+        for env in cfg.get("Env") or []:
+            argv += ["--env", env]
+        if cfg.get("WorkingDir"):
+            argv += ["--cwd", cfg["WorkingDir"]]
+        user = cfg.get("User") or c.r["Config"].get("User")
+        if user:
+            try:
+                uid, gid, _ = lookup_user(c.rootfs, user)
+            except KeyError as exc:
+                raise EngineError(400, str(exc).strip("'\"")) from exc
+            argv += ["--user", f"{uid}:{gid}"]
+        argv += [c.id, *cfg["Cmd"]]
+        proc = Process(argv, tty=bool(cfg.get("Tty")), stdin=bool(cfg.get("AttachStdin")), console_dir=c.root,
+                       on_output=on_output)
+        e.process = proc
+        e.running = True
+        e.pid = proc.proc.pid
+        self.events.emit("container", "exec_start", c.id, {"name": c.name, "execID": e.id})
+
+        def waiter() -> None:
+            rc = proc.proc.wait()
+            proc.drain(5)
+            e.exit_code = rc
+            e.running = False
+            e.done.set()
+            self.events.emit("container", "exec_die", c.id, {"name": c.name, "execID": e.id, "exitCode": str(rc)})
+
+        threading.Thread(target=waiter, daemon=True).start()
+        return proc
+
+    # --- inspection ---------------------------------------------------------------------
+    def inspect(self, c: Container) -> dict[str, Any]:
+        r = json.loads(json.dumps(c.r))
+        r.pop("ManuallyStopped", None)
+        r["RestartCount"] = c.r.get("RestartCount", 0)
+        r["ExecIDs"] = [e.id for e in self.execs.values() if e.container is c and e.running] or None
+        r["NetworkSettings"]["Ports"] = self.port_map(c)
+        return r
+
+    def port_map(self, c: Container) -> dict[str, Any]:
+        ports: dict[str, Any] = {p: None for p in (c.r["Config"].get("ExposedPorts") or {})}
+        for p, binds in (c.r["HostConfig"].get("PortBindings") or {}).items():
+            ports[p] = binds
+        return ports
+
+    def summary(self, c: Container) -> dict[str, Any]:
+        r = c.r
+        nets = {k: {**v} for k, v in r["NetworkSettings"]["Networks"].items()}
+        ports = []
+        for p, binds in (r["HostConfig"].get("PortBindings") or {}).items():
+            num, _, proto = p.partition("/")
+            for b in binds or []:
+                ports.append({"IP": b.get("HostIp") or "0.0.0.0", "PrivatePort": int(num),
+                              "PublicPort": int(b.get("HostPort") or 0), "Type": proto or "tcp"})
+        return {
+            "Id": c.id, "Names": [r["Name"]], "Image": r["Config"]["Image"], "ImageID": r["Image"],
+            "Command": " ".join([r["Path"], *r["Args"]]), "Created": int(_epoch(r["Created"])),
+            "Ports": ports, "Labels": r["Config"].get("Labels") or {}, "State": r["State"]["Status"],
+            "Status": c.status_text(), "HostConfig": {"NetworkMode": r["HostConfig"].get("NetworkMode")},
+            "NetworkSettings": {"Networks": nets}, "Mounts": r.get("Mounts") or [],
+        }
+
+    def list(self, all_: bool = False, filters: dict[str, list[str]] | None = None, limit: int = -1) -> list[dict[str, Any]]:
+        out = []
+        cs = sorted(self.containers.values(), key=lambda c: c.r["Created"], reverse=True)
+        for c in cs:
+            if not all_ and not c.running and not (filters and "status" in filters):
+                continue
+            if filters and not _match(c, filters):
+                continue
+            out.append(self.summary(c))
+        return out[:limit] if limit and limit > 0 else out
+
+    def top(self, c: Container) -> dict[str, Any]:
+        if not c.running:
+            raise EngineError(409, f"Container {c.id} is not running")
+        procs_path = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}/cgroup.procs")
+        pids = [int(p) for p in procs_path.read_text().split()] if procs_path.exists() else []
+        rows = []
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                uid = Path(f"/proc/{pid}").stat().st_uid
+            except OSError:
+                continue
+            ppid = stat.rsplit(")", 1)[1].split()[1]
+            rows.append([str(uid), str(pid), ppid, cmd])
+        return {"Titles": ["UID", "PID", "PPID", "CMD"], "Processes": rows}
+
+    def stats(self, c: Container) -> dict[str, Any]:
+        cg = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}")
+
+        def read(name: str, default: str = "0") -> str:
+            try:
+                return (cg / name).read_text().strip()
+            except OSError:
+                return default
+
+        cpu = {k: int(v) for k, v in (line.split() for line in read("cpu.stat", "").splitlines() if line)}
+        mem_limit = read("memory.max", "max")
+        pids = read("pids.current")
+        total_mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+        return {
+            "read": utc_now(), "preread": ZERO_TIME, "id": c.id, "name": c.r["Name"],
+            "pids_stats": {"current": int(pids or 0)},
+            "cpu_stats": {"cpu_usage": {"total_usage": cpu.get("usage_usec", 0) * 1000,
+                                        "usage_in_kernelmode": cpu.get("system_usec", 0) * 1000,
+                                        "usage_in_usermode": cpu.get("user_usec", 0) * 1000},
+                          "system_cpu_usage": int(time.monotonic() * 1e9), "online_cpus": os.cpu_count() or 1,
+                          "throttling_data": {}},
+            "precpu_stats": {"cpu_usage": {"total_usage": 0}, "system_cpu_usage": 0, "online_cpus": os.cpu_count() or 1},
+            "memory_stats": {"usage": int(read("memory.current") or 0),
+                             "limit": total_mem if mem_limit == "max" else int(mem_limit), "stats": {}},
+            "networks": {}, "blkio_stats": {},
+        }
+
+
+def _epoch(value: str) -> float:
+    from agent.logs import parse_time
+
+    try:
+        return parse_time(value)
+    except ValueError:
+        return 0.0
+
+
+def _match(c: Container, filters: dict[str, list[str]]) -> bool:
+    for key, values in filters.items():
+        if key == "name" and not any(v.lstrip("/") in c.name for v in values):
+            return False
+        if key == "id" and not any(c.id.startswith(v) for v in values):
+            return False
+        if key == "status" and c.state.get("Status") not in values:
+            return False
+        if key == "label":
+            labels = c.r["Config"].get("Labels") or {}
+            for v in values:
+                k, eq, val = v.partition("=")
+                if k not in labels or (eq and labels[k] != val):
+                    return False
+        if key == "ancestor" and not any(c.r["Config"]["Image"] == v or c.r["Image"].endswith(v) for v in values):
+            return False
+        if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):
+            return False
+    return True
+
+
+def _crun_error(path: Path) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    if not lines:
+        return ""
+    msg = lines[-1]
+    with contextlib.suppress(ValueError, TypeError):
+        msg = json.loads(msg).get("msg", msg)
+    return msg
+
+
+def docker_message(message: str) -> str:
+    """crun's wording -> Docker's, which clients match on (exit codes 126/127)."""
+    m = re.search(r"executable file `([^`]*)` not found in \$PATH", message)
+    if m:
+        return f'failed to create task for container: exec: "{m.group(1)}": executable file not found in $PATH: unknown'
+    m = re.search(r"open executable: (?:Permission denied|Operation not permitted)", message, re.I)
+    if m or "permission denied" in message.lower():
+        return f"failed to create task for container: {re.sub('(?i)permission denied|operation not permitted', 'permission denied', message)}: unknown"
+    if "No such file or directory" in message:
+        return f"failed to create task for container: {message.replace('No such file or directory', 'no such file or directory')}: unknown"
+    return message
+
+
+def _start_status(message: str) -> int:
+    """Docker answers 400 for errors the user caused (a missing executable...)."""
+    m = message.lower()
+    if "not found" in m or "no such file" in m or "permission denied" in m or "executable" in m:
+        return 400
+    return 500
+
+
+def image_in_use_error(exc: ImageInUse) -> EngineError:
+    return EngineError(409, str(exc))

@@ -1,0 +1,152 @@
+"""Container output: captured to a json-file log (Docker's format), size-capped and rotated,
+and fanned out live to attached clients.
+
+One line per record: ``{"log": "...\\n", "stream": "stdout", "time": "2024-...Z"}``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+MAX_SIZE = 10 * 1024 * 1024
+MAX_FILES = 3
+
+
+def now_rfc3339() -> str:
+    t = time.time_ns()
+    return dt.datetime.fromtimestamp(t // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + \
+        f".{t % 1_000_000_000:09d}Z"
+
+
+def parse_time(value: str) -> float:
+    """RFC 3339 (with nanoseconds) -> seconds since the epoch."""
+    main, _, frac = value.rstrip("Z").partition(".")
+    base = dt.datetime.strptime(main, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc).timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+class LogFile:
+    """The writer side: one per running container."""
+
+    def __init__(self, path: Path, max_size: int = MAX_SIZE, max_files: int = MAX_FILES) -> None:
+        self.path = path
+        self.max_size = max_size
+        self.max_files = max_files
+        self._lock = threading.Lock()
+        self._f = open(path, "ab")
+        self._subscribers: list[queue.Queue[tuple[str, bytes] | None]] = []
+        self.changed = threading.Condition()
+
+    def subscribe(self) -> queue.Queue[tuple[str, bytes] | None]:
+        q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue) -> None:
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def write(self, stream: str, data: bytes) -> None:
+        """Record raw output (split into lines as Docker does) and pass it to subscribers."""
+        with self._lock:
+            for sub in self._subscribers:
+                sub.put((stream, data))
+            for line in data.splitlines(keepends=True):
+                rec = json.dumps({"log": line.decode("utf-8", errors="replace"), "stream": stream,
+                                  "time": now_rfc3339()}).encode() + b"\n"
+                if self._f.tell() + len(rec) > self.max_size:
+                    self._rotate()
+                self._f.write(rec)
+            self._f.flush()
+        with self.changed:
+            self.changed.notify_all()
+
+    def _rotate(self) -> None:
+        self._f.close()
+        for i in range(self.max_files - 1, 0, -1):
+            src = self.path.with_name(f"{self.path.name}.{i - 1}" if i > 1 else self.path.name)
+            if src.exists():
+                os.replace(src, self.path.with_name(f"{self.path.name}.{i}"))
+        self._f = open(self.path, "ab")
+
+    def close(self) -> None:
+        with self._lock:
+            for sub in self._subscribers:
+                sub.put(None)
+            self._subscribers.clear()
+            self._f.close()
+        with self.changed:
+            self.changed.notify_all()
+
+
+def _records(path: Path, max_files: int = MAX_FILES) -> Iterator[dict]:
+    for i in range(max_files - 1, 0, -1):
+        rotated = path.with_name(f"{path.name}.{i}")
+        if rotated.exists():
+            yield from _read(rotated)
+    if path.exists():
+        yield from _read(path)
+
+
+def _read(path: Path) -> Iterator[dict]:
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def read_logs(path: Path, *, stdout: bool = True, stderr: bool = True, tail: int | None = None,
+              since: float = 0.0, until: float = 0.0) -> list[dict]:
+    wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
+    recs = [r for r in _records(path) if r.get("stream") in wanted
+            and (not since or parse_time(r["time"]) >= since) and (not until or parse_time(r["time"]) <= until)]
+    if tail is not None and tail >= 0:
+        recs = recs[-tail:] if tail else []
+    return recs
+
+
+def follow(path: Path, offset: int, is_running, changed: threading.Condition | None,  # type: ignore[no-untyped-def]
+           stdout: bool = True, stderr: bool = True) -> Iterator[dict]:
+    """Records appended to ``path`` after byte ``offset`` until the container stops."""
+    wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
+    f = open(path, "rb")
+    try:
+        f.seek(offset)
+        buf = b""
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if rec.get("stream") in wanted:
+                        yield rec
+                continue
+            if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # rotated
+                f.close()
+                f = open(path, "rb")
+                continue
+            if not is_running():
+                return
+            if changed is not None:
+                with changed:
+                    changed.wait(0.5)
+            else:
+                time.sleep(0.2)
+    finally:
+        f.close()

@@ -1,0 +1,254 @@
+"""Container networks in the guest: Linux bridges, veth pairs, IPAM and NAT (nftables).
+
+The default network is ``bridge`` (Docker's semantics: no name resolution between
+containers); user-defined networks get their own bridge and subnet. Each container with a
+network gets a named network namespace (``/run/netns/pydesk-<id12>``) that crun joins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SUBNET = "172.17.0.0/16"
+USER_POOL = ipaddress.ip_network("172.18.0.0/15")  # 172.18.0.0/16 … 172.19.0.0/16, then /24s
+NETNS_DIR = Path("/run/netns")
+
+
+class NetworkError(Exception):
+    pass
+
+
+def ip(*args: str, input: str | None = None, netns: str | None = None) -> None:
+    argv = ["ip"] + (["-n", netns] if netns else []) + list(args)
+    proc = subprocess.run(argv, input=input.encode() if input else None, capture_output=True,
+                          stdin=None if input else subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise NetworkError(f"{' '.join(argv[:6])}: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def nft(script: str) -> None:
+    proc = subprocess.run(["nft", "-f", "-"], input=script.encode(), capture_output=True)
+    if proc.returncode != 0:
+        raise NetworkError(f"nft: {proc.stderr.decode(errors='replace').strip()}")
+
+
+class Network:
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.r = record
+
+    @property
+    def id(self) -> str:
+        return self.r["Id"]
+
+    @property
+    def name(self) -> str:
+        return self.r["Name"]
+
+    @property
+    def bridge(self) -> str:
+        return self.r["Options"]["com.docker.network.bridge.name"]
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.ip_network(self.r["IPAM"]["Config"][0]["Subnet"])
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return ipaddress.ip_address(self.r["IPAM"]["Config"][0]["Gateway"])
+
+    @property
+    def user_defined(self) -> bool:
+        return self.name != "bridge"
+
+
+class Networks:
+    """All networks and the addresses handed out on them (state in ``root``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.nets: dict[str, Network] = {}
+        self.leases: dict[str, dict[str, str]] = {}  # network id -> {ip: container id}
+        for p in sorted(root.glob("*.json")):
+            net = Network(json.loads(p.read_text()))
+            self.nets[net.id] = net
+        if not any(n.name == "bridge" for n in self.nets.values()):
+            self._add("bridge", DEFAULT_SUBNET, "pydesk0", internal=False, labels={}, builtin=True)
+
+    # --- records ----------------------------------------------------------------------
+    def _save(self, net: Network) -> None:
+        tmp = self.root / f"{net.id}.tmp"
+        tmp.write_text(json.dumps(net.r))
+        os.replace(tmp, self.root / f"{net.id}.json")
+
+    def _add(self, name: str, subnet: str, bridge: str, *, internal: bool, labels: dict, builtin: bool = False) -> Network:
+        sn = ipaddress.ip_network(subnet)
+        gw = str(next(sn.hosts()))
+        nid = secrets.token_hex(32)
+        from agent.containers import utc_now
+
+        net = Network({
+            "Name": name, "Id": nid, "Created": utc_now(), "Scope": "local", "Driver": "bridge",
+            "EnableIPv6": False, "IPAM": {"Driver": "default", "Options": None,
+                                          "Config": [{"Subnet": str(sn), "Gateway": gw}]},
+            "Internal": internal, "Attachable": False, "Ingress": False, "ConfigFrom": {"Network": ""},
+            "ConfigOnly": False, "Containers": {}, "Labels": labels,
+            "Options": {"com.docker.network.bridge.name": bridge,
+                        **({"com.docker.network.bridge.default_bridge": "true"} if builtin else {})},
+        })
+        self.nets[nid] = net
+        self._save(net)
+        return net
+
+    def get(self, name_or_id: str) -> Network:
+        with self.lock:
+            for n in self.nets.values():
+                if n.name == name_or_id or n.id == name_or_id:
+                    return n
+            matches = [n for n in self.nets.values() if n.id.startswith(name_or_id)]
+            if len(matches) == 1:
+                return matches[0]
+        raise KeyError(f"network {name_or_id} not found")
+
+    def create(self, name: str, subnet: str | None = None, internal: bool = False, labels: dict | None = None) -> Network:
+        with self.lock:
+            if any(n.name == name for n in self.nets.values()) or name in ("host", "none"):
+                raise ValueError(f"network with name {name} already exists")
+            used = [n.subnet for n in self.nets.values()]
+            if subnet:
+                sn = ipaddress.ip_network(subnet, strict=False)
+                if any(sn.overlaps(u) for u in used):
+                    raise ValueError(f"Pool overlaps with other one on this address space")
+            else:
+                sn = next((c for c in USER_POOL.subnets(new_prefix=16) if not any(c.overlaps(u) for u in used)), None) \
+                    or next((c for c in ipaddress.ip_network("192.168.0.0/16").subnets(new_prefix=24)
+                             if not any(c.overlaps(u) for u in used)), None)
+                if sn is None:
+                    raise ValueError("could not find an available, non-overlapping IPv4 address pool")
+            bridge = "br-" + secrets.token_hex(6)
+            net = self._add(name, str(sn), bridge, internal=internal, labels=labels or {})
+            self.ensure_bridge(net)
+            return net
+
+    def remove(self, net: Network) -> None:
+        with self.lock:
+            if not net.user_defined:
+                raise PermissionError(f"{net.name} is a pre-defined network and cannot be removed")
+            if self.leases.get(net.id):
+                raise RuntimeError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
+            try:
+                ip("link", "del", net.bridge)
+            except NetworkError:
+                pass
+            self._nat_rules()
+            del self.nets[net.id]
+            (self.root / f"{net.id}.json").unlink(missing_ok=True)
+
+    # --- host side ------------------------------------------------------------------
+    def setup(self) -> None:
+        """At engine start: bridges, forwarding, NAT."""
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        for net in self.nets.values():
+            self.ensure_bridge(net)
+
+    def ensure_bridge(self, net: Network) -> None:
+        if not Path(f"/sys/class/net/{net.bridge}").exists():
+            ip("-batch", "-", input=f"link add {net.bridge} type bridge\n"
+                                    f"addr add {net.gateway}/{net.subnet.prefixlen} dev {net.bridge}\n"
+                                    f"link set {net.bridge} up\n")
+        self._nat_rules()
+
+    def _nat_rules(self) -> None:
+        """One nftables table holds all our NAT and isolation rules; rewritten as a whole."""
+        lines = ["table ip pydesk", "delete table ip pydesk", "table ip pydesk {",
+                 "  chain postrouting { type nat hook postrouting priority srcnat; policy accept;"]
+        for net in self.nets.values():
+            if not net.r.get("Internal"):
+                lines.append(f"    ip saddr {net.subnet} oifname != \"{net.bridge}\" masquerade")
+        lines.append("  }")
+        lines.append("  chain forward { type filter hook forward priority filter; policy accept;")
+        bridges = [n.bridge for n in self.nets.values()]
+        for a in bridges:  # networks are isolated from each other, as in Docker
+            for b in bridges:
+                if a != b:
+                    lines.append(f"    iifname \"{a}\" oifname \"{b}\" drop")
+        for net in self.nets.values():
+            if net.r.get("Internal"):
+                lines.append(f"    iifname \"{net.bridge}\" oifname != \"{net.bridge}\" drop")
+        lines += ["  }", "}"]
+        nft("\n".join(lines) + "\n")
+
+    # --- containers -----------------------------------------------------------------
+    def allocate(self, net: Network, container_id: str, want: str | None = None) -> str:
+        with self.lock:
+            leases = self.leases.setdefault(net.id, {})
+            if want:
+                if want in leases and leases[want] != container_id:
+                    raise ValueError(f"Address already in use: {want}")
+                leases[want] = container_id
+                return want
+            for host in net.subnet.hosts():
+                a = str(host)
+                if host == net.gateway or a in leases:
+                    continue
+                leases[a] = container_id
+                return a
+        raise ValueError(f"no available IPv4 addresses on network {net.name}")
+
+    def release(self, container_id: str) -> None:
+        with self.lock:
+            for leases in self.leases.values():
+                for a in [a for a, c in leases.items() if c == container_id]:
+                    del leases[a]
+
+    @staticmethod
+    def netns_name(container_id: str) -> str:
+        return f"pydesk-{container_id[:12]}"
+
+    def create_netns(self, container_id: str) -> str:
+        name = self.netns_name(container_id)
+        path = NETNS_DIR / name
+        if path.exists():
+            self.delete_netns(container_id)
+        ip("netns", "add", name)
+        ip("link", "set", "lo", "up", netns=name)
+        return str(path)
+
+    def attach(self, net: Network, container_id: str, address: str, ifname: str) -> dict[str, Any]:
+        ns = self.netns_name(container_id)
+        host_if = "veth" + secrets.token_hex(4)
+        mac = "02:42:" + ":".join(f"{int(x):02x}" for x in address.split("."))
+        ip("-batch", "-", input=f"link add {host_if} type veth peer name {ifname} netns {ns}\n"
+                                f"link set {host_if} master {net.bridge} up\n")
+        ip("-batch", "-", netns=ns, input=f"link set {ifname} address {mac}\n"
+                                          f"addr add {address}/{net.subnet.prefixlen} dev {ifname}\n"
+                                          f"link set {ifname} up\n")
+        if ifname == "eth0":
+            ip("route", "add", "default", "via", str(net.gateway), netns=ns)
+        return {"IPAddress": address, "IPPrefixLen": net.subnet.prefixlen, "Gateway": str(net.gateway),
+                "MacAddress": mac, "NetworkID": net.id}
+
+    def detach(self, container_id: str, ifname: str) -> None:
+        try:
+            ip("link", "del", ifname, netns=self.netns_name(container_id))
+        except NetworkError:
+            pass
+
+    def delete_netns(self, container_id: str) -> None:
+        name = self.netns_name(container_id)
+        if (NETNS_DIR / name).exists():
+            try:
+                ip("netns", "del", name)
+            except NetworkError as exc:
+                log.warning("%s", exc)

@@ -1,0 +1,142 @@
+"""`docker pull`: registry -> verified blobs -> unpacked layers -> an image, reporting
+progress in Docker's JSON message stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import reference
+from agent.registry import Descriptor, Platform, RegistryClient, RegistryConfig, RegistryError
+from agent.store import StoreError
+
+log = logging.getLogger(__name__)
+
+GUEST_CONFIG = Path("/run/pydesk/config")
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+def registry_config(auth: dict[str, str] | None = None, ref: reference.Reference | None = None,
+                    config_file: Path = GUEST_CONFIG, stored_auths: dict[str, Any] | None = None) -> RegistryConfig:
+    """Mirrors and insecure registries from the VM settings; credentials from the request
+    (X-Registry-Auth) or from `pydesk login`."""
+    mirrors: dict[str, list[str]] = {}
+    insecure: set[str] = set()
+    try:
+        lines = config_file.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "mirror":
+            registry, _, url = value.partition("=")
+            mirrors.setdefault(registry, []).append(url)
+        elif key == "insecure":
+            insecure.add(value.strip())
+    auths: dict[str, tuple[str, str]] = {}
+    for server, cred in (stored_auths or {}).items():
+        auths[server] = (cred["username"], cred["password"])
+    if auth and auth.get("username") and ref is not None:
+        auths[ref.registry] = (auth["username"], auth.get("password", ""))
+    return RegistryConfig(mirrors={k: tuple(v) for k, v in mirrors.items()}, insecure=frozenset(insecure), auths=auths)
+
+
+def _bar(current: int, total: int, width: int = 50) -> str:
+    if total <= 0:
+        return ""
+    done = min(width, current * width // total)
+    return "[" + "=" * max(done - 1, 0) + (">" if done else "") + " " * (width - done) + f"] {_human(current)}/{_human(total)}"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n:.3g}TB"
+
+
+def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | None, emit: Emit) -> str | None:
+    """Pull ``text`` into the engine's store; returns the image id, or None after emitting
+    an error message (the stream's status is already 200 by then)."""
+    def fail(message: str) -> None:
+        emit({"errorDetail": {"message": message}, "error": message})
+
+    try:
+        ref = reference.parse(text)
+    except ValueError as exc:
+        fail(str(exc))
+        return None
+    store = engine.store
+    client = RegistryClient(registry_config(auth, ref, stored_auths=engine_auths(engine)))
+    emit({"status": f"Pulling from {ref.familiar_name}", "id": ref.tag or ref.digest or "latest"})
+    try:
+        resolved = client.resolve(ref, Platform.of(platform) if platform else None)
+        descs: list[Descriptor] = [resolved.config, *resolved.layers]
+        todo = []
+        for d in resolved.layers:
+            short = d.digest.split(":")[1][:12]
+            if store.has_blob(d.digest):
+                emit({"status": "Already exists", "progressDetail": {}, "id": short})
+            else:
+                emit({"status": "Pulling fs layer", "progressDetail": {}, "id": short})
+                todo.append(d)
+        if not store.has_blob(resolved.config.digest):
+            todo.append(resolved.config)
+        done: dict[str, int] = {}
+        lock = threading.Lock()
+
+        def progress(d: Descriptor, n: int) -> None:
+            if d is resolved.config:
+                return
+            with lock:
+                done[d.digest] = done.get(d.digest, 0) + n
+                cur = done[d.digest]
+            emit({"status": "Downloading", "progressDetail": {"current": cur, "total": d.size},
+                  "progress": _bar(cur, d.size), "id": d.digest.split(":")[1][:12]})
+
+        client.fetch_blobs(ref, [(d, store.ingest_path(d.digest)) for d in todo], progress)
+        for d in todo:
+            store.commit_blob(store.ingest_path(d.digest), d.digest, d.size)
+            if d is not resolved.config:
+                emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+        config_bytes = store.open_blob(resolved.config.digest).read()
+        for d in resolved.layers:
+            emit({"status": "Extracting", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+        tags = [str(ref)] if ref.tag and not ref.digest else []
+        before = _exists(store, str(ref))
+        image_id = store.add_image(config_bytes, resolved.index_digest or resolved.digest,
+                                   [(d.digest, d.media_type) for d in resolved.layers], tags)
+        if ref.digest:
+            store.tag(image_id, str(ref))
+        for d in resolved.layers:
+            emit({"status": "Pull complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+        del descs
+    except (RegistryError, StoreError, OSError, ValueError) as exc:
+        log.warning("pull of %s failed: %s", text, exc)
+        fail(str(exc))
+        return None
+    emit({"status": f"Digest: {resolved.index_digest or resolved.digest}"})
+    status = "Image is up to date" if before == image_id else "Downloaded newer image"
+    emit({"status": f"Status: {status} for {ref.familiar}"})
+    engine.events.emit("image", "pull", image_id, {"name": ref.familiar})
+    return image_id
+
+
+def _exists(store: Any, ref: str) -> str | None:
+    try:
+        return store.image(ref).id
+    except (StoreError, KeyError):
+        return None
+
+
+def engine_auths(engine: Any) -> dict[str, Any]:
+    try:
+        return json.loads((engine.root / "auths.json").read_text())
+    except (OSError, ValueError):
+        return {}

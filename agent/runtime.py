@@ -1,0 +1,265 @@
+"""OCI bundles for crun: the config.json a container runs with, and the crun calls.
+
+The defaults follow Docker's: its default capability set, masked and read-only /proc and
+/sys paths, no_new_privs, a seccomp profile, cgroup v2 limits. Isolation itself is crun's
+job; this module only describes what to isolate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CRUN = "/usr/bin/crun"
+CRUN_ROOT = "/run/pydesk/crun"
+CGROUP_PARENT = "pydesk"
+
+DEFAULT_CAPS = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)
+
+MASKED_PATHS = (
+    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+
+#: Syscalls refused with EPERM. A deny list (unlike Docker's allow list) keeps the profile
+#: short and readable; it covers what Docker's profile refuses to containers without
+#: CAP_SYS_ADMIN and friends: kernel modules, kexec, keyrings, namespaces and mounts,
+#: clock changes, bpf/perf, cross-process memory access, and obsolete calls.
+SECCOMP_DENY = (
+    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
+    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "init_module",
+    "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie",
+    "mount", "mount_setattr", "move_mount", "move_pages", "name_to_handle_at", "nfsservctl",
+    "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root", "process_vm_readv",
+    "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot", "request_key",
+    "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs", "_sysctl", "umount",
+    "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
+)
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def seccomp_profile() -> dict[str, Any]:
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
+        "syscalls": [{"names": list(SECCOMP_DENY), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    destination: str
+    source: str
+    type: str = "bind"
+    options: tuple[str, ...] = ("rbind", "rprivate")
+
+    def to_oci(self) -> dict[str, Any]:
+        return {"destination": self.destination, "type": self.type, "source": self.source, "options": list(self.options)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    args: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: tuple[int, ...] = ()
+    terminal: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    memory: int | None = None  # bytes
+    memory_swap: int | None = None
+    nano_cpus: int | None = None  # 1e9 = one CPU
+    cpu_shares: int | None = None
+    pids_limit: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerSpec:
+    id: str
+    rootfs: str
+    process: ProcessSpec
+    hostname: str
+    mounts: tuple[Mount, ...] = ()
+    resources: Resources = Resources()
+    readonly_rootfs: bool = False
+    netns: str | None = None  # a path: join it; None: a new, empty one; "host": share the VM's
+    privileged: bool = False
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+    sysctls: tuple[tuple[str, str], ...] = ()
+    shm_size: int = 64 * 1024 * 1024
+
+
+def _caps(spec: ContainerSpec) -> list[str]:
+    if spec.privileged:
+        return sorted(ALL_CAPS)
+    caps = set(DEFAULT_CAPS)
+    norm = lambda c: c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()  # noqa: E731
+    if any(c.upper() == "ALL" for c in spec.cap_drop):
+        caps = set()
+    else:
+        caps -= {norm(c) for c in spec.cap_drop}
+    if any(c.upper() == "ALL" for c in spec.cap_add):
+        caps = set(ALL_CAPS)
+    else:
+        caps |= {norm(c) for c in spec.cap_add}
+    return sorted(caps)
+
+
+ALL_CAPS = frozenset(DEFAULT_CAPS) | {
+    "CAP_DAC_READ_SEARCH", "CAP_LINUX_IMMUTABLE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_LEASE",
+    "CAP_AUDIT_CONTROL", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+}
+
+
+def oci_config(spec: ContainerSpec) -> dict[str, Any]:
+    """The OCI runtime config for ``spec`` (a pure function)."""
+    caps = _caps(spec)
+    p = spec.process
+    env = list(p.env)
+    if not any(e.startswith("PATH=") for e in env):
+        env.insert(0, f"PATH={DEFAULT_PATH}")
+    if not any(e.startswith("HOSTNAME=") for e in env):
+        env.append(f"HOSTNAME={spec.hostname}")
+    if p.terminal and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
+    if spec.netns != "host":
+        namespaces.append({"type": "network", **({"path": spec.netns} if spec.netns else {})})
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", f"size={spec.shm_size}"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+         "options": ["nosuid", "noexec", "nodev"] + ([] if spec.privileged else ["ro"])},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["nosuid", "noexec", "nodev", "relatime"] + ([] if spec.privileged else ["ro"])},
+        *(m.to_oci() for m in spec.mounts),
+    ]
+    r = spec.resources
+    resources: dict[str, Any] = {"devices": [{"allow": False, "access": "rwm"}] if not spec.privileged else [{"allow": True, "access": "rwm"}]}
+    if not spec.privileged:
+        # The devices every container gets (what Docker allows by default).
+        for major, minor in ((1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0), (5, 1), (5, 2), (136, None), (10, 200)):
+            rule: dict[str, Any] = {"allow": True, "type": "c", "major": major, "access": "rwm"}
+            if minor is not None:
+                rule["minor"] = minor
+            resources["devices"].append(rule)
+    if r.memory:
+        resources["memory"] = {"limit": r.memory}
+        if r.memory_swap is not None:
+            resources["memory"]["swap"] = r.memory_swap
+    if r.nano_cpus:
+        period = 100_000
+        resources["cpu"] = {"quota": r.nano_cpus * period // 1_000_000_000, "period": period}
+    if r.cpu_shares:
+        resources.setdefault("cpu", {})["shares"] = r.cpu_shares
+    if r.pids_limit and r.pids_limit > 0:
+        resources["pids"] = {"limit": r.pids_limit}
+    linux: dict[str, Any] = {
+        "namespaces": namespaces,
+        "resources": resources,
+        "cgroupsPath": f"/{CGROUP_PARENT}/{spec.id}",
+        "sysctl": dict(spec.sysctls),
+    }
+    if not spec.privileged:
+        linux["maskedPaths"] = list(MASKED_PATHS)
+        linux["readonlyPaths"] = list(READONLY_PATHS)
+        linux["seccomp"] = seccomp_profile()
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": p.terminal,
+            "user": {"uid": p.uid, "gid": p.gid, "additionalGids": list(p.additional_gids)},
+            "args": list(p.args),
+            "env": env,
+            "cwd": p.cwd or "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "noNewPrivileges": not spec.privileged,
+            "oomScoreAdj": 0,
+        },
+        "root": {"path": spec.rootfs, "readonly": spec.readonly_rootfs},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": linux,
+    }
+
+
+def write_bundle(bundle: Path, spec: ContainerSpec) -> Path:
+    bundle.mkdir(parents=True, exist_ok=True)
+    path = bundle / "config.json"
+    tmp = bundle / "config.json.tmp"
+    tmp.write_text(json.dumps(oci_config(spec), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+class RuntimeError_(Exception):
+    """crun refused or failed; the message is crun's last line."""
+
+
+def crun(*args: str, check: bool = True, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    argv = [CRUN, "--root", CRUN_ROOT, *args]
+    log.debug("+ %s", " ".join(argv))
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("capture_output", "stdout" not in kwargs and "stderr" not in kwargs)
+    proc = subprocess.run(argv, timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        err = (proc.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise RuntimeError_(err[-1] if err else f"crun {args[0]} failed with status {proc.returncode}")
+    return proc
+
+
+def state(container_id: str) -> dict[str, Any] | None:
+    proc = crun("state", container_id, check=False)
+    if proc.returncode != 0:
+        return None
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        return None
+
+
+def kill(container_id: str, signal: str = "TERM", all_processes: bool = False) -> None:
+    args = ["kill"] + (["--all"] if all_processes else []) + [container_id, signal]
+    crun(*args, check=False)
+
+
+def delete(container_id: str) -> None:
+    crun("delete", "--force", container_id, check=False)
+
+
+def setup_cgroups() -> None:
+    """Pure cgroup v2: delegate the controllers to our subtree."""
+    root = Path("/sys/fs/cgroup")
+    want = [c for c in ("cpu", "memory", "pids", "io", "cpuset") if c in (root / "cgroup.controllers").read_text().split()]
+    (root / "cgroup.subtree_control").write_text(" ".join("+" + c for c in want))
+    sub = root / CGROUP_PARENT
+    sub.mkdir(exist_ok=True)
+    (sub / "cgroup.subtree_control").write_text(" ".join("+" + c for c in want))
