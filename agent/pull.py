@@ -27,6 +27,7 @@ def registry_config(auth: dict[str, str] | None = None, ref: reference.Reference
     (X-Registry-Auth) or from `pydesk login`."""
     mirrors: dict[str, list[str]] = {}
     insecure: set[str] = set()
+    mirror_only = False
     try:
         lines = config_file.read_text().splitlines()
     except OSError:
@@ -38,12 +39,15 @@ def registry_config(auth: dict[str, str] | None = None, ref: reference.Reference
             mirrors.setdefault(registry, []).append(url)
         elif key == "insecure":
             insecure.add(value.strip())
+        elif key == "mirror-only":
+            mirror_only = value.strip() == "1"
     auths: dict[str, tuple[str, str]] = {}
     for server, cred in (stored_auths or {}).items():
         auths[server] = (cred["username"], cred["password"])
     if auth and auth.get("username") and ref is not None:
         auths[ref.registry] = (auth["username"], auth.get("password", ""))
-    return RegistryConfig(mirrors={k: tuple(v) for k, v in mirrors.items()}, insecure=frozenset(insecure), auths=auths)
+    return RegistryConfig(mirrors={k: tuple(v) for k, v in mirrors.items()}, insecure=frozenset(insecure), auths=auths,
+                          fall_back_to_registry=not mirror_only)
 
 
 def _bar(current: int, total: int, width: int = 50) -> str:
@@ -74,7 +78,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         return None
     store = engine.store
     client = RegistryClient(registry_config(auth, ref, stored_auths=engine_auths(engine)))
-    emit({"status": f"Pulling from {ref.familiar_name}", "id": ref.tag or ref.digest or "latest"})
+    emit({"status": f"Pulling from {ref.repository}", "id": ref.tag or ref.digest or "latest"})
     try:
         resolved = client.resolve(ref, Platform.of(platform) if platform else None)
         descs: list[Descriptor] = [resolved.config, *resolved.layers]

@@ -49,6 +49,12 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
         changes["dns"] = tuple(args.dns)
     if args.restrict_network is not None:
         changes["restrict_network"] = args.restrict_network
+    if args.host_service:
+        changes["host_services"] = tuple(args.host_service)
+    if args.registry_mirror:
+        changes["registry_mirrors"] = tuple(args.registry_mirror)
+    if args.mirror_only is not None:
+        changes["mirror_only"] = args.mirror_only
     if not changes:
         return current
     new = dataclasses.replace(current, **changes)
@@ -237,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dns", action="append", metavar="IP", help="DNS server for the VM instead of the host's (saved)")
         sp.add_argument("--restrict-network", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the VM's traffic on this host (saved)")
+        sp.add_argument("--host-service", action="append", metavar="GUESTPORT:HOSTPORT",
+                        help="let the VM reach 127.0.0.1:HOSTPORT on this host at its own 127.0.0.1:GUESTPORT (saved)")
+        sp.add_argument("--registry-mirror", action="append", metavar="REGISTRY=URL", help="a registry mirror (saved)")
+        sp.add_argument("--mirror-only", action=argparse.BooleanOptionalAction, default=None,
+                        help="never fall back from a mirror to the registry itself (saved)")
 
     s = vms.add_parser("start", help="start the VM")
     start_flags(s)

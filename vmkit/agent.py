@@ -107,6 +107,8 @@ class AgentChannel:
         self._closed = False
         self._watcher: threading.Thread | None = None
         self.connects = 0
+        #: Called with the new transport after every (re)connect, before it is handed out.
+        self.on_connect: list[Callable[[Transport], None]] = []
 
     # --- connection -----------------------------------------------------------------
     def _attempt(self, timeout: float) -> paramiko.Transport:
@@ -136,6 +138,8 @@ class AgentChannel:
                                    hint="see `pydesk vm logs`")
             try:
                 t = self._attempt(min(remaining, attempt_timeout))
+                for hook in self.on_connect:
+                    hook(t)
             except (OSError, EOFError, paramiko.SSHException, AgentError) as exc:
                 last = exc
                 attempt_timeout *= 2

@@ -35,8 +35,8 @@ from vmkit.paths import VMPaths, cache_dir
 from vmkit.settings import load as load_settings
 from vmkit.spec import BootLayout
 from vmkit.status import read_status, write_status
-from vmkit.transport import Listener
-from vmkit.vm import VM, build_spec
+from vmkit.transport import Listener, pump
+from vmkit.vm import VM, build_spec, guest_config
 
 log = logging.getLogger("vmkit.daemon")
 
@@ -87,21 +87,6 @@ class Progress:
         self.stream = None
 
 
-def pump(a: Any, b: Any) -> None:
-    """Copy bytes from a to b until EOF, then half-close b."""
-    try:
-        while data := a.recv(65536):
-            b.sendall(data)
-    except OSError:
-        pass
-    finally:
-        with contextlib.suppress(OSError, EOFError, AttributeError):
-            if isinstance(b, socket.socket):
-                b.shutdown(socket.SHUT_WR)
-            else:
-                b.shutdown_write()
-
-
 class Daemon:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -140,7 +125,7 @@ class Daemon:
                               requested=settings.requested_accel)
         progress.emit("accel", accel=str(choice.accel), message=choice.reason)
         spec = build_spec(self.name, settings, image, choice, self.paths)
-        self.vm = VM(spec, host, self.paths, choice)
+        self.vm = VM(spec, host, self.paths, choice, guest_config(settings))
         self.listener = Listener(self.paths.control)
         if adopt:
             assert pid is not None

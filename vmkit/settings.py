@@ -32,6 +32,13 @@ def parse_mib(text: str | int, *, what: str, default_unit: str = "M") -> int:
     return value * 1024 if suffix == "G" else value
 
 
+def parse_host_service(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+    if not m or not all(1 <= int(x) <= 65535 for x in m.groups()):
+        raise ConfigError(f"invalid host service {text!r}", hint="use GUESTPORT:HOSTPORT, e.g. 5000:5000")
+    return int(m[1]), int(m[2])
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     cpus: int = 2
@@ -43,6 +50,14 @@ class Settings:
     dns: tuple[str, ...] = ()
     restrict_network: bool = False
     layout: str = "auto"  # auto (the image's default), or one of BootLayout
+    #: Host services the guest may reach: "GUESTPORT:HOSTPORT" makes 127.0.0.1:GUESTPORT in
+    #: the VM a connection to 127.0.0.1:HOSTPORT on the host (over the agent channel).
+    host_services: tuple[str, ...] = ()
+    #: Registry mirrors, "REGISTRY=URL" (e.g. "docker.io=http://127.0.0.1:5000").
+    registry_mirrors: tuple[str, ...] = ()
+    insecure_registries: tuple[str, ...] = ()
+    #: Never fall back from a mirror to the registry itself.
+    mirror_only: bool = False
 
     def __post_init__(self) -> None:
         ncpu = os.cpu_count() or 1
@@ -56,6 +71,12 @@ class Settings:
             raise ConfigError(f"unknown accelerator {self.accel!r}", hint="use auto, kvm, hvf, whpx or tcg")
         if self.layout != "auto" and self.layout not in set(BootLayout):
             raise ConfigError(f"unknown boot layout {self.layout!r}", hint="use auto, erofs or initramfs")
+        for svc in self.host_services:
+            parse_host_service(svc)
+        for m in self.registry_mirrors:
+            reg, eq, url = m.partition("=")
+            if not eq or not reg or not re.match(r"^https?://[^/\s]+", url):
+                raise ConfigError(f"invalid registry mirror {m!r}", hint="use REGISTRY=URL, e.g. docker.io=http://127.0.0.1:5000")
 
     @property
     def requested_accel(self) -> Accel | None:
@@ -65,7 +86,8 @@ class Settings:
         d = dataclasses.asdict(self)
         d["ports"] = [str(p) for p in self.ports]
         d["shares"] = [dataclasses.asdict(s) for s in self.shares]
-        d["dns"] = list(self.dns)
+        for key in ("dns", "host_services", "registry_mirrors", "insecure_registries"):
+            d[key] = list(getattr(self, key))
         return d
 
     @classmethod
@@ -82,8 +104,11 @@ class Settings:
                 kw["ports"] = tuple(PortForward.parse(p) for p in kw["ports"])
             if "shares" in kw:
                 kw["shares"] = tuple(Share(**s) for s in kw["shares"])
-            if "dns" in kw:
-                kw["dns"] = tuple(str(x) for x in kw["dns"])
+            for key in ("dns", "host_services", "registry_mirrors", "insecure_registries"):
+                if key in kw:
+                    if not isinstance(kw[key], list):
+                        raise ConfigError(f"{source}: {key} must be a list")
+                    kw[key] = tuple(str(x) for x in kw[key])
             if "memory_mib" in kw and isinstance(kw["memory_mib"], str):
                 kw["memory_mib"] = parse_mib(kw["memory_mib"], what="memory")
         except TypeError as exc:

@@ -173,3 +173,4 @@ class VMSpec:
     ports: tuple[PortForward, ...] = ()
     restrict_network: bool = False  # QEMU user-net restrict=on: no traffic leaves the host
     dns: tuple[str, ...] = ()
+    host_services: tuple[tuple[int, int], ...] = ()  # (guest port, host port) over the agent channel

@@ -15,6 +15,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from vmkit.spec import Endpoint
 
@@ -138,3 +139,18 @@ def connect_endpoint(ep: Endpoint, timeout: float | None = 5.0) -> socket.socket
     s.settimeout(None)
     return s
 
+
+
+def pump(a: Any, b: Any) -> None:
+    """Copy bytes from a to b until EOF, then half-close b."""
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError, EOFError, AttributeError):
+            if isinstance(b, socket.socket):
+                b.shutdown(socket.SHUT_WR)
+            else:
+                b.shutdown_write()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +20,9 @@ from vmkit.host import Host
 from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
 from vmkit.qemu import QemuProcess, create_data_disk
-from vmkit.settings import Settings
+from vmkit.settings import Settings, parse_host_service
 from vmkit.spec import GuestImage, RuntimeFiles, VMSpec
-from vmkit.transport import qemu_endpoint
+from vmkit.transport import pump, qemu_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,24 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
         disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
         shares=settings.shares, ports=settings.ports, restrict_network=settings.restrict_network,
-        dns=settings.dns,
+        dns=settings.dns, host_services=tuple(parse_host_service(s) for s in settings.host_services),
     )
 
 
+def guest_config(settings: Settings) -> str:
+    """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
+    lines = [f"dns={d}" for d in settings.dns[:1]]
+    lines += [f"mirror={m}" for m in settings.registry_mirrors]
+    lines += [f"insecure={r}" for r in settings.insecure_registries]
+    if settings.mirror_only:
+        lines.append("mirror-only=1")
+    return "".join(line + "\n" for line in lines) or "# no overrides\n"
+
+
 class VM:
-    def __init__(self, spec: VMSpec, host: Host, paths: VMPaths, choice: AccelChoice) -> None:
+    def __init__(self, spec: VMSpec, host: Host, paths: VMPaths, choice: AccelChoice, config: str = "") -> None:
         self.spec = spec
+        self.config = config
         self.host = host
         self.paths = paths
         self.choice = choice
@@ -67,8 +80,7 @@ class VM:
         ensure_keys(self.paths)
         if create_data_disk(self.host, self.paths.data_disk, self.spec.disk_gib):
             progress(f"created a {self.spec.disk_gib} GiB data disk")
-        conf = "".join(f"dns={d}\n" for d in self.spec.dns[:1])
-        self.paths.guest_config.write_text(conf or "# no overrides\n")
+        self.paths.guest_config.write_text(self.config or "# no overrides\n")
 
     def start(self, progress: Progress) -> None:
         self._prepare(progress)
@@ -103,6 +115,7 @@ class VM:
 
     def _connect_agent(self, deadline: float) -> None:
         self.agent = AgentChannel(self.spec.files.agent, self.paths.client_key, self.paths.known_host, self.spec.name)
+        self.agent.on_connect.append(self._forward_host_services)
         try:
             self._wait_port_open(deadline)
             self.agent.connect(deadline, alive=self.qemu.alive)
@@ -112,6 +125,14 @@ class VM:
                 raise LaunchError(f"the guest stopped during boot: {self.qemu.describe_exit()}",
                                   hint="see `pydesk vm logs`") from None
             raise
+
+    def _forward_host_services(self, transport: Any) -> None:
+        """127.0.0.1:GUEST in the VM -> 127.0.0.1:HOST here, asked again after every reconnect."""
+        for guest_port, host_port in self.spec.host_services:
+            def handler(chan: Any, origin: Any, server: Any, host_port: int = host_port) -> None:
+                threading.Thread(target=_connect_host_service, args=(chan, host_port), daemon=True).start()
+
+            transport.request_port_forward("127.0.0.1", guest_port, handler)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -131,6 +152,7 @@ class VM:
             "started_at": self.started_at,
             "ready_seconds": self.ready_seconds,
             "ports": [str(p) for p in self.spec.ports],
+            "host_services": [f"{g}:{h}" for g, h in self.spec.host_services],
         }
 
     def _poweroff_via_agent(self) -> None:
@@ -147,3 +169,15 @@ class VM:
         if self.agent is not None:
             self.agent.close()
         self.qemu.close()
+
+
+def _connect_host_service(chan: Any, host_port: int) -> None:
+    try:
+        sock = socket.create_connection(("127.0.0.1", host_port), timeout=10)
+    except OSError as exc:
+        log.info("host service 127.0.0.1:%d unreachable: %s", host_port, exc)
+        chan.close()
+        return
+    sock.settimeout(None)
+    threading.Thread(target=pump, args=(chan, sock), daemon=True).start()
+    pump(sock, chan)
