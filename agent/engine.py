@@ -200,6 +200,15 @@ class Engine:
         img = self.image(image_ref)
         icfg = img.config.get("config") or {}
         host = dict(body.get("HostConfig") or {})
+        host.setdefault("LogConfig", {"Type": "json-file", "Config": {}})
+        if not (host.get("LogConfig") or {}).get("Type"):
+            host["LogConfig"] = {"Type": "json-file", "Config": {}}
+        host["RestartPolicy"] = host.get("RestartPolicy") or {"Name": "no", "MaximumRetryCount": 0}
+        host["RestartPolicy"].setdefault("Name", "no")
+        if host["RestartPolicy"]["Name"] in ("", None):
+            host["RestartPolicy"]["Name"] = "no"
+        if host["RestartPolicy"]["Name"] not in ("no", "always", "unless-stopped", "on-failure"):
+            raise EngineError(400, f"invalid restart policy '{host['RestartPolicy']['Name']}'")
         env: dict[str, str] = {}
         for e in list(icfg.get("Env") or []) + list(body.get("Env") or []):
             k, _, v = e.partition("=")

@@ -12,6 +12,7 @@ from typing import Any
 
 from agent import reference
 from agent.registry import Descriptor, Platform, RegistryClient, RegistryConfig, RegistryError
+from agent.layers import LayerError
 from agent.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
     store = engine.store
     client = RegistryClient(registry_config(auth, ref, stored_auths=engine_auths(engine)))
     emit({"status": f"Pulling from {ref.repository}", "id": ref.tag or ref.digest or "latest"})
+    committed: list[str] = []
     try:
         resolved = client.resolve(ref, Platform.of(platform) if platform else None)
         descs: list[Descriptor] = [resolved.config, *resolved.layers]
@@ -107,6 +109,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         client.fetch_blobs(ref, [(d, store.ingest_path(d.digest)) for d in todo], progress)
         for d in todo:
             store.commit_blob(store.ingest_path(d.digest), d.digest, d.size)
+            committed.append(d.digest)
             if d is not resolved.config:
                 emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         config_bytes = store.open_blob(resolved.config.digest).read()
@@ -121,15 +124,33 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         for d in resolved.layers:
             emit({"status": "Pull complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         del descs
-    except (RegistryError, StoreError, OSError, ValueError) as exc:
+    except (RegistryError, StoreError, LayerError, OSError, ValueError) as exc:
         log.warning("pull of %s failed: %s", text, exc)
+        _discard(store, committed)
         fail(str(exc))
+        return None
+    except Exception as exc:  # the HTTP status is already sent: report in the stream
+        log.exception("pull of %s failed", text)
+        _discard(store, committed)
+        fail(f"internal error: {exc}")
         return None
     emit({"status": f"Digest: {resolved.index_digest or resolved.digest}"})
     status = "Image is up to date" if before == image_id else "Downloaded newer image"
     emit({"status": f"Status: {status} for {ref.familiar}"})
     engine.events.emit("image", "pull", image_id, {"name": ref.familiar})
     return image_id
+
+
+def _discard(store: Any, digests: list[str]) -> None:
+    """A failed pull leaves the store as it found it: drop the blobs it committed that no
+    image uses (a later pull downloads them again)."""
+    used = set()
+    for img in store.images():
+        used.add(img.id)
+        used.update(d for d, _ in img.layers)
+    for d in digests:
+        if d not in used:
+            store.blob_path(d).unlink(missing_ok=True)
 
 
 def _exists(store: Any, ref: str) -> str | None:

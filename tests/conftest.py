@@ -89,13 +89,35 @@ def _teardown(p: Pydesk) -> None:
             pass
 
 
+def registry_flags(registry) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    """The test registry as the VM's docker.io mirror, reached over the agent channel; no
+    fallback to the real registry and no DNS server, so nothing can leave this machine."""
+    return ("--host-service", f"5000:{registry.port}", "--registry-mirror", "docker.io=http://127.0.0.1:5000",
+            "--mirror-only", "--dns", "127.0.0.1")
+
+
 @pytest.fixture(scope="session")
-def shared_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pydesk]:
-    """One running VM shared by every test that does not need its own."""
+def shared_vm(tmp_path_factory: pytest.TempPathFactory, registry) -> Iterator[Pydesk]:  # type: ignore[no-untyped-def]
+    """One running VM shared by every test that does not need its own. Its docker.io is the
+    test registry."""
     p = Pydesk(tmp_path_factory.mktemp("shared") / "home")
-    p("vm", "start", *VM_FLAGS, check=True)
+    p("vm", "start", *VM_FLAGS, *registry_flags(registry), check=True)
     yield p
     _teardown(p)
+
+
+@pytest.fixture(scope="session")
+def engine_socket(shared_vm: Pydesk) -> str:
+    return "unix://" + str(shared_vm.run_dir / "engine.sock")
+
+
+@pytest.fixture(scope="session")
+def docker_client(engine_socket: str):  # type: ignore[no-untyped-def]
+    import docker
+
+    client = docker.DockerClient(base_url=engine_socket, version="auto", timeout=300)
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -185,3 +185,32 @@ def test_broken_guest_images(pydesk: Pydesk, guest_image, tmp_path) -> None:  # 
     err = one_line_error(pydesk("vm", "start", "--accel", "tcg"))
     assert "the guest stopped during boot" in err
     assert pydesk.qemu_pid() is None or not psutil.pid_exists(pydesk.qemu_pid())
+
+
+def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> None:  # type: ignore[no-untyped-def]
+    import docker
+
+    from tests.conftest import registry_flags
+
+    pydesk("vm", "start", *VM_FLAGS, *registry_flags(registry), check=True)
+
+    def client() -> docker.DockerClient:
+        return docker.DockerClient(base_url="unix://" + str(pydesk.run_dir / "engine.sock"), version="auto", timeout=120)
+
+    c = client()
+    c.images.pull("busybox", tag="latest")
+    c.containers.create("busybox", ["true"], name="kept")
+    c.containers.run("busybox", ["sleep", "600"], detach=True, name="always", restart_policy={"Name": "always"})
+    c.containers.run("busybox", ["sleep", "600"], detach=True, name="plain")
+    restart = pydesk("vm", "restart")
+    assert restart.returncode == 0, restart.stderr
+    c = client()
+    assert c.images.get("busybox").tags == ["busybox:latest"]
+    assert c.containers.get("kept").status == "created"
+    deadline = time.monotonic() + 60
+    always = c.containers.get("always")
+    while always.status != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        always.reload()
+    assert always.status == "running"
+    assert c.containers.get("plain").status == "exited"  # no restart policy: it stays down
