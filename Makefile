@@ -6,7 +6,8 @@ PYDESK := $(VENV)/bin/pydesk
 # Built guest images are cached outside the repo, keyed by a hash of their recipe.
 export PYDESK_CACHE ?= $(HOME)/.cache/pydesk
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap kmod cpio zstd erofs-utils busybox-static \
-                openssh-client e2fsprogs python3-venv
+                openssh-client e2fsprogs python3-venv \
+                docker-registry skopeo nginx-light
 STAMP := $(VENV)/.installed
 
 .PHONY: run test deps venv image bench clean
@@ -20,7 +21,7 @@ test: image
 	$(PY) -m pytest -ra
 
 bench: image
-	$(PY) -m bench
+	$(PY) -m bench  # writes docs/benchmarks.md
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

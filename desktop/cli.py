@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from desktop import engine_cli
 from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
 
 log = logging.getLogger("pydesk")
@@ -28,6 +29,7 @@ def _console():  # type: ignore[no-untyped-def]
 def _apply_overrides(args: argparse.Namespace) -> Any:
     """Settings from the config file with this command's flags applied (and saved)."""
     from vmkit import settings as st
+    from vmkit.paths import VMPaths
     from vmkit.spec import PortForward
 
     current = st.load()
@@ -40,7 +42,7 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
         changes["disk_gib"] = st.parse_mib(args.disk, what="disk size", default_unit="G") // 1024
         if changes["disk_gib"] < current.disk_gib and _data_disk_exists(args.name):
             raise ConfigError(f"the data disk is {current.disk_gib}G and cannot shrink to {changes['disk_gib']}G",
-                              hint="delete the VM's data with `pydesk vm delete` first")
+                              hint=f"a data disk cannot shrink; delete {VMPaths(args.name).data_disk} to start over (its images and containers are lost)")
     if args.accel is not None:
         changes["accel"] = args.accel
     if args.port:
@@ -275,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", choices=["x86_64", "aarch64"])
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_guest_build)
+    engine_cli.register(sub)
     return p
 
 

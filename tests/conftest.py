@@ -67,7 +67,7 @@ class Pydesk:
 
 
 #: Small VMs: the suite runs several on a 2-core machine, one at a time.
-VM_FLAGS = ("--memory", "1G", "--cpus", "2", "--disk", "4G", "--restrict-network")
+VM_FLAGS = ("--memory", "1G", "--cpus", "2", "--disk", "4G", "--restrict-network", "--dns", "127.0.0.1")
 
 
 @pytest.fixture
@@ -90,10 +90,11 @@ def _teardown(p: Pydesk) -> None:
 
 
 def registry_flags(registry) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
-    """The test registry as the VM's docker.io mirror, reached over the agent channel; no
-    fallback to the real registry and no DNS server, so nothing can leave this machine."""
+    """The test registry as the VM's docker.io mirror, reached over the agent channel, with no
+    fallback to the real registry (VM_FLAGS also take away the DNS server): nothing can leave
+    this machine."""
     return ("--host-service", f"5000:{registry.port}", "--registry-mirror", "docker.io=http://127.0.0.1:5000",
-            "--mirror-only", "--dns", "127.0.0.1")
+            "--mirror-only")
 
 
 @pytest.fixture(scope="session")

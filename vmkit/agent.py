@@ -138,8 +138,12 @@ class AgentChannel:
                                    hint="see `pydesk vm logs`")
             try:
                 t = self._attempt(min(remaining, attempt_timeout))
-                for hook in self.on_connect:
-                    hook(t)
+                try:
+                    for hook in self.on_connect:
+                        hook(t)
+                except BaseException:
+                    t.close()  # the port takes one connection: never leave a half-set-up one open
+                    raise
             except (OSError, EOFError, paramiko.SSHException, AgentError) as exc:
                 last = exc
                 attempt_timeout *= 2

@@ -107,13 +107,23 @@ class DaemonClient:
 
 
 def qemu_alive(name: str) -> bool:
-    """True if a QEMU of ours is still running for this VM (e.g. after the daemon died)."""
+    """True if a QEMU of ours is still running for this VM (e.g. after the daemon died).
+    A pidfile whose pid is gone, or now belongs to another program (after a host crash and
+    reboot), is stale and removed."""
     paths = VMPaths(name)
     try:
         pid = int(paths.pidfile.read_text().strip())
-        return psutil.Process(pid).is_running()
-    except (OSError, ValueError, psutil.Error):
+    except (OSError, ValueError):
         return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE and \
+                any(str(paths.pidfile) in arg for arg in proc.cmdline()):
+            return True
+    except psutil.Error:
+        pass
+    paths.pidfile.unlink(missing_ok=True)
+    return False
 
 
 def start_daemon(name: str, on_event: Callable[[Event], None], *, adopt: bool = False,

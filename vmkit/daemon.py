@@ -170,7 +170,7 @@ class Daemon:
         try:
             pid = int(self.paths.pidfile.read_text().strip())
             proc = psutil.Process(pid)
-            if str(self.paths.qmp) in " ".join(proc.cmdline()) or sys.platform == "win32":
+            if any(str(self.paths.pidfile) in arg for arg in proc.cmdline()):
                 return pid
         except (OSError, ValueError, psutil.Error):
             pass

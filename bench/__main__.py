@@ -1,0 +1,193 @@
+"""`make bench`: pydesk against peers measured in the same run, written to docs/benchmarks.md.
+
+Each figure is a ratio against a peer on this machine, never an absolute target:
+- boot: `pydesk vm start` to agent-ready vs the same QEMU booting the same kernel into a
+  busybox init that powers off at once;
+- idle: host CPU of the idle pydesk VM vs the idle bare VM (busybox sleeping);
+- run: `run --rm busybox true` through the Engine API vs `crun run` of a prepared bundle
+  in the same guest;
+- pull: the engine pulling nginx from a local registry vs `skopeo copy` from the same registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = int(os.environ.get("PYDESK_BENCH_RUNS", "3"))
+
+
+def pydesk(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYDESK_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "desktop.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=600)
+    if check and proc.returncode:
+        raise SystemExit(f"pydesk {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc
+
+
+def bare_boot(kernel: Path, work: Path, idle_seconds: float = 0.0) -> tuple[float, float | None]:
+    """Boot the kernel into a busybox init; returns (seconds to power-off or to the init's
+    first line, idle CPU % over ``idle_seconds`` if asked)."""
+    init = work / "init"
+    root = work / "rootfs"
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "/bin/busybox", root / "bin/busybox"], check=True)
+    script = "#!/bin/busybox sh\n/bin/busybox echo bare-init-ready\n"
+    script += ("exec /bin/busybox sleep 3600\n" if idle_seconds else "/bin/busybox poweroff -f\n")
+    (root / "init").write_text(script)
+    (root / "init").chmod(0o755)
+    cpio = subprocess.run("find . | cpio -o -H newc -R 0:0 --quiet | gzip -1", shell=True, cwd=root,
+                          capture_output=True, check=True).stdout
+    init.write_bytes(cpio)
+    argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-machine", "q35,vmport=off",
+            "-accel", "tcg,thread=multi,tb-size=256", "-cpu", "max", "-smp", "2", "-m", "1024M", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(init), "-serial", "stdio",
+            "-append", "console=ttyS0 quiet loglevel=4 panic=-1 i8042.noaux i8042.nopnp"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"bare-init-ready" in line:
+            break
+    ready = time.monotonic() - t0
+    idle = None
+    if idle_seconds:
+        time.sleep(2)
+        idle = cpu_percent(proc.pid, idle_seconds)
+        proc.kill()
+    proc.wait(60)
+    return ready, idle
+
+
+def cpu_percent(pid: int, seconds: float) -> float:
+    p = psutil.Process(pid)
+    a = p.cpu_times()
+    time.sleep(seconds)
+    b = p.cpu_times()
+    return 100.0 * ((b.user + b.system) - (a.user + a.system)) / seconds
+
+
+def main() -> int:
+    from guest.build import build, load_image
+    from guest.recipe import Recipe
+    from tests.support.images import build_all, push_all
+    from tests.support.registry import run_registry
+    from vmkit.spec import Arch
+
+    recipe = Recipe(Arch.from_machine(platform.machine()))
+    build(recipe)
+    image = load_image(recipe)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="pydesk-bench-") as tmp:
+        work = Path(tmp)
+        images = build_all(["busybox", "nginx"])
+        with run_registry(work / "registry") as reg:
+            push_all(reg, images)
+            home = work / "home"
+            flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg.port}",
+                     "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1")
+            # --- boot -------------------------------------------------------------------
+            ours, bare = [], []
+            for i in range(RUNS):
+                t0 = time.monotonic()
+                pydesk(home, "vm", "start", *flags)
+                ours.append(time.monotonic() - t0)
+                if i < RUNS - 1:
+                    pydesk(home, "vm", "stop")
+                bare.append(bare_boot(Path(image.kernel), work / f"bare{i}")[0])
+            results["boot"] = {"pydesk_s": statistics.median(ours), "peer_s": statistics.median(bare)}
+            # --- idle -------------------------------------------------------------------
+            time.sleep(5)
+            qemu_pid = int((home / "state/vms/default/qemu.pid").read_text())
+            idle_ours = cpu_percent(qemu_pid, 10)
+            idle_bare = bare_boot(Path(image.kernel), work / "bare-idle", idle_seconds=10)[1] or 0.0
+            results["idle"] = {"pydesk_pct": idle_ours, "peer_pct": idle_bare}
+            # --- run --------------------------------------------------------------------
+            import docker
+
+            sock = "unix://" + str(home / "run/default/engine.sock")
+            client = docker.DockerClient(base_url=sock, version="auto", timeout=300)
+            t0 = time.monotonic()
+            client.images.pull("nginx", tag="latest")
+            pull_s = time.monotonic() - t0
+            client.images.pull("busybox", tag="latest")
+            times = []
+            for _ in range(RUNS + 2):
+                t0 = time.monotonic()
+                client.containers.run("busybox", ["true"], remove=True)
+                times.append(time.monotonic() - t0)
+            crun_script = (
+                "set -e; b=/tmp/bench-bundle; rm -rf $b; mkdir -p $b/rootfs/bin; cp /bin/busybox $b/rootfs/bin/; "
+                "ln -s busybox $b/rootfs/bin/true; cd $b && crun spec && "
+                "sed -i 's|\"sh\"|\"/bin/true\"|; s|\"terminal\": true|\"terminal\": false|' config.json; "
+                "python3 -c 'import subprocess, time\n"
+                "for i in range(5):\n"
+                "    t = time.monotonic(); subprocess.run([\"crun\", \"run\", \"--bundle\", \"/tmp/bench-bundle\", "
+                "f\"bench{i}\"], check=True)\n"
+                "    print(int((time.monotonic() - t) * 1e6))'")
+            out = pydesk(home, "vm", "shell", "--", "sh", "-c", crun_script).stdout.split()
+            crun_times = [int(x) / 1e6 for x in out if x.isdigit()]
+            results["run"] = {"pydesk_s": statistics.median(times[2:]), "peer_s": statistics.median(crun_times)}
+            # --- pull -------------------------------------------------------------------
+            t0 = time.monotonic()
+            subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
+                            f"docker://{reg.address}/nginx:latest", f"oci:{work / 'skopeo-nginx'}:latest"],
+                           check=True, capture_output=True)
+            results["pull"] = {"pydesk_s": pull_s, "peer_s": time.monotonic() - t0}
+            client.close()
+            pydesk(home, "vm", "stop")
+    write_report(results)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def write_report(r: dict[str, dict[str, float]]) -> None:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}×" if b > 0 else "n/a"
+
+    host = f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` on {time.strftime('%Y-%m-%d')} ({host}; QEMU under TCG — this machine's",
+        "`/dev/kvm` cannot boot guests). Each figure is a ratio against a peer measured in the same run.",
+        f"Medians of {RUNS} runs unless noted.",
+        "",
+        "| what | pydesk | peer | ratio | target |",
+        "| --- | --- | --- | --- | --- |",
+        f"| start → agent ready (`pydesk vm start`) vs the same QEMU + kernel booting a busybox init "
+        f"| {r['boot']['pydesk_s']:.2f} s | {r['boot']['peer_s']:.2f} s | {ratio(r['boot']['pydesk_s'], r['boot']['peer_s'])} | ≤ 1.5× |",
+        f"| idle host CPU of the running VM vs an idle bare VM (10 s sample) "
+        f"| {r['idle']['pydesk_pct']:.1f} % | {r['idle']['peer_pct']:.1f} % | "
+        f"{ratio(r['idle']['pydesk_pct'], r['idle']['peer_pct'])} | near 0 % |",
+        f"| `run --rm busybox true` via the Engine API from the host vs `crun run` of a prepared bundle in the guest "
+        f"| {r['run']['pydesk_s']:.3f} s | {r['run']['peer_s']:.3f} s | {ratio(r['run']['pydesk_s'], r['run']['peer_s'])} | ≤ 1.5× |",
+        f"| pull of nginx from a local registry (engine in the VM) vs `skopeo copy` on the host (one run) "
+        f"| {r['pull']['pydesk_s']:.2f} s | {r['pull']['peer_s']:.2f} s | {ratio(r['pull']['pydesk_s'], r['pull']['peer_s'])} | ≤ 1.2× |",
+        "",
+        "Reading the figures: the boot peer includes BIOS and kernel start-up, the floor for any guest on",
+        "this QEMU; pydesk's figure adds the CLI, the daemon, the accelerator check (cached), the data disk,",
+        "sshd and the SSH handshake. The run figure includes the host→guest hop (docker-py → daemon →",
+        "SSH stream → engine), bundle creation, overlay mount, network namespace set-up and teardown.",
+        "Native `docker run --rm` / `podman run --rm` on the host are the brief's reference (0.25–0.42 s /",
+        "0.33–0.52 s measured when the brief was written); no dockerd runs in this benchmark.",
+        "",
+    ]
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
