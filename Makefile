@@ -16,6 +16,7 @@ run: image
 	$(PYDESK) vm start
 	$(PYDESK) vm status
 	$(PYDESK) vm shell -- sh -c 'echo "agent answering from $$(uname -n): $$(cat /etc/pydesk-release)"'
+	$(PYDESK) run --rm hello
 
 test: image
 	$(PY) -m pytest -ra

@@ -1,22 +1,20 @@
 """Containers: their records on the data disk and their lifecycle around crun.
 
-The engine is a child subreaper, so a container's init (started by ``crun run --detach``)
-becomes our child when crun exits; a pidfd per container tells us when it exits and with
-which status. Output goes through pipes (or a pty) that we read into the json-file log and
-to attached clients.
+Each running container has a foreground ``crun run`` as its parent (the job conmon does for
+Podman): crun reaps everything in the container and exits with its status, so the engine
+keeps no zombies and needs no subreaper tricks. Output goes through pipes (or a pty) that
+we read into the json-file log and to attached clients.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import datetime as dt
 import json
 import logging
 import os
 import secrets
-import select
 import signal
 import socket
 import subprocess
@@ -47,13 +45,6 @@ def parse_signal(value: str | int | None, default: int = signal.SIGTERM) -> int:
     if name not in SIGNALS:
         raise ValueError(f"invalid signal: {value}")
     return SIGNALS[name]
-
-
-def set_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    PR_SET_CHILD_SUBREAPER = 36
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
 
 
 def new_id() -> str:
@@ -159,16 +150,26 @@ def ago(when: str | None) -> str:
     return f"{human_duration(time.time() - t)} ago" if t else ""
 
 
-def _recv_fd(sock_path: Path, timeout: float = 30) -> int:
+CONSOLE_DIR = Path("/run/pydesk/console")  # short: sun_path is 108 bytes
+
+
+def _console_listener() -> tuple[socket.socket, Path]:
+    CONSOLE_DIR.mkdir(parents=True, exist_ok=True)
+    path = CONSOLE_DIR / f"{secrets.token_hex(6)}.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    return srv, path
+
+
+def _recv_fd(srv: socket.socket, timeout: float = 30) -> int:
     """Receive the pty master crun sends to its --console-socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
-        srv.bind(str(sock_path))
-        srv.listen(1)
+    with srv:
         srv.settimeout(timeout)
         conn, _ = srv.accept()
         with conn:
             fds = array.array("i")
-            msg, ancdata, flags, addr = conn.recvmsg(1024, socket.CMSG_LEN(fds.itemsize))
+            msg, ancdata, flags, addr = conn.recvmsg(1024, socket.CMSG_SPACE(fds.itemsize))
             for level, kind, data in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
@@ -187,14 +188,17 @@ class Process:
         self.stdin_w: int | None = None
         self._threads: list[threading.Thread] = []
         if tty:
-            sock = console_dir / f"console-{secrets.token_hex(4)}.sock"
+            srv, sock = _console_listener()
             box: dict[str, Any] = {}
-            t = threading.Thread(target=lambda: box.setdefault("fd", _recv_fd(sock)), daemon=True)
+
+            def receive() -> None:
+                try:
+                    box["fd"] = _recv_fd(srv)
+                except OSError as exc:
+                    log.warning("no terminal from crun: %s", exc)
+
+            t = threading.Thread(target=receive, daemon=True)
             t.start()
-            for _ in range(100):
-                if sock.exists():
-                    break
-                time.sleep(0.01)
             at = next(i for i, a in enumerate(argv) if a in ("run", "exec", "create")) + 1
             argv = argv[:at] + ["--console-socket", str(sock)] + argv[at:]
             try:
@@ -271,27 +275,6 @@ class Process:
 def _last_line(err: bytes | None) -> str:
     lines = (err or b"").decode(errors="replace").strip().splitlines()
     return lines[-1] if lines else ""
-
-
-def wait_pid(pid: int) -> int:
-    """Block until ``pid`` (our child, via subreaping) exits; returns Docker's exit code."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return 255
-    try:
-        select.select([fd], [], [])
-        try:
-            info = os.waitid(os.P_PIDFD, fd, os.WEXITED)  # type: ignore[attr-defined]
-        except ChildProcessError:
-            return 255
-        if info is None:
-            return 255
-        if info.si_code == os.CLD_EXITED:
-            return info.si_status
-        return 128 + info.si_status
-    finally:
-        os.close(fd)
 
 
 def utc_now() -> str:

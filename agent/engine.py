@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import reference, runtime
-from agent.containers import (ZERO_TIME, Container, Process, new_id, parse_signal, set_subreaper, utc_now,
-                              wait_pid)
+from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.logs import LogFile
 from agent.network import Network, NetworkError, Networks
@@ -111,7 +110,6 @@ class Engine:
 
     # --- start-up ---------------------------------------------------------------------
     def startup(self) -> None:
-        set_subreaper()
         runtime.setup_cgroups()
         Path(runtime.CRUN_ROOT).mkdir(parents=True, exist_ok=True)
         try:
@@ -122,6 +120,10 @@ class Engine:
         for c in self.containers.values():
             # The VM stopped under these containers: record that, as Docker does after a crash.
             if c.state.get("Running") or c.state.get("Restarting"):
+                runtime.kill(c.id, "KILL", all_processes=True)  # an engine restart: no orphans
+                runtime.delete(c.id)
+                self._teardown_network(c)
+                self._umount_rootfs(c)
                 c.state.update(Running=False, Paused=False, Restarting=False, Pid=0, Status="exited",
                                ExitCode=c.state.get("ExitCode") or 255, FinishedAt=utc_now())
                 c.save()
@@ -456,18 +458,22 @@ class Engine:
                 crun_log.unlink(missing_ok=True)
                 pid_file = c.root / "init.pid"
                 pid_file.unlink(missing_ok=True)
-                argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run", "--detach",
+                # `crun run` in the foreground is the container's parent (our conmon): it reaps
+                # everything in the container and exits with its status.
+                runtime.prepare_cgroup(c.id)
+                argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
                         "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
                 proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
                                on_output=c.logfile.write)
-                rc = proc.proc.wait(60)
-                if rc != 0:
+                deadline = time.monotonic() + 60
+                while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                pid = int(pid_file.read_text().strip() or 0) if pid_file.exists() else 0
+                if not pid:
+                    rc = proc.proc.wait(30)
                     message = docker_message(_crun_error(crun_log) or f"crun exited with status {rc}")
                     proc.drain(1)
                     raise EngineError(_start_status(message), message)
-                # The pid file, not `crun state`: a quick container may be gone already
-                # (it stays our zombie until reaped, since we are its subreaper).
-                pid = int(pid_file.read_text().strip() or 0)
             except EngineError as exc:
                 self._start_failed(c, exc.message)
                 raise
@@ -483,6 +489,7 @@ class Engine:
 
     def _start_failed(self, c: Container, message: str) -> None:
         runtime.delete(c.id)
+        runtime.release_cgroup(c.id)
         self._teardown_network(c)
         self._umount_rootfs(c)
         code = _start_status(message)
@@ -493,13 +500,11 @@ class Engine:
             threading.Thread(target=self.remove, args=(c,), kwargs={"force": True}, daemon=True).start()
 
     def _reap(self, c: Container, proc: Process, pid: int) -> None:
-        code = wait_pid(pid) if pid else 255
-        oom = False
-        with contextlib.suppress(OSError, ValueError):
-            events = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}/memory.events").read_text()
-            oom = any(line.split()[0] == "oom_kill" and int(line.split()[1]) > 0 for line in events.splitlines())
+        rc = proc.proc.wait()
+        code = 128 - rc if rc < 0 else rc  # crun reports a signal death as 128+N already
         proc.drain(5)
         runtime.delete(c.id)
+        oom = runtime.release_cgroup(c.id)
         with c.lock:
             self.procs.pop(c.id, None)
             self._teardown_network(c)
@@ -677,8 +682,13 @@ class Engine:
         argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec"]
         if cfg.get("Tty"):
             argv.append("--tty")
-        for env in cfg.get("Env") or []:
-            argv += ["--env", env]
+        # crun exec --env replaces the environment: pass the container's, then the exec's.
+        env: dict[str, str] = {}
+        for item in list(c.r["Config"].get("Env") or []) + list(cfg.get("Env") or []):
+            k, _, v = item.partition("=")
+            env[k] = v
+        for k, v in env.items():
+            argv += ["--env", f"{k}={v}"]
         if cfg.get("WorkingDir"):
             argv += ["--cwd", cfg["WorkingDir"]]
         user = cfg.get("User") or c.r["Config"].get("User")
@@ -689,8 +699,15 @@ class Engine:
                 raise EngineError(400, str(exc).strip("'\"")) from exc
             argv += ["--user", f"{uid}:{gid}"]
         argv += [c.id, *cfg["Cmd"]]
+        tail = bytearray()
+
+        def output(stream: str, data: bytes) -> None:
+            if stream == "stderr" or cfg.get("Tty"):
+                tail[:] = (bytes(tail) + data)[-512:]
+            on_output(stream, data)
+
         proc = Process(argv, tty=bool(cfg.get("Tty")), stdin=bool(cfg.get("AttachStdin")), console_dir=c.root,
-                       on_output=on_output)
+                       on_output=output)
         e.process = proc
         e.running = True
         e.pid = proc.proc.pid
@@ -699,6 +716,12 @@ class Engine:
         def waiter() -> None:
             rc = proc.proc.wait()
             proc.drain(5)
+            if rc == 255:  # crun could not start the process: Docker's codes for why
+                text = bytes(tail).decode(errors="replace").lower()
+                if "executable file" in text and "not found" in text or "no such file" in text:
+                    rc = 127
+                elif "permission denied" in text or "operation not permitted" in text:
+                    rc = 126
             e.exit_code = rc
             e.running = False
             e.done.set()
@@ -753,7 +776,7 @@ class Engine:
     def top(self, c: Container) -> dict[str, Any]:
         if not c.running:
             raise EngineError(409, f"Container {c.id} is not running")
-        procs_path = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}/cgroup.procs")
+        procs_path = runtime.cgroup_dir(c.id) / "cgroup.procs"
         pids = [int(p) for p in procs_path.read_text().split()] if procs_path.exists() else []
         rows = []
         for pid in pids:
@@ -768,7 +791,7 @@ class Engine:
         return {"Titles": ["UID", "PID", "PPID", "CMD"], "Processes": rows}
 
     def stats(self, c: Container) -> dict[str, Any]:
-        cg = Path(f"/sys/fs/cgroup/{runtime.CGROUP_PARENT}/{c.id}")
+        cg = runtime.cgroup_dir(c.id)
 
         def read(name: str, default: str = "0") -> str:
             try:

@@ -184,7 +184,7 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
     linux: dict[str, Any] = {
         "namespaces": namespaces,
         "resources": resources,
-        "cgroupsPath": f"/{CGROUP_PARENT}/{spec.id}",
+        "cgroupsPath": cgroup_path(spec.id),
         "sysctl": dict(spec.sysctls),
     }
     if not spec.privileged:
@@ -253,6 +253,45 @@ def kill(container_id: str, signal: str = "TERM", all_processes: bool = False) -
 
 def delete(container_id: str) -> None:
     crun("delete", "--force", container_id, check=False)
+
+
+def cgroup_path(container_id: str) -> str:
+    """crun's cgroup for the container, inside one of ours (see ``prepare_cgroup``)."""
+    return f"/{CGROUP_PARENT}/{container_id}/ctr"
+
+
+def cgroup_dir(container_id: str) -> Path:
+    return Path("/sys/fs/cgroup") / cgroup_path(container_id).lstrip("/")
+
+
+def prepare_cgroup(container_id: str) -> Path:
+    """Our own cgroup around crun's. crun removes its cgroup as it exits; ours outlives it,
+    and cgroup v2 counts events hierarchically, so its memory.events still tells whether the
+    container was OOM-killed."""
+    outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
+    outer.mkdir(exist_ok=True)
+    want = (Path("/sys/fs/cgroup") / CGROUP_PARENT / "cgroup.subtree_control").read_text().split()
+    (outer / "cgroup.subtree_control").write_text(" ".join("+" + c for c in want))
+    return outer
+
+
+def release_cgroup(container_id: str) -> bool:
+    """Remove our cgroup; returns whether the container was OOM-killed."""
+    outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
+    oom = False
+    try:
+        for line in (outer / "memory.events").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and int(value) > 0:
+                oom = True
+    except (OSError, ValueError):
+        pass
+    for d in (outer / "ctr", outer):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    return oom
 
 
 def setup_cgroups() -> None:

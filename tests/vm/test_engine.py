@@ -126,7 +126,7 @@ def test_pids_limit_stops_a_fork_bomb(shared_vm: Pydesk, docker_client) -> None:
         bomb = "i=0; while [ $i -lt 100 ]; do sleep 120 & i=$((i+1)); done; wait"
         code, out = c.exec_run(["sh", "-c", bomb])
         assert b"can't fork" in out or b"Resource temporarily unavailable" in out, out
-        cg = f"/sys/fs/cgroup/pydesk/{c.id}"
+        cg = f"/sys/fs/cgroup/pydesk/{c.id}/ctr"
         limit, current, events = shared_vm.sh(f"cat {cg}/pids.max {cg}/pids.current {cg}/pids.events").stdout.split("\n")[:3]
         assert limit == "20"
         assert int(current) <= 20

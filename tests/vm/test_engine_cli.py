@@ -1,0 +1,261 @@
+"""The docker-compatible `pydesk` commands end to end: real CLI, daemon, VM, engine, crun.
+
+Runs against the session's shared VM (built-in `hello`; `busybox` and `nginx` pulled by name
+from the test registry mirror). Container names are unique per test so tests do not collide.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import Pydesk
+
+pytestmark = pytest.mark.vm
+
+
+def one_line_error(proc) -> str:  # type: ignore[no-untyped-def]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Unable to find image")
+             and ": Pulling from " not in ln]
+    assert proc.returncode != 0, proc
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, f"expected one error line, got: {proc.stderr!r}"
+    assert lines[0].startswith("pydesk: error: ")
+    return lines[0]
+
+
+def name() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(scope="module")
+def vm(shared_vm: Pydesk) -> Pydesk:
+    for image in ("busybox", "nginx"):
+        shared_vm("pull", image, check=True)
+    return shared_vm
+
+
+def test_run_rm_hello_prints_greeting(vm: Pydesk) -> None:
+    out = vm("run", "--rm", "hello")
+    assert out.returncode == 0, out.stderr
+    assert "Hello from pydesk!" in out.stdout
+    assert vm("ps", "-a", "-q", "--filter", "ancestor=hello", "--filter", "status=running").stdout == ""
+
+
+def test_run_exit_codes(vm: Pydesk) -> None:
+    assert vm("run", "--rm", "busybox", "sh", "-c", "exit 3").returncode == 3
+    assert vm("run", "--rm", "busybox", "true").returncode == 0
+    missing = vm("run", "--rm", "busybox", "no-such-command")
+    assert missing.returncode == 127
+    assert "executable file not found" in missing.stderr
+    denied = vm("run", "--rm", "busybox", "/etc/passwd")
+    assert denied.returncode == 126
+    assert "permission denied" in denied.stderr.lower()
+    no_image = vm("run", "--rm", "no-such-image-here")
+    assert no_image.returncode == 125
+    assert "Unable to find image 'no-such-image-here:latest' locally" in no_image.stderr
+    assert one_line_error(no_image)
+    bad_flag = vm("run", "--rm", "-m", "lots", "busybox", "true")
+    assert bad_flag.returncode == 125
+    assert 'invalid argument "lots" for "-m, --memory" flag' in one_line_error(bad_flag)
+
+
+def test_run_streams_stdout_stderr_and_stdin(vm: Pydesk) -> None:
+    out = vm("run", "--rm", "busybox", "sh", "-c", "echo to-out; echo to-err >&2")
+    assert (out.returncode, out.stdout, out.stderr) == (0, "to-out\n", "to-err\n")
+    piped = vm("run", "--rm", "-i", "busybox", "tr", "a-z", "A-Z", input=b"through stdin\n")
+    assert (piped.returncode, piped.stdout) == (0, "THROUGH STDIN\n")
+
+
+def test_run_flags_reach_the_container(vm: Pydesk, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env_file = tmp_path / "env"
+    env_file.write_text("# comment\nFROM_FILE=yes\n")
+    script = 'echo "$A|$FROM_FILE|$(pwd)|$(id -u)|$(hostname)"'
+    out = vm("run", "--rm", "-e", "A=1", "--env-file", str(env_file), "-w", "/tmp", "-u", "1000",
+             "--hostname", "pdhost", "busybox", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "1|yes|/tmp|1000|pdhost\n"
+    assert vm("run", "--rm", "--entrypoint", "/bin/echo", "busybox", "over", "ridden").stdout == "over ridden\n"
+    ro = vm("run", "--rm", "--read-only", "busybox", "touch", "/x")
+    assert ro.returncode != 0 and "Read-only file system" in ro.stderr
+    init = vm("run", "--rm", "--init", "busybox", "cat", "/proc/1/cmdline")
+    assert init.returncode == 0 and "init" in init.stdout
+    limits = vm("run", "--rm", "-m", "32m", "--cpus", "0.5", "--pids-limit", "20", "busybox", "cat",
+                "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/pids.max")
+    assert limits.stdout.split() == ["33554432", "50000", "100000", "20"], limits.stderr
+
+
+def test_detached_lifecycle_logs_exec(vm: Pydesk) -> None:
+    n = name()
+    out = vm("run", "-d", "--name", n, "-l", "suite=engine-cli", "busybox", "sh", "-c",
+             "trap 'echo bye; exit 0' TERM; echo started; while true; do sleep 1; done")
+    assert out.returncode == 0, out.stderr
+    cid = out.stdout.strip()
+    assert len(cid) == 64
+    try:
+        assert vm("ps", "-q", "--filter", f"name={n}").stdout.strip() == cid[:12]
+        rows = [json.loads(line) for line in vm("ps", "--format", "json", "--filter", "label=suite=engine-cli").stdout.splitlines()]
+        assert any(r["Names"] == n and r["State"] == "running" for r in rows)
+        assert vm("ps", "--format", "{{.Names}}", "--filter", f"name={n}").stdout == f"{n}\n"
+        for _ in range(50):
+            if "started" in vm("logs", n).stdout:
+                break
+            time.sleep(0.2)
+        logs = vm("logs", "-t", "--tail", "1", n)
+        assert logs.stdout.endswith(" started\n") and logs.stdout[:4].isdigit()
+        ex = vm("exec", n, "sh", "-c", "echo in-exec; echo e >&2; exit 4")
+        assert (ex.returncode, ex.stdout, ex.stderr) == (4, "in-exec\n", "e\n")
+        assert vm("exec", "-w", "/etc", n, "pwd").stdout == "/etc\n"
+        assert vm("exec", "-i", n, "cat", input=b"via exec stdin\n").stdout == "via exec stdin\n"
+        info = json.loads(vm("inspect", n).stdout)
+        assert isinstance(info, list) and info[0]["Id"] == cid and info[0]["State"]["Running"] is True
+        assert vm("inspect", "-f", "{{.Config.Labels.suite}}", n).stdout == "engine-cli\n"
+        stop = vm("stop", "-t", "5", n)
+        assert (stop.returncode, stop.stdout) == (0, f"{n}\n")
+        assert vm("wait", n).stdout == "0\n"
+        assert vm("logs", n).stdout.endswith("bye\n")
+        assert vm("start", n).returncode == 0
+        assert vm("restart", "-t", "1", n).returncode == 0
+        assert vm("kill", n).stdout == f"{n}\n"
+        assert vm("wait", n).stdout == "137\n"
+    finally:
+        rm = vm("rm", "-f", n)
+    assert (rm.returncode, rm.stdout) == (0, f"{n}\n")
+    assert "No such container" in one_line_error(vm("rm", n))
+
+
+def test_logs_follow_ends_with_the_container(vm: Pydesk) -> None:
+    n = name()
+    vm("run", "-d", "--name", n, "busybox", "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 1; done",
+       check=True)
+    try:
+        out = vm("logs", "-f", n, timeout=60)
+        assert out.returncode == 0
+        assert out.stdout == "line1\nline2\nline3\n"
+        assert vm("logs", "--since", "2100-01-01T00:00:00Z", n).stdout == ""
+    finally:
+        vm("rm", "-f", n)
+
+
+def test_create_start_attach_wait(vm: Pydesk) -> None:
+    n = name()
+    created = vm("create", "--name", n, "busybox", "sh", "-c", "echo out; echo err >&2; exit 9")
+    assert created.returncode == 0 and len(created.stdout.strip()) == 64
+    try:
+        assert vm("ps", "-a", "--filter", f"name={n}", "--format", "{{.State}}").stdout == "created\n"
+        att = vm("start", "-a", n)
+        assert (att.returncode, att.stdout, att.stderr) == (9, "out\n", "err\n")
+        assert vm("wait", n).stdout == "9\n"
+    finally:
+        vm("rm", "-f", n)
+    m = name()
+    vm("run", "-d", "--name", m, "busybox", "sh", "-c", "sleep 2; echo late; exit 5", check=True)
+    try:
+        att = vm("attach", "--no-stdin", m, timeout=60)
+        assert (att.returncode, att.stdout) == (5, "late\n")
+    finally:
+        vm("rm", "-f", m)
+
+
+def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
+    n = name()
+    assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
+    assert vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == ""
+    assert vm("run", "-d", "--rm", "--name", n, "busybox", "true").returncode == 0
+    for _ in range(50):
+        if vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == "":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("a --rm container was not removed after it exited")
+
+
+def test_nginx_serves_http_inside_the_vm(vm: Pydesk) -> None:
+    n = name()
+    vm("run", "-d", "--name", n, "nginx", check=True)
+    try:
+        for _ in range(50):
+            got = vm("exec", n, "wget", "-qO-", "http://127.0.0.1/")
+            if got.returncode == 0:
+                break
+            time.sleep(0.3)
+        assert "nginx" in got.stdout.lower()
+        stop = vm("stop", n)
+        assert stop.returncode == 0
+        assert vm("inspect", "-f", "{{.State.Running}}", n).stdout == "false\n"
+    finally:
+        vm("rm", "-f", n)
+
+
+def test_images_tag_rmi_save_load(vm: Pydesk, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    images = vm("images")
+    assert images.stdout.splitlines()[0].split() == ["REPOSITORY", "TAG", "IMAGE", "ID", "CREATED", "SIZE"]
+    assert any(line.split()[:2] == ["hello", "latest"] for line in images.stdout.splitlines())
+    rows = [json.loads(line) for line in vm("images", "--format", "json").stdout.splitlines()]
+    assert {"hello", "busybox"} <= {r["Repository"] for r in rows}
+    tag = f"pdtest/{name()}:v1"
+    assert vm("tag", "hello", tag).returncode == 0
+    try:
+        listed = vm("images", tag.split(":")[0], "--format", "{{.Repository}}:{{.Tag}}").stdout
+        assert listed == f"{tag}\n"
+        archive = tmp_path / "hello.tar"
+        assert vm("save", "-o", str(archive), tag).returncode == 0
+        assert archive.stat().st_size > 1000
+        rmi = vm("rmi", tag)
+        assert rmi.returncode == 0 and f"Untagged: {tag}" in rmi.stdout
+        load = vm("load", "-i", str(archive))
+        assert load.returncode == 0 and f"Loaded image: {tag}" in load.stdout
+    finally:
+        vm("rmi", tag)
+    assert "No such image" in one_line_error(vm("rmi", "no-such-image:nope"))
+
+
+def test_pull_output_and_errors(vm: Pydesk) -> None:
+    out = vm("pull", "busybox")
+    assert out.returncode == 0, out.stderr
+    assert "Status: " in out.stdout and out.stdout.splitlines()[-1] == "docker.io/library/busybox:latest"
+    bad = vm("pull", "no-such-image-here")
+    assert bad.returncode == 1
+    assert "not found" in one_line_error(bad)
+
+
+def test_errors_are_one_line(vm: Pydesk) -> None:
+    for argv in (("stop", "nope-nope"), ("logs", "nope-nope"), ("exec", "nope-nope", "true"),
+                 ("inspect", "nope-nope"), ("wait", "nope-nope"), ("start", "nope-nope")):
+        proc = vm(*argv)
+        assert proc.returncode == 1, argv
+        assert "nope-nope" in one_line_error(proc)
+
+
+def test_system_df(vm: Pydesk) -> None:
+    out = vm("system", "df")
+    assert out.returncode == 0
+    assert [line.split()[0] for line in out.stdout.splitlines()] == ["TYPE", "Images", "Containers", "Local", "Build"]
+    rows = [json.loads(line) for line in vm("system", "df", "--format", "json").stdout.splitlines()]
+    assert rows[0]["Type"] == "Images" and int(rows[0]["TotalCount"]) >= 1
+
+
+def test_system_prune_removes_stopped_containers(vm: Pydesk) -> None:
+    n = name()
+    vm("create", "--name", n, "busybox", "true", check=True)
+    declined = vm("system", "prune", input=b"n\n")
+    assert declined.returncode == 0
+    assert vm("ps", "-a", "-q", "--filter", f"name={n}").stdout.strip()
+    out = vm("system", "prune", "-f")
+    assert out.returncode == 0 and "Total reclaimed space:" in out.stdout
+    assert vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == ""
+
+
+def test_login_password_stdin(vm: Pydesk) -> None:
+    out = vm("login", "-u", "tester", "--password-stdin", "127.0.0.1:5000", input=b"secret\n")
+    assert out.returncode == 0 and "Login Succeeded" in out.stdout
+    saved = json.loads((vm.home / "config" / "auth.json").read_text())
+    assert "127.0.0.1:5000" in saved["auths"]
+    assert "non TTY" in one_line_error(vm("login", "-u", "tester", "127.0.0.1:5000"))
+
+
+def test_tty_without_a_terminal_is_refused(vm: Pydesk) -> None:
+    assert "the input device is not a TTY" in one_line_error(vm("run", "--rm", "-it", "busybox", "true"))
