@@ -100,15 +100,18 @@ def main() -> int:
             flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg.port}",
                      "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1")
             # --- boot -------------------------------------------------------------------
-            ours, bare = [], []
+            ours, launch, bare = [], [], []
             for i in range(RUNS):
                 t0 = time.monotonic()
                 pydesk(home, "vm", "start", *flags)
                 ours.append(time.monotonic() - t0)
+                status = json.loads(pydesk(home, "vm", "status", "--format", "json").stdout)
+                launch.append(float(status["ready_seconds"]))
                 if i < RUNS - 1:
                     pydesk(home, "vm", "stop")
                 bare.append(bare_boot(Path(image.kernel), work / f"bare{i}")[0])
-            results["boot"] = {"pydesk_s": statistics.median(ours), "peer_s": statistics.median(bare)}
+            results["boot"] = {"pydesk_s": statistics.median(ours), "peer_s": statistics.median(bare),
+                               "launch_s": statistics.median(launch)}
             # --- idle -------------------------------------------------------------------
             time.sleep(5)
             qemu_pid = int((home / "state/vms/default/qemu.pid").read_text())
@@ -170,6 +173,8 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "| --- | --- | --- | --- | --- |",
         f"| start → agent ready (`pydesk vm start`) vs the same QEMU + kernel booting a busybox init "
         f"| {r['boot']['pydesk_s']:.2f} s | {r['boot']['peer_s']:.2f} s | {ratio(r['boot']['pydesk_s'], r['boot']['peer_s'])} | ≤ 1.5× |",
+        f"| QEMU launch → agent ready (the daemon's own clock, no CLI or daemon start-up) vs the same peer "
+        f"| {r['boot']['launch_s']:.2f} s | {r['boot']['peer_s']:.2f} s | {ratio(r['boot']['launch_s'], r['boot']['peer_s'])} | ≤ 1.5× |",
         f"| idle host CPU of the running VM vs an idle bare VM (10 s sample) "
         f"| {r['idle']['pydesk_pct']:.1f} % | {r['idle']['peer_pct']:.1f} % | "
         f"{ratio(r['idle']['pydesk_pct'], r['idle']['peer_pct'])} | near 0 % |",
