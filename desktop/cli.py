@@ -105,16 +105,15 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
     with console.status("starting the pydesk VM…") as status:
         def on_event(event: dict[str, Any]) -> None:
             msg = event.get("message")
-            if event.get("event") == "accel":
-                console.print(f"[dim]accelerator:[/] {event.get('accel')} — {msg}")
-            elif msg:
+            if msg:
                 status.update(f"{msg}…")
                 log.debug("%s", msg)
 
         ready = start_daemon(args.name, on_event, adopt=adopt, debug=args.debug, image_dir=image)
     took = time.monotonic() - t0
     console.print(f"[green]pydesk VM {args.name!r} is running[/] (agent ready in {took:.1f}s, "
-                  f"guest {ready.get('guest_release')}, {ready.get('accel')})")
+                  f"guest {ready.get('guest_release')})")
+    console.print(f"[dim]accelerator:[/] {ready.get('accel')} — {ready.get('accel_reason')}")
     return 0
 
 

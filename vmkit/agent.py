@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 import logging
 import socket
 import threading
@@ -32,6 +33,9 @@ from vmkit.transport import connect_endpoint
 log = logging.getLogger(__name__)
 
 ATTEMPT_TIMEOUT = 5.0
+HEALTH_INTERVAL = 15.0  # seconds between keepalives on an idle connection
+HEALTH_TIMEOUT = 10.0
+OPEN_TIMEOUT = 5.0  # one try at opening a channel
 INNER_SSHD = "exec /usr/sbin/sshd -i -f /etc/pydesk/sshd_config"
 
 
@@ -93,6 +97,27 @@ def open_transport(sock: socket.socket, client_key: paramiko.PKey, host_key: par
     return t
 
 
+def greet(sock: socket.socket, timeout: float) -> None:
+    """The guest starts a fresh sshd only after this handshake (see guest agent-port): we
+    send a nonce and skip everything until it comes back, so no byte of an earlier session
+    reaches the SSH handshake."""
+    nonce = secrets.token_hex(8)
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(f"\nPYDESK-HELLO {nonce}\n".encode())
+        want = f"PYDESK-READY {nonce}\n".encode()
+        line = b""
+        while not line.endswith(want):
+            b = sock.recv(1)  # byte by byte: what follows the line belongs to sshd
+            if not b:
+                raise EOFError("the agent port closed during the greeting")
+            line = b"" if b == b"\n" and not (line + b).endswith(want) else line + b
+            if len(line) > 65536:
+                line = line[-len(want):]
+    finally:
+        sock.settimeout(None)
+
+
 class AgentChannel:
     """The daemon's one SSH connection to the guest."""
 
@@ -114,6 +139,7 @@ class AgentChannel:
     def _attempt(self, timeout: float) -> paramiko.Transport:
         sock = connect_endpoint(self.endpoint, timeout=min(timeout, 5))
         try:
+            greet(sock, timeout)
             return open_transport(sock, self.client_key, self.host_key, timeout)
         except BaseException:
             sock.close()
@@ -167,12 +193,32 @@ class AgentChannel:
             self._watcher = threading.Thread(target=self._watch, name="agent-watch", daemon=True)
             self._watcher.start()
 
+    def _healthy(self, t: Transport, timeout: float = 0.0) -> bool:
+        """A keepalive that must be answered. A transport can look alive yet be stuck: when
+        the guest's sshd dies, the fresh one's banner lands inside our encrypted stream, and
+        depending on the bytes paramiko may wait forever for the rest of a "packet"."""
+        done = threading.Event()
+
+        def ping() -> None:
+            try:
+                t.global_request("keepalive@openssh.com", wait=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=ping, name="agent-ping", daemon=True).start()
+        return done.wait(timeout or HEALTH_TIMEOUT) and t.is_active()
+
     def _watch(self) -> None:
-        """Reconnect as soon as the transport dies, for as long as we are open."""
+        """Reconnect as soon as the transport dies or stops answering, while we are open."""
         while not self._closed:
             t = self._transport
             if t is not None:
-                t.join()  # a Transport is a thread; it ends with the connection
+                # a Transport is a thread: it ends with the connection
+                while t.is_alive() and not self._closed:
+                    t.join(HEALTH_INTERVAL)
+                    if t.is_alive() and not self._closed and not self._healthy(t):
+                        self.log.warning("agent connection stopped answering; dropping it")
+                        t.close()
             if self._closed:
                 return
             self.log.info("agent connection lost; reconnecting")
@@ -200,9 +246,26 @@ class AgentChannel:
         return t is not None and t.is_active()
 
     # --- use -----------------------------------------------------------------------------
+    def _open(self, opener: Callable[[Transport, float], paramiko.Channel], timeout: float) -> paramiko.Channel:
+        """Open a channel, riding out a connection that turns out to be dead or stuck: each
+        try has a short timeout; a connection that then fails a keepalive is dropped, and we
+        wait for the watcher's reconnect, until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            t = self.transport(max(0.1, deadline - time.monotonic()))
+            try:
+                return opener(t, max(0.1, min(OPEN_TIMEOUT, deadline - time.monotonic())))
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                if time.monotonic() >= deadline:
+                    raise AgentError(f"cannot open a channel to the guest agent: {exc}") from exc
+                self.log.info("channel open failed (%s); checking the connection", exc)
+                if t.is_active() and not self._healthy(t, OPEN_TIMEOUT):
+                    t.close()  # the watcher reconnects
+                time.sleep(0.1)
+
     def exec(self, command: str, *, input: bytes | None = None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
         """Run ``command`` in the guest; returns (exit status, stdout, stderr)."""
-        chan = self.transport(timeout).open_session(timeout=timeout)
+        chan = self._open(lambda t, to: t.open_session(timeout=to), timeout)
         try:
             chan.settimeout(timeout)
             chan.exec_command(command)
@@ -230,15 +293,16 @@ class AgentChannel:
     def open_inner_sshd(self, timeout: float = 30.0) -> paramiko.Channel:
         """A channel running a fresh ``sshd -i``: a whole SSH server for one client (the
         CLI's `vm shell`), carried inside our connection."""
-        chan = self.transport(timeout).open_session(timeout=timeout)
-        chan.exec_command(INNER_SSHD)
-        return chan
+        def opener(t: Transport, to: float) -> paramiko.Channel:
+            chan = t.open_session(timeout=to)
+            chan.exec_command(INNER_SSHD)
+            return chan
+
+        return self._open(opener, timeout)
 
     def open_unix(self, path: str, timeout: float = 30.0) -> paramiko.Channel:
         """A stream to the unix socket ``path`` in the guest (sshd forwards it in-process)."""
-        t = self.transport(timeout)
-        assert isinstance(t, Transport)
-        return t.open_streamlocal(path, timeout=timeout)
+        return self._open(lambda t, to: t.open_streamlocal(path, timeout=to), timeout)
 
     def release(self) -> dict:
         rc, out, err = self.exec("cat /etc/pydesk-release; uname -r", timeout=20)

@@ -211,7 +211,8 @@ class Daemon:
                 how = self.stop()
                 self._reply(f, ok=True, how=how)
             elif op == "ssh":
-                assert self.vm is not None and self.vm.agent is not None
+                if self.vm is None or self.vm.agent is None:
+                    raise DaemonError("the VM is not ready")
                 chan = self.vm.agent.open_inner_sshd()
                 self._reply(f, ok=True)
                 keep_open = True

@@ -132,7 +132,10 @@ class VM:
             def handler(chan: Any, origin: Any, server: Any, host_port: int = host_port) -> None:
                 threading.Thread(target=_connect_host_service, args=(chan, host_port), daemon=True).start()
 
-            transport.request_port_forward("127.0.0.1", guest_port, handler)
+            try:
+                transport.request_port_forward("127.0.0.1", guest_port, handler)
+            except Exception as exc:  # a host service must not cost us the agent connection
+                log.warning("cannot forward host service %d -> %d: %s", guest_port, host_port, exc)
 
     def status(self) -> dict[str, Any]:
         return {
