@@ -468,12 +468,16 @@ class Engine:
                 deadline = time.monotonic() + 60
                 while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
-                pid = int(pid_file.read_text().strip() or 0) if pid_file.exists() else 0
-                if not pid:
-                    rc = proc.proc.wait(30)
-                    message = docker_message(_crun_error(crun_log) or f"crun exited with status {rc}")
+                rc = proc.proc.poll()
+                error = _crun_error(crun_log) if rc not in (None, 0) else ""
+                if error:  # crun could not create or start it; a quick normal exit is not an error
+                    message = docker_message(error)
                     proc.drain(1)
                     raise EngineError(_start_status(message), message)
+                try:
+                    pid = int(pid_file.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = int((runtime.state(c.id) or {}).get("pid") or 0)
             except EngineError as exc:
                 self._start_failed(c, exc.message)
                 raise
