@@ -480,27 +480,10 @@ def container_wait(h: Handler, ref: str) -> None:
     condition = h.query.get("condition") or "not-running"
     if condition not in ("not-running", "next-exit", "removed"):
         raise EngineError(400, f"invalid condition: {condition}")
-    result: dict[str, Any] = {}
     seq = c.exit_seq  # registered before the headers go out, so a fast exit is not missed
-
-    def waiter() -> None:
-        with c.lock:
-            if condition == "next-exit":
-                while c.exit_seq == seq and not c.removed:
-                    c.exited.wait(1)
-            elif condition == "removed":
-                while not c.removed:
-                    c.exited.wait(1)
-            else:
-                while (c.running or c.state.get("Restarting")) and not c.removed:
-                    c.exited.wait(1)
-            result["code"] = int(c.state.get("ExitCode") or 0)
-            result["error"] = c.state.get("Error") or None
-
     h.start_stream()
-    waiter()
-    body = {"StatusCode": result["code"], "Error": None}
-    h.chunk(json.dumps(body).encode() + b"\n")
+    code = h.engine.wait(c, condition, seq)
+    h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
     h.end_stream()
 
 

@@ -616,10 +616,12 @@ class Engine:
         self.start(c)
         self.events.emit("container", "restart", c.id, {"name": c.name})
 
-    def wait(self, c: Container, condition: str = "not-running") -> int:
+    def wait(self, c: Container, condition: str = "not-running", seq: int | None = None) -> int:
+        """Block until ``condition``; ``seq`` is the exit count seen when the wait was asked
+        for (so an exit between the request and this call is not missed)."""
         with c.lock:
             if condition == "next-exit":
-                seq = c.exit_seq
+                seq = c.exit_seq if seq is None else seq
                 while c.exit_seq == seq and not c.removed:
                     c.exited.wait(1)
             elif condition == "removed":
