@@ -582,8 +582,8 @@ def _post_ok(api: Any, path: str, name: str, params: dict[str, Any], timeout: fl
     api._raise_for_status(res)
 
 
-@handles_errors()
-def cmd_stop(args: argparse.Namespace) -> int:
+def _stop_like(args: argparse.Namespace, action: str) -> int:
+    """`stop` and `restart`: the same flags, the same per-container request."""
     client = engine(args)
     params: dict[str, Any] = {}
     if args.time is not None:
@@ -591,19 +591,18 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.signal:
         params["signal"] = args.signal
     timeout = None if args.time is None or args.time < 0 else args.time + 60
-    return _each(args.containers, lambda n: _post_ok(client.api, "/containers/{0}/stop", n, params, timeout))
+    path = "/containers/{0}/" + action
+    return _each(args.containers, lambda n: _post_ok(client.api, path, n, params, timeout))
+
+
+@handles_errors()
+def cmd_stop(args: argparse.Namespace) -> int:
+    return _stop_like(args, "stop")
 
 
 @handles_errors()
 def cmd_restart(args: argparse.Namespace) -> int:
-    client = engine(args)
-    params: dict[str, Any] = {}
-    if args.time is not None:
-        params["t"] = args.time
-    if args.signal:
-        params["signal"] = args.signal
-    timeout = None if args.time is None or args.time < 0 else args.time + 60
-    return _each(args.containers, lambda n: _post_ok(client.api, "/containers/{0}/restart", n, params, timeout))
+    return _stop_like(args, "restart")
 
 
 @handles_errors()
