@@ -24,9 +24,11 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from agent import archive
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, familiar, normalize
 from agent.store import ImageInUse, StoreError
+from agent.volumes import VolumeError
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(405 if known else 404, "page not found" if not known else "method not allowed")
         try:
             fn(self, **params)
-        except EngineError as exc:
+        except (EngineError, archive.ArchiveError, VolumeError) as exc:
             self._safe_error(exc.status, exc.message)
         except ImageInUse as exc:
             self._safe_error(409, str(exc))
@@ -980,78 +982,149 @@ def network_connect(h: Handler, ref: str, action: str) -> None:
     h.reply(200, b"", "text/plain")
 
 
-# --- volumes ------------------------------------------------------------------------------------
+# --- volumes (agent/volumes.py) and archives for cp (agent/archive.py) --------------------------
 def _volumes(e: Engine) -> list[str]:
-    root = e.root / "volumes"
-    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+    return e.volumes.names()
 
 
 def _volume(e: Engine, name: str) -> dict[str, Any]:
-    meta_path = e.root / "volumes" / name / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return {"Name": name, "Driver": "local", "Mountpoint": str(e.root / "volumes" / name / "_data"),
-            "CreatedAt": meta.get("CreatedAt", ZERO), "Labels": meta.get("Labels") or {}, "Scope": "local",
-            "Options": meta.get("Options") or {}, "UsageData": {"Size": -1, "RefCount": -1}}
-
-
-VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
+    return e.volumes.inspect(name, ref_count=len(e.volume_users(name)), size=True)
 
 
 @routes.add("GET", "/volumes")
 def volume_list(h: Handler) -> None:
-    h.reply(200, {"Volumes": [_volume(h.engine, v) for v in _volumes(h.engine)], "Warnings": []})
+    e, flt = h.engine, h.filters()
+    out = []
+    for name in e.volumes.names():
+        v = e.volumes.inspect(name)
+        if flt.get("name") and not any(n in name for n in flt["name"]):
+            continue
+        if flt.get("dangling") and (flt["dangling"][0] in ("1", "true")) == bool(e.volume_users(name)):
+            continue
+        if flt.get("label") and not all(_label_match(v["Labels"], f) for f in flt["label"]):
+            continue
+        if flt.get("driver") and "local" not in flt["driver"]:
+            continue
+        out.append(v)
+    h.reply(200, {"Volumes": out, "Warnings": []})
+
+
+def _label_match(labels: dict[str, str], f: str) -> bool:
+    key, eq, value = f.partition("=")
+    return key in labels and (not eq or labels[key] == value)
 
 
 @routes.add("POST", "/volumes/create")
 def volume_create(h: Handler) -> None:
     body = h.body_json()
-    import secrets
-
-    name = body.get("Name") or secrets.token_hex(32)
-    if not VOLUME_NAME.match(name):
-        raise EngineError(400, f"create {name}: \"{name}\" includes invalid characters for a local volume name")
-    d = h.engine.root / "volumes" / name
-    (d / "_data").mkdir(parents=True, exist_ok=True)
-    if not (d / "meta.json").exists():
-        (d / "meta.json").write_text(json.dumps({"CreatedAt": logmod.now_rfc3339(), "Labels": body.get("Labels") or {},
-                                                 "Options": body.get("DriverOpts") or {}}))
-    h.engine.events.emit("volume", "create", name, {"driver": "local"})
-    h.reply(201, _volume(h.engine, name))
+    existed = bool(body.get("Name")) and h.engine.volumes.exists(body["Name"])
+    v = h.engine.volumes.create(body.get("Name") or None, labels=body.get("Labels"), options=body.get("DriverOpts"),
+                                driver=body.get("Driver"))
+    if not existed:
+        h.engine.events.emit("volume", "create", v["Name"], {"driver": "local"})
+    h.reply(201, v)
 
 
 @routes.add("GET", r"/volumes/(?P<name>[^/]+)")
 def volume_inspect(h: Handler, name: str) -> None:
-    if name not in _volumes(h.engine):
-        raise EngineError(404, f"get {name}: no such volume")
-    h.reply(200, _volume(h.engine, name))
+    h.reply(200, h.engine.volumes.inspect(name))
 
 
 @routes.add("DELETE", r"/volumes/(?P<name>[^/]+)")
 def volume_remove(h: Handler, name: str) -> None:
-    if name not in _volumes(h.engine):
-        raise EngineError(404, f"get {name}: no such volume")
-    users = [c.id for c in h.engine.containers.values() if any(m.get("Name") == name for m in c.r.get("Mounts") or [])]
-    if users and not h.qbool("force"):
-        raise EngineError(409, f"remove {name}: volume is in use - [{', '.join(users)}]")
-    import shutil
-
-    shutil.rmtree(h.engine.root / "volumes" / name)
+    h.engine.volumes.remove(name, h.engine.volume_users(name), force=h.qbool("force"))
     h.engine.events.emit("volume", "destroy", name, {"driver": "local"})
     h.reply(204)
 
 
 @routes.add("POST", "/volumes/prune")
 def volume_prune(h: Handler) -> None:
-    import shutil
-
-    deleted, space = [], 0
-    used = {m.get("Name") for c in h.engine.containers.values() for m in c.r.get("Mounts") or []}
-    for v in _volumes(h.engine):
-        if v not in used:
-            space += _du(h.engine.root / "volumes" / v)
-            shutil.rmtree(h.engine.root / "volumes" / v)
-            deleted.append(v)
+    e, flt = h.engine, h.filters()
+    with e.lock:
+        used = {m.get("Name") for c in e.containers.values() for m in c.r.get("Mounts") or [] if m.get("Name")}
+    everything = (flt.get("all") or ["false"])[0].lower() in ("1", "true")
+    deleted, space = e.volumes.prune(used, everything, flt.get("label") or [])
+    for name in deleted:
+        e.events.emit("volume", "destroy", name, {"driver": "local"})
     h.reply(200, {"VolumesDeleted": deleted or None, "SpaceReclaimed": space})
+
+
+def _archive_path(h: Handler) -> str:
+    path = h.query.get("path")
+    if not path:
+        raise EngineError(400, "bad parameter: path cannot be empty")
+    return path
+
+
+@routes.add("HEAD", r"/containers/(?P<ref>[^/]+)/archive")
+def archive_head(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    with h.engine.container_root(c) as root:
+        info = archive.path_stat(root, _archive_path(h))
+    h.send_response(200)
+    h._common_headers()
+    h.send_header("X-Docker-Container-Path-Stat", archive.stat_header(info))
+    h.send_header("Content-Length", "0")
+    h.end_headers()
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/archive")
+def archive_get(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    path = _archive_path(h)
+    with h.engine.container_root(c) as root:
+        info = archive.path_stat(root, path)
+        h.send_response(200)
+        h._common_headers()
+        h.send_header("X-Docker-Container-Path-Stat", archive.stat_header(info))
+        h.send_header("Content-Type", "application/x-tar")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        out = _ChunkWriter(h)
+        try:
+            archive.write_tar(root, path, out)
+        except (archive.ArchiveError, OSError) as exc:  # the headers are out: all we can do is cut the stream
+            log.warning("cp from %s:%s failed mid-stream: %s", c.name, path, exc)
+            h.close_connection = True
+            return
+        out.flush()
+        h.end_stream()
+
+
+class _ChunkWriter:
+    """A write-only file that sends HTTP chunks of at least 64 KiB."""
+
+    def __init__(self, h: Handler) -> None:
+        self.h, self.buf = h, bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.buf += data
+        if len(self.buf) >= 1 << 16:
+            self.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        if self.buf:
+            self.h.chunk(bytes(self.buf))
+            self.buf.clear()
+
+
+@routes.add("PUT", r"/containers/(?P<ref>[^/]+)/archive")
+def archive_put(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    if c.r["HostConfig"].get("ReadonlyRootfs"):
+        raise EngineError(403, "container rootfs is marked read-only")
+    body = h.body_stream()
+    try:
+        with h.engine.container_root(c) as root:
+            archive.extract_tar(root, _archive_path(h), body, copy_owner=h.qbool("copyUIDGID"),
+                                no_overwrite_dir_non_dir=h.qbool("noOverwriteDirNonDir"))
+        while body.read(1 << 16):  # the tar's zero padding: keep the connection in step
+            pass
+    except BaseException:
+        h.close_connection = True  # the rest of the body was not read
+        raise
+    h.reply(200, b"", "text/plain")
 
 
 # --- server -------------------------------------------------------------------------------------

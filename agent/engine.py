@@ -26,8 +26,10 @@ from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal
 from agent.events import Events
 from agent.logs import LogFile
 from agent.network import Network, NetworkError, Networks
-from agent.rootpath import lookup_user
+from agent.rootpath import lookup_user, resolve_in_root
 from agent.store import ImageInUse, ImageNotFound, Store, StoreError
+from agent.volumes import VolumeError, Volumes
+from agent.volumes import plan as plan_mounts
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class Engine:
         (root / "containers").mkdir(parents=True, exist_ok=True)
         self.store = Store(root / "images", in_use=self._image_in_use)
         self.networks = Networks(root / "networks")
+        self.volumes = Volumes(root / "volumes")
         self.events = Events()
         self.lock = threading.RLock()
         self.containers: dict[str, Container] = {}
@@ -258,6 +261,10 @@ class Engine:
             "StopSignal": body.get("StopSignal") or icfg.get("StopSignal") or "SIGTERM",
             "StopTimeout": body.get("StopTimeout"),
         }
+        try:
+            mounts = plan_mounts(host, config["Volumes"] or {}, self.volumes)
+        except VolumeError as exc:
+            raise EngineError(exc.status, exc.message) from exc
         root = self.root / "containers" / cid
         for d in ("upper", "work", "rootfs"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -272,7 +279,7 @@ class Engine:
             "Driver": "overlay2", "Platform": "linux", "MountLabel": "", "ProcessLabel": "", "AppArmorProfile": "",
             "ExecIDs": None, "HostConfig": host, "GraphDriver": {"Name": "overlay2", "Data": {
                 "UpperDir": str(root / "upper"), "WorkDir": str(root / "work"), "MergedDir": str(root / "rootfs")}},
-            "Mounts": [], "Config": config,
+            "Mounts": mounts, "Config": config,
             "NetworkSettings": {"Bridge": "", "SandboxID": "", "HairpinMode": False, "Ports": {},
                                 "SandboxKey": "", "IPAddress": "", "IPPrefixLen": 0, "Gateway": "", "MacAddress": "",
                                 "Networks": self._initial_networks(body, network_mode)},
@@ -408,29 +415,29 @@ class Engine:
         )
 
     def _bind_mounts(self, c: Container) -> list[runtime.Mount]:
-        """Bind mounts and volumes (`-v`); named volumes live on the data disk."""
+        """Binds, volumes and tmpfs mounts, from the plan made at create (agent/volumes.py)."""
         mounts: list[runtime.Mount] = []
-        records = []
-        for spec in c.r["HostConfig"].get("Binds") or []:
-            parts = spec.split(":")
-            if len(parts) < 2:
-                raise EngineError(400, f"invalid volume specification: '{spec}'")
-            src, dst = parts[0], parts[1]
-            mode = parts[2] if len(parts) > 2 else "rw"
-            ro = "ro" in mode.split(",")
-            if src.startswith("/"):
-                if not os.path.exists(src):
-                    os.makedirs(src, exist_ok=True)
-                mounts.append(runtime.Mount(dst, src, options=("rbind", "rprivate") + (("ro",) if ro else ())))
-                records.append({"Type": "bind", "Source": src, "Destination": dst, "Mode": mode if len(parts) > 2 else "",
-                                "RW": not ro, "Propagation": "rprivate"})
+        for rec in sorted(c.r.get("Mounts") or [], key=lambda r: r["Destination"].count("/")):
+            ro = ("ro",) if not rec.get("RW", True) else ()
+            dst = rec["Destination"]
+            if rec["Type"] == "tmpfs":
+                mounts.append(runtime.Mount(dst, "tmpfs", type="tmpfs", options=tuple(rec["Mode"].split(",")) + ro))
+                continue
+            if rec["Type"] == "volume":
+                if not self.volumes.exists(rec["Name"]):
+                    raise EngineError(404, f"volume {rec['Name']} not found (removed while {c.name} was stopped?)")
+                if "nocopy" not in rec.get("Mode", ""):
+                    try:
+                        self.volumes.fill_from(rec["Name"], resolve_in_root(c.rootfs, dst))
+                    except VolumeError as exc:
+                        raise EngineError(exc.status, exc.message) from exc
+                src = str(self.volumes.data(rec["Name"]))
             else:
-                vol = self.root / "volumes" / src / "_data"
-                vol.mkdir(parents=True, exist_ok=True)
-                mounts.append(runtime.Mount(dst, str(vol), options=("rbind", "rprivate") + (("ro",) if ro else ())))
-                records.append({"Type": "volume", "Name": src, "Source": str(vol), "Destination": dst, "Driver": "local",
-                                "Mode": mode if len(parts) > 2 else "z", "RW": not ro, "Propagation": ""})
-        c.r["Mounts"] = records
+                src = rec["Source"]
+                if not os.path.exists(src):
+                    raise EngineError(400, f"bind source path does not exist: {src} (is its folder still shared "
+                                           "with the VM? see `pydesk vm start --share`)")
+            mounts.append(runtime.Mount(dst, src, options=("rbind", "rprivate") + ro))
         return mounts
 
     def start(self, c: Container) -> None:
@@ -663,6 +670,52 @@ class Engine:
             shutil.rmtree(c.root, ignore_errors=True)
             c.exited.notify_all()
         self.events.emit("container", "destroy", c.id, {"name": c.name})
+        if volumes or c.r["HostConfig"].get("AutoRemove"):
+            self._remove_anonymous_volumes(c)
+
+    @contextlib.contextmanager
+    def container_root(self, c: Container):  # type: ignore[no-untyped-def]
+        """A directory fd of the container's root for `cp`: the running container's own view
+        (/proc/PID/root, with its mounts), or its file system mounted for the copy."""
+        pid = int(c.state.get("Pid") or 0) if c.running else 0
+        if pid:
+            try:
+                fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise EngineError(409, f"container {c.name} is not running any more") from exc
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+            return
+        with c.lock:
+            if c.removed:
+                raise not_found(f"No such container: {c.id}")
+            mounted_here = not os.path.ismount(c.rootfs)
+            self._mount_rootfs(c)
+            fd = os.open(c.rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
+                if mounted_here and not c.running:
+                    self._umount_rootfs(c)
+
+    def volume_users(self, name: str) -> list[str]:
+        with self.lock:
+            return [c.id for c in self.containers.values()
+                    if any(m.get("Name") == name for m in c.r.get("Mounts") or [])]
+
+    def _remove_anonymous_volumes(self, c: Container) -> None:
+        for rec in c.r.get("Mounts") or []:
+            name = rec.get("Name")
+            if rec.get("Type") == "volume" and name and self.volumes.is_anonymous(name) and not self.volume_users(name):
+                try:
+                    self.volumes.remove(name, [])
+                except (VolumeError, OSError) as exc:
+                    log.warning("cannot remove anonymous volume %s: %s", name, exc)
+                    continue
+                self.events.emit("volume", "destroy", name, {"driver": "local"})
 
     def rename(self, c: Container, new: str) -> None:
         name = self._unique_name(new)

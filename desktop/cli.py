@@ -57,11 +57,28 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
         changes["registry_mirrors"] = tuple(args.registry_mirror)
     if args.mirror_only is not None:
         changes["mirror_only"] = args.mirror_only
+    if args.share:
+        from vmkit.host import host_os
+        from vmkit.shares import parse_share
+
+        changes["shares"] = tuple(parse_share(s, host_os()) for s in args.share)
+    if args.share_home is not None:
+        changes["share_home"] = args.share_home
     if not changes:
+        _check_shares(current)
         return current
     new = dataclasses.replace(current, **changes)
+    _check_shares(new)
     st.save(new)
     return new
+
+
+def _check_shares(settings: Any) -> None:
+    """Refuse bad shares here, with the setting named, rather than in the daemon."""
+    from vmkit.host import host_os
+    from vmkit.vm import vm_shares
+
+    vm_shares(settings, host_os())
 
 
 def _data_disk_exists(name: str) -> bool:
@@ -247,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--host-service", action="append", metavar="GUESTPORT:HOSTPORT",
                         help="let the VM reach 127.0.0.1:HOSTPORT on this host at its own 127.0.0.1:GUESTPORT (saved)")
         sp.add_argument("--registry-mirror", action="append", metavar="REGISTRY=URL", help="a registry mirror (saved)")
+        sp.add_argument("--share", action="append", metavar="HOSTPATH[:ro]",
+                        help="share a host folder into the VM at the same path (saved; replaces the saved list; "
+                             "the home folder is shared too unless --no-share-home)")
+        sp.add_argument("--share-home", action=argparse.BooleanOptionalAction, default=None,
+                        help="share the home folder into the VM (default: on; saved)")
         sp.add_argument("--mirror-only", action=argparse.BooleanOptionalAction, default=None,
                         help="never fall back from a mirror to the registry itself (saved)")
 

@@ -394,6 +394,10 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         host["NetworkMode"] = args.network
     if args.volume:
         host["Binds"] = list(args.volume)
+    if getattr(args, "mount", None):
+        from desktop.files_cli import parse_mount
+
+        host["Mounts"] = [parse_mount(m) for m in args.mount]
     exposed, bindings = opts.parse_publish(args.publish or [])
     if bindings:
         host["PortBindings"] = bindings
@@ -449,9 +453,16 @@ def _prepare(args: argparse.Namespace) -> dict[str, Any]:
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
     try:
-        return container_config(args)
+        cfg = container_config(args)
+        from desktop.files_cli import current_shares, translate_mounts
+        from vmkit.host import host_os
+
+        if (cfg["HostConfig"].get("Binds") or cfg["HostConfig"].get("Mounts")):
+            translate_mounts(cfg, current_shares(args.name, host_os()), host_os())
+        return cfg
     except VMKitError as exc:
-        raise Fail(str(exc), opts.EXIT_ENGINE) from None
+        hint = getattr(exc, "hint", None)
+        raise Fail(str(exc) + (f" (hint: {hint})" if hint else ""), opts.EXIT_ENGINE) from None
 
 
 @handles_errors(opts.EXIT_ENGINE)
@@ -953,7 +964,10 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restart", help="no | on-failure[:N] | always | unless-stopped")
     p.add_argument("--network", "--net", dest="network", help="connect to a network")
     p.add_argument("--hostname", help="container host name")
-    p.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:OPTS]", help="bind mount a volume")
+    p.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:OPTS]",
+                   help="bind a shared host folder (absolute path) or a named volume")
+    p.add_argument("--mount", action="append", metavar="type=bind|volume|tmpfs,source=..,target=..[,readonly]",
+                   help="attach a file system mount")
     p.add_argument("-p", "--publish", action="append", metavar="[IP:]HOST:CTR[/PROTO]",
                    help="publish a container's port")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
@@ -1064,6 +1078,10 @@ def register(sub: Any) -> None:
     p = add("load", cmd_load, "load images from a tar archive")
     p.add_argument("-i", "--input", metavar="FILE")
     p.add_argument("-q", "--quiet", action="store_true")
+
+    from desktop import files_cli
+
+    files_cli.register(sub)
 
     system = sub.add_parser("system", help="engine-wide disk usage and cleanup")
     ss = system.add_subparsers(dest="system_command", metavar="ACTION")

@@ -124,8 +124,8 @@ class Daemon:
         choice = accel.choose(host, image.arch, str(image.kernel), cache_file=cache_dir() / "accel-probe.json",
                               requested=settings.requested_accel)
         progress.emit("accel", accel=str(choice.accel), message=choice.reason)
-        spec = build_spec(self.name, settings, image, choice, self.paths)
-        self.vm = VM(spec, host, self.paths, choice, guest_config(settings))
+        spec = build_spec(self.name, settings, image, choice, self.paths, host.os)
+        self.vm = VM(spec, host, self.paths, choice, guest_config(settings, spec.shares))
         self.listener = Listener(self.paths.control)
         if adopt:
             assert pid is not None

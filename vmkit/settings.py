@@ -46,7 +46,10 @@ class Settings:
     disk_gib: int = 20
     accel: str = "auto"  # auto, or one of Accel
     ports: tuple[PortForward, ...] = ()
+    #: Host folders shared into the VM, besides the home folder (see vmkit/shares.py).
     shares: tuple[Share, ...] = ()
+    #: Share the user's home folder (at the same path in the VM).
+    share_home: bool = True
     dns: tuple[str, ...] = ()
     restrict_network: bool = False
     layout: str = "auto"  # auto (the image's default), or one of BootLayout
@@ -103,6 +106,9 @@ class Settings:
             if "ports" in kw:
                 kw["ports"] = tuple(PortForward.parse(p) for p in kw["ports"])
             if "shares" in kw:
+                if not isinstance(kw["shares"], list) or not all(isinstance(s, dict) for s in kw["shares"]):
+                    raise ConfigError(f"{source}: shares must be a list of objects like "
+                                      '{"host_path": "/path", "read_only": false}')
                 kw["shares"] = tuple(Share(**s) for s in kw["shares"])
             for key in ("dns", "host_services", "registry_mirrors", "insecure_registries"):
                 if key in kw:

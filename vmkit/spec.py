@@ -91,10 +91,11 @@ class PortForward:
 
 @dataclasses.dataclass(frozen=True)
 class Share:
-    """A host folder shared into the VM."""
+    """A host folder shared into the VM (``guest_path`` "" = the default place for it, see
+    vmkit/shares.py)."""
 
     host_path: str
-    guest_path: str
+    guest_path: str = ""
     read_only: bool = False
 
 

@@ -11,17 +11,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vmkit.accel import AccelChoice
 from vmkit.agent import AgentChannel
 from vmkit.errors import AgentError, LaunchError
-from vmkit.host import Host
+from vmkit.host import Host, host_os
 from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
 from vmkit.qemu import QemuProcess, create_data_disk
+from vmkit import shares as sharing
 from vmkit.settings import Settings, parse_host_service
-from vmkit.spec import GuestImage, RuntimeFiles, VMSpec
+from vmkit.sftp_share import ShareServer, wait_mounted
+from vmkit.spec import GuestImage, HostOS, RuntimeFiles, Share, VMSpec
 from vmkit.transport import pump, qemu_endpoint
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,13 @@ READY_TIMEOUT = 180.0
 Progress = Callable[[str], None]
 
 
-def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelChoice, paths: VMPaths) -> VMSpec:
+def vm_shares(settings: Settings, os_: HostOS, home: str | None = None) -> tuple[Share, ...]:
+    """The folders shared into the VM: the configured ones plus the home folder."""
+    return sharing.effective(settings.shares, settings.share_home, str(Path.home()) if home is None else home, os_)
+
+
+def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelChoice, paths: VMPaths,
+               os_: HostOS | None = None) -> VMSpec:
     files = RuntimeFiles(
         qmp=qemu_endpoint(paths.qmp),
         agent=qemu_endpoint(paths.agent),
@@ -47,14 +56,15 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
     return VMSpec(
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
         disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
-        shares=settings.shares, ports=settings.ports, restrict_network=settings.restrict_network,
+        shares=vm_shares(settings, os_ or host_os()), ports=settings.ports, restrict_network=settings.restrict_network,
         dns=settings.dns, host_services=tuple(parse_host_service(s) for s in settings.host_services),
     )
 
 
-def guest_config(settings: Settings) -> str:
+def guest_config(settings: Settings, shares: tuple[Share, ...] = ()) -> str:
     """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
     lines = [f"dns={d}" for d in settings.dns[:1]]
+    lines += sharing.guest_config_lines(shares)
     lines += [f"mirror={m}" for m in settings.registry_mirrors]
     lines += [f"insecure={r}" for r in settings.insecure_registries]
     if settings.mirror_only:
@@ -74,6 +84,8 @@ class VM:
         self.release: dict[str, Any] = {}
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
+        self.share_servers = [ShareServer(s, i) for i, s in enumerate(spec.shares)]
+        self.shares_missing: list[str] = []
 
     def _prepare(self, progress: Progress) -> None:
         self.paths.ensure()
@@ -91,6 +103,7 @@ class VM:
         progress("waiting for the agent")
         self._connect_agent(t0 + READY_TIMEOUT)
         self.ready_seconds = round(time.monotonic() - t0, 2)
+        self._wait_shares(progress)
 
     def adopt(self, pid: int, progress: Progress) -> None:
         progress(f"reattaching to the running VM (QEMU pid {pid})")
@@ -98,6 +111,23 @@ class VM:
         with contextlib.suppress(OSError):
             self.started_at = self.paths.pidfile.stat().st_mtime
         self._connect_agent(time.monotonic() + 60)
+        self._wait_shares(progress)
+
+    def _wait_shares(self, progress: Progress) -> None:
+        if not self.spec.shares or self.agent is None:
+            return
+        progress(f"sharing {', '.join(s.host_path for s in self.spec.shares)}")
+        self.shares_missing = wait_mounted(self.agent.exec, self.spec.shares)
+        if self.shares_missing:
+            log.warning("shares not mounted in the guest: %s", self.shares_missing)
+            progress(f"warning: could not share {', '.join(self.shares_missing)} (see `pydesk vm logs --daemon`)")
+
+    def _attach_shares(self, transport: Any) -> None:
+        for srv in self.share_servers:
+            try:
+                srv.attach(transport)
+            except Exception as exc:  # a share must not cost us the agent connection
+                log.warning("cannot share %s: %s", srv.share.host_path, exc)
 
     def _wait_port_open(self, deadline: float) -> None:
         """Wait until the guest has opened the agent port (QMP tells us), so the first SSH
@@ -116,6 +146,7 @@ class VM:
     def _connect_agent(self, deadline: float) -> None:
         self.agent = AgentChannel(self.spec.files.agent, self.paths.client_key, self.paths.known_host, self.spec.name)
         self.agent.on_connect.append(self._forward_host_services)
+        self.agent.on_connect.append(self._attach_shares)
         try:
             self._wait_port_open(deadline)
             self.agent.connect(deadline, alive=self.qemu.alive)
@@ -156,6 +187,8 @@ class VM:
             "ready_seconds": self.ready_seconds,
             "ports": [str(p) for p in self.spec.ports],
             "host_services": [f"{g}:{h}" for g, h in self.spec.host_services],
+            "shares": [{"host_path": s.host_path, "guest_path": s.guest_path, "read_only": s.read_only,
+                        "mounted": s.guest_path not in self.shares_missing} for s in self.spec.shares],
         }
 
     def _poweroff_via_agent(self) -> None:
@@ -169,6 +202,8 @@ class VM:
         return how
 
     def close(self) -> None:
+        for srv in self.share_servers:
+            srv.close()
         if self.agent is not None:
             self.agent.close()
         self.qemu.close()
