@@ -152,11 +152,8 @@ class Volumes:
         return deleted, space
 
     def fill_from(self, name: str, source: Path | None) -> None:
-        """Docker's copy-up: a new (empty) volume gets what the image has at its mount point."""
+        """Docker's copy-up: an empty volume gets what the image has at its mount point."""
         data = self.data(name)
-        marker = self.root / name / "filled"
-        if marker.exists():
-            return
         if source is not None and source.is_dir() and not source.is_symlink() and not any(data.iterdir()):
             proc = subprocess.run(["cp", "-a", f"{source}/.", f"{data}/"], capture_output=True)
             if proc.returncode != 0:
@@ -165,7 +162,6 @@ class Volumes:
             st = source.stat()
             os.chown(data, st.st_uid, st.st_gid)
             os.chmod(data, st.st_mode & 0o7777)
-        marker.touch()
 
 
 def _labels_match(labels: dict[str, str], filters: list[str]) -> bool:

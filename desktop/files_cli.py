@@ -377,7 +377,9 @@ def _put(api: Any, container: str, path: str, body: IO[bytes], copy_owner: bool 
 
 
 def cmd_cp(args: argparse.Namespace) -> int:
-    from desktop.engine_cli import Fail, engine
+    import docker.errors
+
+    from desktop.engine_cli import Fail, api_message, engine
     from vmkit.host import host_os
 
     os_ = host_os()
@@ -396,6 +398,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
             what = sp
     except (CopyError, tarfile.TarError, OSError) as exc:
         raise Fail(str(exc)) from None
+    except docker.errors.NotFound as exc:
+        raise Fail(api_message(exc) if getattr(exc, "explanation", None) else
+                   f"Could not find the file {sp} in container {sc or dc}") from None
     if not args.quiet and dp != "-" and sys.stderr.isatty():
         print(f"Successfully copied {what} to {args.dst}", file=sys.stderr)
     return 0

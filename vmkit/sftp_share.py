@@ -51,7 +51,7 @@ MAX_LINK_DEPTH = 40
 #: sshfs options: allow_other so container processes of any uid reach the files (the host
 #: decides what is allowed, as the host user); short cache timeouts so host edits show up
 #: within a second.
-SSHFS_OPTIONS = ("slave", "allow_other", "dir_cache=yes", "dcache_timeout=1", "max_read=131072",
+SSHFS_OPTIONS = ("slave", "allow_other", "no_contain_symlinks", "dir_cache=yes", "dcache_timeout=1", "max_read=131072",
                  "entry_timeout=1", "attr_timeout=1", "negative_timeout=0")
 
 

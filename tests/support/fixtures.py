@@ -11,14 +11,14 @@ from tests.support.registry import (
     REGISTRY_BIN, RunningRegistry, missing_tools, push_layout, run_registry, run_token_registry,
 )
 
-REQUIRED_TOOLS = (REGISTRY_BIN, "skopeo", "zstd", "/bin/busybox", "/usr/sbin/nginx", "ldd")
+REQUIRED_TOOLS = (REGISTRY_BIN, "skopeo", "zstd", "/bin/busybox", "/usr/sbin/nginx", "ldd", "/usr/bin/git")
 
 
 def _require_tools() -> None:
     missing = missing_tools(*REQUIRED_TOOLS)
     if missing:
         pytest.skip(f"host tools missing: {', '.join(missing)} "
-                    "(apt-get install docker-registry skopeo zstd busybox-static nginx-light)")
+                    "(apt-get install docker-registry skopeo zstd busybox-static nginx-light git)")
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,11 @@ def recipes() -> dict[str, ImageSpec | IndexSpec]:
         ), compression, "whiteouts and an opaque dir")
         return (busybox_layer(compression), two, three)
 
+    git_layer = LayerSpec((("file", "usr/bin/git", Path(os.path.realpath("/usr/bin/git")), 0o755),
+                           *_with_libs(["/usr/bin/git"])), comment="git")
+    seed_layer = LayerSpec((("dir", "data", 0o750), ("file", "data/seed.txt", b"from the image\n", 0o640),
+                            ("dir", "data/sub", 0o755), ("file", "data/sub/deep", b"deep\n", 0o644)),
+                           comment="content a new volume is filled from")
     arch_amd64 = LayerSpec((("file", "etc/pydesk-arch", b"amd64\n", 0o644),), comment="arch marker")
     arch_arm64 = LayerSpec((("file", "etc/pydesk-arch", b"arm64\n", 0o644),), comment="arch marker")
     return {
@@ -230,6 +235,8 @@ def recipes() -> dict[str, ImageSpec | IndexSpec]:
             ImageSpec((base, arch_amd64), _config(["cat", "/etc/pydesk-arch"]), architecture="amd64"),
             ImageSpec((arch_arm64,), _config(["cat", "/etc/pydesk-arch"]), architecture="arm64", variant="v8"),
         ), attestation=True),
+        "git": ImageSpec((base, git_layer), _config(["git", "--version"], Env=[DEFAULT_PATH, "HOME=/root"])),
+        "volume": ImageSpec((base, seed_layer), _config(["sh"], Volumes={"/data": {}})),
         "tamper": ImageSpec((LayerSpec((("file", "tamper.bin", bytes(range(256)) * 4096, 0o644),),
                                        comment="a blob tests corrupt"),), _config(["sh"])),
     }
@@ -475,6 +482,8 @@ PUSH_NAMES = {
     "layers-zstd": ("layers-zstd",),
     "multiarch": ("multiarch",),
     "tamper": ("tamper",),
+    "git": ("git", "library/git"),
+    "volume": ("volume", "library/volume"),
 }
 
 

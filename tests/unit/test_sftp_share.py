@@ -1,0 +1,120 @@
+"""The share's SFTP server (vmkit/sftp_share.py) against paramiko's SFTP client over a real SSH
+connection on a socket pair: every request stays inside the share's root."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from vmkit.sftp_share import ConfinedSFTP, _Server
+
+
+class _Auth(paramiko.ServerInterface):
+    def check_auth_none(self, username: str) -> int:
+        return paramiko.AUTH_SUCCESSFUL
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "none"
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return paramiko.OPEN_SUCCEEDED
+
+
+def _client(root: Path, read_only: bool = False) -> Iterator[paramiko.SFTPClient]:
+    a, b = socket.socketpair()
+    server = paramiko.Transport(a)
+    server.add_server_key(paramiko.RSAKey.generate(1024))
+    server.set_subsystem_handler("sftp", _Server, ConfinedSFTP, str(root), read_only)
+    threading.Thread(target=server.start_server, kwargs={"server": _Auth()}, daemon=True).start()
+    client = paramiko.Transport(b)
+    client.start_client()
+    client.auth_none("u")
+    sftp = paramiko.SFTPClient.from_transport(client)
+    assert sftp is not None
+    try:
+        yield sftp
+    finally:
+        sftp.close()
+        client.close()
+        server.close()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    share, outside = tmp_path / "share", tmp_path / "outside"
+    (share / "sub").mkdir(parents=True)
+    (share / "sub" / "f.txt").write_text("inside\n")
+    outside.mkdir()
+    (outside / "secret").write_text("host secret\n")
+    os.symlink(str(outside), share / "out")  # a host symlink pointing out of the share
+    os.symlink("../outside/secret", share / "rel")
+    os.symlink("sub/f.txt", share / "in")
+    return share, outside
+
+
+@pytest.fixture
+def sftp(tree: tuple[Path, Path]) -> Iterator[paramiko.SFTPClient]:
+    yield from _client(tree[0])
+
+
+def test_reads_and_writes_inside(sftp: paramiko.SFTPClient, tree: tuple[Path, Path]) -> None:
+    share, _ = tree
+    with sftp.open("/sub/f.txt") as f:
+        assert f.read() == b"inside\n"
+    with sftp.open("/sub/new", "w") as f:
+        f.write(b"x" * 100_000)
+    assert (share / "sub" / "new").stat().st_size == 100_000
+    sftp.posix_rename("/sub/new", "/sub/f.txt")  # over an existing file, as git does
+    assert (share / "sub" / "f.txt").stat().st_size == 100_000
+    assert sorted(sftp.listdir("/")) == ["in", "out", "rel", "sub"]
+    assert sftp.stat("/in").st_size == 100_000  # a link inside the share is followed
+
+
+def test_nothing_outside_is_reachable(sftp: paramiko.SFTPClient, tree: tuple[Path, Path]) -> None:
+    share, outside = tree
+    for path in ("/out/secret", "/../outside/secret", "/../../etc/passwd", "/rel"):
+        with pytest.raises(OSError):
+            with sftp.open(path) as f:
+                f.read()
+    with pytest.raises(OSError):
+        sftp.listdir("/out")
+    with pytest.raises(OSError):
+        sftp.stat("/out")  # stat follows only links that stay inside
+    with pytest.raises(OSError):
+        sftp.open("/out/planted", "w")
+    # ".." is clamped at the root: this is the share's own sub/f.txt
+    with sftp.open("/../../sub/f.txt") as f:
+        assert f.read() == b"inside\n"
+    assert sftp.lstat("/out").st_mode is not None  # the link itself is visible
+    assert sftp.readlink("/out") == str(outside)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    assert (outside / "secret").read_text() == "host secret\n"
+
+
+def test_writing_through_a_final_symlink_is_refused(sftp: paramiko.SFTPClient, tree: tuple[Path, Path]) -> None:
+    share, outside = tree
+    os.symlink(str(outside / "secret"), share / "trap")
+    with pytest.raises(OSError):
+        with sftp.open("/trap", "w") as f:
+            f.write(b"pwned")
+    assert (outside / "secret").read_text() == "host secret\n"
+
+
+def test_read_only_share_refuses_changes(tree: tuple[Path, Path]) -> None:
+    share, _ = tree
+    for sftp in _client(share, read_only=True):
+        with sftp.open("/sub/f.txt") as f:
+            assert f.read() == b"inside\n"
+        for action in (lambda: sftp.open("/sub/f.txt", "w"), lambda: sftp.remove("/sub/f.txt"),
+                       lambda: sftp.mkdir("/d"), lambda: sftp.rename("/sub", "/sub2"),
+                       lambda: sftp.symlink("/", "/l"), lambda: sftp.chmod("/sub/f.txt", 0o777)):
+            with pytest.raises(OSError):
+                action()
+    assert (share / "sub" / "f.txt").read_text() == "inside\n"
+    assert sorted(p.name for p in share.iterdir()) == ["in", "out", "rel", "sub"]
