@@ -6,7 +6,10 @@ Each figure is a ratio against a peer on this machine, never an absolute target:
 - idle: host CPU of the idle pydesk VM vs the idle bare VM (busybox sleeping);
 - run: `run --rm busybox true` through the Engine API vs `crun run` of a prepared bundle
   in the same guest;
-- pull: the engine pulling nginx from a local registry vs `skopeo copy` from the same registry.
+- pull: the engine pulling nginx from a local registry vs `skopeo copy` from the same registry;
+- shares: a file-system workload (bench/fsload.py) in a container on a bind mount of a shared
+  host folder vs the same workload natively on the host (`python -m bench shares` runs only
+  this section and rewrites only its part of docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -80,7 +83,94 @@ def cpu_percent(pid: int, seconds: float) -> float:
     return 100.0 * ((b.user + b.system) - (a.user + a.system)) / seconds
 
 
+SHARES_BEGIN = "<!-- shares: written by `python -m bench shares` -->"
+SHARES_END = "<!-- /shares -->"
+
+
+def bench_shares(work: Path, reg_port: int) -> dict[str, dict[str, float]]:
+    """fsload natively on the host, in a container on a bind mount, and in the container's own
+    file system (the VM's disk: what the share mechanism is up against)."""
+    share = work / "shared"
+    share.mkdir()
+    home = work / "shares-home"
+    (share / "fsload.py").write_bytes((ROOT / "bench" / "fsload.py").read_bytes())
+    flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg_port}",
+             "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1",
+             "--share", str(share), "--no-share-home")
+    pydesk(home, "vm", "start", *flags)
+    try:
+        pydesk(home, "pull", "python")
+        native, bind, vmdisk = [], [], []
+        for _ in range(RUNS):
+            out = subprocess.run([sys.executable, str(share / "fsload.py"), str(share)], capture_output=True,
+                                 text=True, check=True).stdout
+            native.append(json.loads(out))
+            out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py", "/w").stdout
+            bind.append(json.loads(out))
+            out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py", "/tmp").stdout
+            vmdisk.append(json.loads(out))
+    finally:
+        pydesk(home, "vm", "stop", check=False)
+
+    def med(rows: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+    return {"native": med(native), "bind": med(bind), "vmdisk": med(vmdisk)}
+
+
+def shares_report(r: dict[str, dict[str, float]]) -> str:
+    from bench.fsload import DIRS, FILES, SEQ_MIB
+
+    def pct(native: float, other: float) -> str:
+        return f"{100 * native / other:.0f} %" if other > 0 else "n/a"
+
+    rows = [("sequential write", "seq_write", f"{SEQ_MIB} MiB + fsync"),
+            ("sequential read", "seq_read", f"{SEQ_MIB} MiB"),
+            ("untar (tar x)", "untar", f"{FILES} files, {DIRS} folders"),
+            ("find + stat", "walk_stat", f"{FILES + DIRS} entries")]
+    lines = [SHARES_BEGIN, "", "## Bind mounts of shared host folders", "",
+             "`bench/fsload.py` natively on the host, in a container (`python` image) on a bind mount of a",
+             "shared folder (agent-channel share: sshfs in the guest, pydesk's SFTP server on the host), and in",
+             "the same container's own file system (overlay on the VM's disk, which shows what the VM itself",
+             f"costs under TCG). Medians of {RUNS} runs; \"speed\" is native time / time, so 100 % is native.", "",
+             "| workload | size | native | bind mount | speed vs native | container fs | speed vs native |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, key, size in rows:
+        n, b, v = r["native"][key], r["bind"][key], r["vmdisk"][key]
+        lines.append(f"| {label} | {size} | {n:.3f} s | {b:.3f} s | {pct(n, b)} | {v:.3f} s | {pct(n, v)} |")
+    lines += ["", SHARES_END, ""]
+    return "\n".join(lines)
+
+
+def write_shares_section(section: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SHARES_BEGIN in text and SHARES_END in text:
+        head, _, rest = text.partition(SHARES_BEGIN)
+        _, _, tail = rest.partition(SHARES_END)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def main_shares() -> int:
+    from tests.support.images import build_all, push_all
+    from tests.support.registry import run_registry
+
+    with tempfile.TemporaryDirectory(prefix="pydesk-bench-") as tmp:
+        work = Path(tmp)
+        with run_registry(work / "registry") as reg:
+            push_all(reg, build_all(["python"]))
+            r = bench_shares(work, reg.port)
+    write_shares_section(shares_report(r))
+    print(json.dumps(r, indent=2))
+    return 0
+
+
 def main() -> int:
+    if sys.argv[1:] == ["shares"]:
+        return main_shares()
     from guest.build import build, load_image
     from guest.recipe import Recipe
     from tests.support.images import build_all, push_all
@@ -152,7 +242,10 @@ def main() -> int:
             results["pull"] = {"pydesk_s": pull_s, "peer_s": time.monotonic() - t0}
             client.close()
             pydesk(home, "vm", "stop")
+            push_all(reg, build_all(["python"]))
+            shares = bench_shares(work, reg.port)
     write_report(results)
+    write_shares_section(shares_report(shares))
     print(json.dumps(results, indent=2))
     return 0
 
@@ -191,7 +284,10 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "0.33–0.52 s measured when the brief was written); no dockerd runs in this benchmark.",
         "",
     ]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines))
+    path = ROOT / "docs" / "benchmarks.md"
+    old = path.read_text() if path.exists() else ""
+    keep = old[old.index(SHARES_BEGIN):] if SHARES_BEGIN in old else ""
+    path.write_text("\n".join(lines) + ("\n" + keep if keep else ""))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,11 @@ def shared_vm(tmp_path_factory: pytest.TempPathFactory, registry) -> Iterator[Py
     """One running VM shared by every test that does not need its own. Its docker.io is the
     test registry."""
     p = Pydesk(tmp_path_factory.mktemp("shared") / "home")
-    p("vm", "start", *VM_FLAGS, *registry_flags(registry), check=True)
+    # Host folders shared into this VM (tests/vm/test_shares.py): one read-write, one read-only.
+    p.share = tmp_path_factory.mktemp("share")  # type: ignore[attr-defined]
+    p.share_ro = tmp_path_factory.mktemp("share-ro")  # type: ignore[attr-defined]
+    p("vm", "start", *VM_FLAGS, *registry_flags(registry), "--share", str(p.share),  # type: ignore[attr-defined]
+      "--share", f"{p.share_ro}:ro", check=True)  # type: ignore[attr-defined]
     yield p
     _teardown(p)
 
