@@ -64,6 +64,8 @@ def _apply_overrides(args: argparse.Namespace) -> Any:
         changes["shares"] = tuple(parse_share(s, host_os()) for s in args.share)
     if args.share_home is not None:
         changes["share_home"] = args.share_home
+    if args.share_transport is not None:
+        changes["share_transport"] = args.share_transport
     if not changes:
         _check_shares(current)
         return current
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the home folder is shared too unless --no-share-home)")
         sp.add_argument("--share-home", action=argparse.BooleanOptionalAction, default=None,
                         help="share the home folder into the VM (default: on; saved)")
+        sp.add_argument("--share-transport", choices=["auto", "sftp", "virtiofs"],
+                        help="how shares reach the VM: virtiofs (Linux, root) or sftp over the agent channel (saved)")
         sp.add_argument("--mirror-only", action=argparse.BooleanOptionalAction, default=None,
                         help="never fall back from a mirror to the registry itself (saved)")
 

@@ -91,7 +91,24 @@ def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
         "-device", "virtio-net-pci,netdev=net0",
         "-device", "virtio-rng-pci",
     ]
+    argv += virtiofs_args(spec)
     return argv
+
+
+def virtiofs_args(spec: VMSpec) -> list[str]:
+    """vhost-user-fs devices for the virtiofs shares; vhost-user needs guest memory that
+    virtiofsd can map, so the RAM becomes a shared memfd backend on a NUMA node."""
+    if not spec.virtiofs:
+        return []
+    d = spec.files.virtiofs_dir
+    if d is None:
+        raise ValueError("virtiofs shares need RuntimeFiles.virtiofs_dir")
+    args = ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on", "-numa", "node,memdev=mem"]
+    for i, _share in enumerate(spec.virtiofs):
+        sock = qemu_escape(str(d / f"virtiofs{i}.sock"))
+        args += ["-chardev", f"socket,id=vfs{i},path={sock}",
+                 "-device", f"vhost-user-fs-pci,chardev=vfs{i},tag=pydesk{i},queue-size=1024"]
+    return args
 
 
 def netdev_opts(spec: VMSpec) -> str:

@@ -50,6 +50,9 @@ class Settings:
     shares: tuple[Share, ...] = ()
     #: Share the user's home folder (at the same path in the VM).
     share_home: bool = True
+    #: How shares reach the VM: "auto" (virtiofs where it works: Linux host, daemon as root,
+    #: virtiofsd installed, read-write share; else the agent channel), "sftp" or "virtiofs".
+    share_transport: str = "auto"
     dns: tuple[str, ...] = ()
     restrict_network: bool = False
     layout: str = "auto"  # auto (the image's default), or one of BootLayout
@@ -74,6 +77,8 @@ class Settings:
             raise ConfigError(f"unknown accelerator {self.accel!r}", hint="use auto, kvm, hvf, whpx or tcg")
         if self.layout != "auto" and self.layout not in set(BootLayout):
             raise ConfigError(f"unknown boot layout {self.layout!r}", hint="use auto, erofs or initramfs")
+        if self.share_transport not in ("auto", "sftp", "virtiofs"):
+            raise ConfigError(f"unknown share_transport {self.share_transport!r}", hint="use auto, sftp or virtiofs")
         for svc in self.host_services:
             parse_host_service(svc)
         for m in self.registry_mirrors:

@@ -388,7 +388,7 @@ def wait_mounted(exec_: Callable[..., tuple[int, bytes, bytes]], shares: tuple[S
     while missing and time.monotonic() < deadline:
         rc, out, _ = exec_("cat /proc/mounts", timeout=20)
         mounted = {line.split()[1].replace("\\040", " ") for line in out.decode(errors="replace").splitlines()
-                   if len(line.split()) > 2 and line.split()[2].startswith("fuse")}
+                   if len(line.split()) > 2 and line.split()[2].startswith(("fuse", "virtiofs"))}
         missing = [g for g in missing if g not in mounted]
         if missing:
             time.sleep(0.2)

@@ -158,6 +158,7 @@ class RuntimeFiles:
     authorized_keys: PurePath
     guest_config: PurePath
     pidfile: PurePath
+    virtiofs_dir: PurePath | None = None  # where the virtiofsd sockets are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,3 +176,6 @@ class VMSpec:
     restrict_network: bool = False  # QEMU user-net restrict=on: no traffic leaves the host
     dns: tuple[str, ...] = ()
     host_services: tuple[tuple[int, int], ...] = ()  # (guest port, host port) over the agent channel
+    #: The shares served by virtiofsd (Linux fast path, vmkit/virtiofs.py); the rest of
+    #: ``shares`` go over the agent channel (vmkit/sftp_share.py).
+    virtiofs: tuple[Share, ...] = ()

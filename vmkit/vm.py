@@ -16,12 +16,13 @@ from typing import Any
 
 from vmkit.accel import AccelChoice
 from vmkit.agent import AgentChannel
-from vmkit.errors import AgentError, LaunchError
+from vmkit.errors import AgentError, ConfigError, LaunchError
 from vmkit.host import Host, host_os
 from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
 from vmkit.qemu import QemuProcess, create_data_disk
 from vmkit import shares as sharing
+from vmkit import virtiofs
 from vmkit.settings import Settings, parse_host_service
 from vmkit.sftp_share import ShareServer, wait_mounted
 from vmkit.spec import GuestImage, HostOS, RuntimeFiles, Share, VMSpec
@@ -41,6 +42,18 @@ def vm_shares(settings: Settings, os_: HostOS, home: str | None = None) -> tuple
     return sharing.effective(settings.shares, settings.share_home, str(Path.home()) if home is None else home, os_)
 
 
+def virtiofs_shares(settings: Settings, shares: tuple[Share, ...], os_: HostOS) -> tuple[Share, ...]:
+    """The shares virtiofsd serves (see vmkit/virtiofs.py); the others use the agent channel."""
+    if settings.share_transport == "sftp" or not shares:
+        return ()
+    ok, why = virtiofs.available(os_)
+    if not ok:
+        if settings.share_transport == "virtiofs":
+            raise ConfigError(f"share_transport is virtiofs, but {why}", hint="set share_transport to auto or sftp")
+        return ()
+    return tuple(s for s in shares if not s.read_only)
+
+
 def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelChoice, paths: VMPaths,
                os_: HostOS | None = None) -> VMSpec:
     files = RuntimeFiles(
@@ -52,11 +65,13 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
         authorized_keys=paths.authorized_keys,
         guest_config=paths.guest_config,
         pidfile=paths.pidfile,
+        virtiofs_dir=paths.run,
     )
+    shares = vm_shares(settings, os_ or host_os())
     return VMSpec(
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
         disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
-        shares=vm_shares(settings, os_ or host_os()), ports=settings.ports, restrict_network=settings.restrict_network,
+        shares=shares, virtiofs=virtiofs_shares(settings, shares, os_ or host_os()), ports=settings.ports, restrict_network=settings.restrict_network,
         dns=settings.dns, host_services=tuple(parse_host_service(s) for s in settings.host_services),
     )
 
@@ -84,7 +99,8 @@ class VM:
         self.release: dict[str, Any] = {}
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
-        self.share_servers = [ShareServer(s, i) for i, s in enumerate(spec.shares)]
+        self.share_servers = [ShareServer(s, i) for i, s in enumerate(spec.shares) if s not in spec.virtiofs]
+        self.virtiofsd = virtiofs.Virtiofsd(spec, paths.state)
         self.shares_missing: list[str] = []
 
     def _prepare(self, progress: Progress) -> None:
@@ -98,7 +114,13 @@ class VM:
         self._prepare(progress)
         progress(f"booting the guest ({self.spec.accel}, {self.spec.cpus} CPUs, {self.spec.memory_mib} MiB)")
         t0 = time.monotonic()
-        self.qemu.launch()
+        if self.spec.virtiofs:
+            self.virtiofsd.start()
+        try:
+            self.qemu.launch()
+        except BaseException:
+            self.virtiofsd.close(force=True)
+            raise
         self.started_at = time.time()
         progress("waiting for the agent")
         self._connect_agent(t0 + READY_TIMEOUT)
@@ -123,6 +145,17 @@ class VM:
             progress(f"warning: could not share {', '.join(self.shares_missing)} (see `pydesk vm logs --daemon`)")
 
     def _attach_shares(self, transport: Any) -> None:
+        for i, share in enumerate(self.spec.virtiofs):
+            try:
+                chan = transport.open_session(timeout=15)
+                chan.settimeout(30)
+                chan.exec_command(virtiofs.mount_command(share, i))
+                if chan.recv_exit_status() != 0:
+                    log.warning("mounting virtiofs share %s failed: %s", share.host_path,
+                                chan.recv_stderr(4096).decode(errors="replace").strip())
+                chan.close()
+            except Exception as exc:  # a share must not cost us the agent connection
+                log.warning("cannot mount virtiofs share %s: %s", share.host_path, exc)
         for srv in self.share_servers:
             try:
                 srv.attach(transport)
@@ -188,7 +221,8 @@ class VM:
             "ports": [str(p) for p in self.spec.ports],
             "host_services": [f"{g}:{h}" for g, h in self.spec.host_services],
             "shares": [{"host_path": s.host_path, "guest_path": s.guest_path, "read_only": s.read_only,
-                        "mounted": s.guest_path not in self.shares_missing} for s in self.spec.shares],
+                        "mounted": s.guest_path not in self.shares_missing,
+                        "transport": "virtiofs" if s in self.spec.virtiofs else "sftp"} for s in self.spec.shares],
         }
 
     def _poweroff_via_agent(self) -> None:
@@ -204,6 +238,8 @@ class VM:
     def close(self) -> None:
         for srv in self.share_servers:
             srv.close()
+        if not self.qemu.alive():
+            self.virtiofsd.close()
         if self.agent is not None:
             self.agent.close()
         self.qemu.close()

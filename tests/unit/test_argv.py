@@ -145,3 +145,40 @@ def test_probe_argv() -> None:
     assert argv == ["qemu-system-x86_64", *HEAD, "-machine", "q35,vmport=off", "-accel", "kvm", "-cpu", "host",
                     "-m", "256M", "-no-reboot", "-serial", "stdio", "-kernel", "/img/vmlinuz",
                     "-append", "console=ttyS0 earlycon panic=-1"]
+
+
+def test_linux_virtiofs_shares() -> None:
+    """Linux fast path: RAM as a shared memfd on a NUMA node, one vhost-user-fs per share."""
+    import dataclasses
+
+    from vmkit.spec import Share
+
+    f = dataclasses.replace(files_posix(), virtiofs_dir=P("/r,x"))
+    shares = (Share("/home/me", "/home/me"), Share("/srv/data", "/srv/data"))
+    spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.KVM, f), shares=shares, virtiofs=shares)
+    argv = qemu_argv(spec, Host(HostOS.LINUX, Arch.X86_64))
+    plain = qemu_argv(dataclasses.replace(spec, virtiofs=()), Host(HostOS.LINUX, Arch.X86_64))
+    assert argv[:len(plain)] == plain
+    assert argv[len(plain):] == [
+        "-object", "memory-backend-memfd,id=mem,size=2048M,share=on", "-numa", "node,memdev=mem",
+        "-chardev", "socket,id=vfs0,path=/r,,x/virtiofs0.sock",
+        "-device", "vhost-user-fs-pci,chardev=vfs0,tag=pydesk0,queue-size=1024",
+        "-chardev", "socket,id=vfs1,path=/r,,x/virtiofs1.sock",
+        "-device", "vhost-user-fs-pci,chardev=vfs1,tag=pydesk1,queue-size=1024",
+    ]
+
+
+@pytest.mark.parametrize("os_", [HostOS.DARWIN, HostOS.WINDOWS])
+def test_agent_channel_shares_add_no_qemu_arguments(os_: HostOS) -> None:
+    """macOS and Windows have no virtiofsd: shares ride the agent channel, QEMU sees nothing."""
+    import dataclasses
+
+    from vmkit.settings import Settings
+    from vmkit.spec import Share
+    from vmkit.vm import virtiofs_shares
+
+    shares = (Share("/Users/me", "/Users/me"),)
+    assert virtiofs_shares(Settings(), shares, os_) == ()
+    spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.TCG, files_posix()), shares=shares)
+    argv = qemu_argv(spec, Host(os_, Arch.X86_64))
+    assert not any("vhost-user-fs" in a or "memfd" in a for a in argv)
