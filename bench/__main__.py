@@ -88,34 +88,43 @@ SHARES_END = "<!-- /shares -->"
 
 
 def bench_shares(work: Path, reg_port: int) -> dict[str, dict[str, float]]:
-    """fsload natively on the host, in a container on a bind mount, and in the container's own
-    file system (the VM's disk: what the share mechanism is up against)."""
+    """fsload natively on the host, in a container on a bind mount over each share transport
+    this host has (virtiofs: Linux as root; sftp over the agent channel: everywhere), and in
+    the container's own file system (the VM's disk: what any share is up against)."""
+    from vmkit.spec import HostOS
+    from vmkit.virtiofs import available
+
     share = work / "shared"
     share.mkdir()
-    home = work / "shares-home"
     (share / "fsload.py").write_bytes((ROOT / "bench" / "fsload.py").read_bytes())
-    flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg_port}",
-             "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1",
-             "--share", str(share), "--no-share-home")
-    pydesk(home, "vm", "start", *flags)
-    try:
-        pydesk(home, "pull", "python")
-        native, bind, vmdisk = [], [], []
-        for _ in range(RUNS):
-            out = subprocess.run([sys.executable, str(share / "fsload.py"), str(share)], capture_output=True,
-                                 text=True, check=True).stdout
-            native.append(json.loads(out))
-            out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py", "/w").stdout
-            bind.append(json.loads(out))
-            out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py", "/tmp").stdout
-            vmdisk.append(json.loads(out))
-    finally:
-        pydesk(home, "vm", "stop", check=False)
+    transports = (["virtiofs"] if available(HostOS.LINUX)[0] and sys.platform.startswith("linux") else []) + ["sftp"]
+    rows: dict[str, list[dict[str, float]]] = {"native": [], "vmdisk": []}
+    for transport in transports:
+        home = work / f"shares-home-{transport}"
+        flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg_port}",
+                 "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1",
+                 "--share", str(share), "--no-share-home", "--share-transport", transport)
+        pydesk(home, "vm", "start", *flags)
+        try:
+            pydesk(home, "pull", "python")
+            rows[transport] = []
+            for _ in range(RUNS):
+                if transport == transports[0]:
+                    out = subprocess.run([sys.executable, str(share / "fsload.py"), str(share)], capture_output=True,
+                                         text=True, check=True).stdout
+                    rows["native"].append(json.loads(out))
+                    out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py",
+                                 "/tmp").stdout
+                    rows["vmdisk"].append(json.loads(out))
+                out = pydesk(home, "run", "--rm", "-v", f"{share}:/w", "python", "python3", "/w/fsload.py", "/w").stdout
+                rows[transport].append(json.loads(out))
+        finally:
+            pydesk(home, "vm", "stop", check=False)
 
-    def med(rows: list[dict[str, float]]) -> dict[str, float]:
-        return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    def med(rs: list[dict[str, float]]) -> dict[str, float]:
+        return {k: statistics.median(r[k] for r in rs) for k in rs[0]}
 
-    return {"native": med(native), "bind": med(bind), "vmdisk": med(vmdisk)}
+    return {k: med(v) for k, v in rows.items() if v}
 
 
 def shares_report(r: dict[str, dict[str, float]]) -> str:
@@ -124,34 +133,26 @@ def shares_report(r: dict[str, dict[str, float]]) -> str:
     def pct(native: float, other: float) -> str:
         return f"{100 * native / other:.0f} %" if other > 0 else "n/a"
 
+    cols = [c for c in ("virtiofs", "sftp", "vmdisk") if c in r]
+    names = {"virtiofs": "bind mount, virtiofs", "sftp": "bind mount, sftp (agent channel)",
+             "vmdisk": "container's own fs"}
     rows = [("sequential write", "seq_write", f"{SEQ_MIB} MiB + fsync"),
             ("sequential read", "seq_read", f"{SEQ_MIB} MiB"),
             ("untar (tar x)", "untar", f"{FILES} files, {DIRS} folders"),
             ("find + stat", "walk_stat", f"{FILES + DIRS} entries")]
     lines = [SHARES_BEGIN, "", "## Bind mounts of shared host folders", "",
-             "`bench/fsload.py` natively on the host, in a container (`python` image) on a bind mount of a",
-             "shared folder (agent-channel share: sshfs in the guest, pydesk's SFTP server on the host), and in",
-             "the same container's own file system (overlay on the VM's disk, which shows what the VM itself",
-             f"costs under TCG). Medians of {RUNS} runs; \"speed\" is native time / time, so 100 % is native.", "",
-             "| workload | size | native | bind mount | speed vs native | container fs | speed vs native |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "`bench/fsload.py` natively on the host, then in a container (`python` image) on a bind mount of",
+             "a shared folder over each share transport, and in the same container's own file system (overlay",
+             "on the VM's disk, which shows what the VM itself costs under TCG). Each cell is time and speed",
+             f"relative to native (native time / time; 100 % = native). Medians of {RUNS} run(s).", "",
+             "| workload | size | native | " + " | ".join(names[c] for c in cols) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for label, key, size in rows:
-        n, b, v = r["native"][key], r["bind"][key], r["vmdisk"][key]
-        lines.append(f"| {label} | {size} | {n:.3f} s | {b:.3f} s | {pct(n, b)} | {v:.3f} s | {pct(n, v)} |")
+        n = r["native"][key]
+        cells = [f"{r[c][key]:.2f} s ({pct(n, r[c][key])})" for c in cols]
+        lines.append(f"| {label} | {size} | {n:.3f} s | " + " | ".join(cells) + " |")
     lines += ["", SHARES_END, ""]
     return "\n".join(lines)
-
-
-def write_shares_section(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SHARES_BEGIN in text and SHARES_END in text:
-        head, _, rest = text.partition(SHARES_BEGIN)
-        _, _, tail = rest.partition(SHARES_END)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main_shares() -> int:
