@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from vmkit.spec import PUBLISHED_GUEST_PORTS
 from vmkit.udp_relay import UdpRelay
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 GUEST_SOCKET = "/run/pydesk/ports.sock"
 GUEST_ADDRESS = "10.0.2.15"
 #: Guest ports the engine hands out for published bindings; forwards to other guest ports
-#: (the static ``--port`` settings) are never touched here.
-DYNAMIC_GUEST_PORTS = range(20000, 30000)
+#: (the static ``--port`` settings, which may not use this range) are never touched here.
+DYNAMIC_GUEST_PORTS = PUBLISHED_GUEST_PORTS
 
 _USERNET_LINE = re.compile(
     r"^\s*(?P<proto>TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(?P<host_ip>\S+)\s+(?P<host_port>\d+)\s+"

@@ -2,10 +2,12 @@
 
 Per connection, the first line is the command: ``GET N`` sends N bytes of the pattern
 below and closes; ``PUT`` reads to EOF and answers with the SHA-256 of what it got;
-``PING`` answers ``PONG``. Stdlib only, so it runs in the minimal python image.
+``PING`` answers ``PONG``. Listens on port 7000 or argv[1]. Stdlib only, so it runs in the
+minimal python image (and in the guest itself, for the benchmark's raw-forward peer).
 """
 import hashlib
 import socket
+import sys
 import threading
 
 BLOCK = bytes(range(256)) * 4096  # 1 MiB, the same pattern the tests expect
@@ -40,7 +42,7 @@ def handle(conn):
 def main():
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("0.0.0.0", 7000))
+    srv.bind(("0.0.0.0", int(sys.argv[1]) if len(sys.argv) > 1 else 7000))
     srv.listen(128)
     while True:
         conn, _ = srv.accept()

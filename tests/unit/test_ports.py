@@ -197,3 +197,15 @@ def test_publisher_serves_a_stream_and_reconnects(qemu_table: ForwardTable) -> N
     with contextlib.suppress(OSError):
         for s in streams:
             s.close()
+
+
+def test_vm_level_forwards_may_not_use_the_published_range() -> None:
+    from vmkit.errors import ConfigError
+    from vmkit.spec import PortForward
+
+    with pytest.raises(ConfigError, match="reserved for containers' published ports"):
+        PortForward.parse("8080:20000")
+    assert PortForward.parse("8080:31990").guest_port == 31990
+    from agent.ports import GUEST_PORTS
+    from vmkit.spec import PUBLISHED_GUEST_PORTS
+    assert GUEST_PORTS == PUBLISHED_GUEST_PORTS  # the guest and host halves agree
