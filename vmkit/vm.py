@@ -55,7 +55,7 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
 
 def guest_config(settings: Settings) -> str:
     """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
-    lines = [f"dns={d}" for d in settings.dns[:1]]
+    lines = [f"dns={d}" for d in settings.dns[:3]]  # resolv.conf reads at most three
     lines += [f"host-service={parse_host_service(s)[0]}" for s in settings.host_services]
     lines += [f"mirror={m}" for m in settings.registry_mirrors]
     lines += [f"insecure={r}" for r in settings.insecure_registries]
