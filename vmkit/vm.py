@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -39,8 +40,15 @@ Progress = Callable[[str], None]
 
 
 def vm_shares(settings: Settings, os_: HostOS, home: str | None = None) -> tuple[Share, ...]:
-    """The folders shared into the VM: the configured ones plus the home folder."""
-    return sharing.effective(settings.shares, settings.share_home, str(Path.home()) if home is None else home, os_)
+    """The folders shared into the VM: the configured ones plus the home folder (a folder
+    that does not exist on this host is left out, with a warning in the daemon's log)."""
+    shares = sharing.effective(settings.shares, settings.share_home, str(Path.home()) if home is None else home, os_)
+    if os_ is host_os():
+        missing = [s for s in shares if not os.path.isdir(s.host_path)]
+        for s in missing:
+            log.warning("not sharing %s: no such folder", s.host_path)
+        shares = tuple(s for s in shares if s not in missing)
+    return shares
 
 
 def virtiofs_shares(settings: Settings, shares: tuple[Share, ...], os_: HostOS) -> tuple[Share, ...]:

@@ -46,13 +46,15 @@ def test_shares_may_not_hide_the_vms_own_folders() -> None:
         shares.effective((Share("/home/me/a"),), True, "/home/me", HostOS.LINUX)
 
 
-def test_parse_share_and_guest_config() -> None:
+def test_parse_share_and_guest_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from vmkit.host import host_os
+
     assert shares.parse_share("/data:ro", HostOS.LINUX) == Share("/data", "", True)
     with pytest.raises(ConfigError):
         shares.parse_share("relative/dir", HostOS.LINUX)
-    s = Settings(shares=(Share("/srv/a", read_only=True),), share_home=False)
-    got = vm_shares(s, HostOS.LINUX, home="/home/me")
-    assert guest_config(s, got).splitlines() == ["share-ro=/srv/a"]
+    s = Settings(shares=(Share(str(tmp_path), read_only=True), Share(str(tmp_path / "gone"))), share_home=False)
+    got = vm_shares(s, host_os(), home="/home/me")  # a folder that does not exist is left out
+    assert guest_config(s, got).splitlines() == [f"share-ro={tmp_path}"]
 
 
 def test_settings_round_trip_shares() -> None:
