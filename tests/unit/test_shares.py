@@ -52,9 +52,10 @@ def test_parse_share_and_guest_config(tmp_path) -> None:  # type: ignore[no-unty
     assert shares.parse_share("/data:ro", HostOS.LINUX) == Share("/data", "", True)
     with pytest.raises(ConfigError):
         shares.parse_share("relative/dir", HostOS.LINUX)
-    s = Settings(shares=(Share(str(tmp_path), read_only=True), Share(str(tmp_path / "gone"))), share_home=False)
+    (tmp_path / "a").mkdir()
+    s = Settings(shares=(Share(str(tmp_path / "a"), read_only=True), Share(str(tmp_path / "gone"))), share_home=False)
     got = vm_shares(s, host_os(), home="/home/me")  # a folder that does not exist is left out
-    assert guest_config(s, got).splitlines() == [f"share-ro={tmp_path}"]
+    assert guest_config(s, got).splitlines() == [f"share-ro={tmp_path}/a"]
 
 
 def test_settings_round_trip_shares() -> None:
