@@ -245,7 +245,8 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
         src = m.get("Source") or ""
         if kind == "bind":
             if not src.startswith("/"):
-                raise VolumeError(400, f"invalid mount config for type \"bind\": invalid mount path: {src!r} mount path must be absolute")
+                raise VolumeError(400, f"invalid mount config for type \"bind\": invalid mount path: {src!r} "
+                                       "mount path must be absolute")
             add({"Type": "bind", "Source": bind_source(src, create=False), "Destination": dst, "Mode": "",
                  "RW": not ro, "Propagation": "rprivate"}, str(m))
         elif kind == "volume":

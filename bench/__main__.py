@@ -93,10 +93,12 @@ def bench_shares(work: Path, reg_port: int) -> dict[str, dict[str, float]]:
     """fsload natively on the host, in a container on a bind mount over each share transport
     this host has (virtiofs: Linux as root; sftp over the agent channel: everywhere), and in
     the container's own file system (the VM's disk: what any share is up against)."""
+    from bench.fsload import FILES as files
     from bench.fsload import SEQ_MIB as seq_mib
     from vmkit.spec import HostOS
     from vmkit.virtiofs import available
 
+    env = ("-e", f"FSLOAD_SEQ_MIB={seq_mib}", "-e", f"FSLOAD_FILES={files}")
     share = work / "shared"
     share.mkdir()
     (share / "fsload.py").write_bytes((ROOT / "bench" / "fsload.py").read_bytes())
@@ -116,11 +118,11 @@ def bench_shares(work: Path, reg_port: int) -> dict[str, dict[str, float]]:
                     out = subprocess.run([sys.executable, str(share / "fsload.py"), str(share)], capture_output=True,
                                          text=True, check=True).stdout
                     rows["native"].append(json.loads(out))
-                    out = pydesk(home, "run", "--rm", "-e", f"FSLOAD_SEQ_MIB={seq_mib}", "-v", f"{share}:/w", "python",
-                                 "python3", "/w/fsload.py", "/tmp").stdout
+                    out = pydesk(home, "run", "--rm", *env, "-v", f"{share}:/w", "python",
+                                 "python3", "/w/fsload.py", "/tmp", timeout=3600).stdout
                     rows["vmdisk"].append(json.loads(out))
-                out = pydesk(home, "run", "--rm", "-e", f"FSLOAD_SEQ_MIB={seq_mib}", "-v", f"{share}:/w", "python",
-                             "python3", "/w/fsload.py", "/w").stdout
+                out = pydesk(home, "run", "--rm", *env, "-v", f"{share}:/w", "python",
+                             "python3", "/w/fsload.py", "/w", timeout=3600).stdout
                 rows[transport].append(json.loads(out))
         finally:
             pydesk(home, "vm", "stop", check=False)

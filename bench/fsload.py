@@ -5,7 +5,8 @@ Stdlib only (it runs in the test `python` image too).
 
 - seq_write: 256 MiB in 1 MiB blocks, then fsync;
 - seq_read: reading it back (a new open);
-- untar: extracting a generated source-like tree (2,000 files of 1–4 KiB in 100 folders);
+- untar: extracting a generated source-like tree (2,000 files of 1–4 KiB in 100 folders;
+  FSLOAD_FILES and FSLOAD_SEQ_MIB change the sizes);
 - walk_stat: `find` + `stat` of that tree (os.walk and lstat of every entry).
 """
 
@@ -20,7 +21,8 @@ import tarfile
 import time
 
 SEQ_MIB = int(os.environ.get("FSLOAD_SEQ_MIB", "256"))
-FILES, DIRS = 2000, 100
+FILES = int(os.environ.get("FSLOAD_FILES", "2000"))
+DIRS = 100
 
 
 def source_tar() -> bytes:

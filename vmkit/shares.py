@@ -48,7 +48,8 @@ def check_guest_path(guest: str) -> None:
     norm = posixpath.normpath(guest)
     if norm in RESERVED or any(norm.startswith(t + "/") for t in RESERVED_TREES):
         raise ConfigError(f"cannot share into {norm!r} in the VM: it would hide the VM's own files",
-                          hint="share a folder below it, e.g. your project folder, or give the share another guest_path")
+                          hint="share a folder below it (e.g. your project folder), or give the share another "
+                               "guest_path")
 
 
 def parse_share(text: str, os_: HostOS) -> Share:
@@ -82,7 +83,8 @@ def resolved(shares: tuple[Share, ...], os_: HostOS) -> tuple[Share, ...]:
     for a in guests:
         for b in guests:
             if a != b and b.startswith(a.rstrip("/") + "/"):
-                raise ConfigError(f"shares overlap in the VM: {b!r} is inside {a!r}", hint="share only the outer folder")
+                raise ConfigError(f"shares overlap in the VM: {b!r} is inside {a!r}",
+                                  hint="share only the outer folder")
     return tuple(out)
 
 

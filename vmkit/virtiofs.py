@@ -80,7 +80,8 @@ class Virtiofsd:
     def start(self) -> None:
         binary = find_virtiofsd()
         if binary is None:
-            raise LaunchError("virtiofsd not found", hint="apt-get install qemu-system-common, or share over the agent channel")
+            raise LaunchError("virtiofsd not found",
+                              hint="apt-get install qemu-system-common, or share over the agent channel")
         for i, share in enumerate(self.spec.virtiofs):
             sock = self.socket(i)
             sock.unlink(missing_ok=True)

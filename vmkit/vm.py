@@ -80,7 +80,8 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
     return VMSpec(
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
         disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
-        shares=shares, virtiofs=virtiofs_shares(settings, shares, os_ or host_os()), ports=settings.ports, restrict_network=settings.restrict_network,
+        shares=shares, virtiofs=virtiofs_shares(settings, shares, os_ or host_os()), ports=settings.ports,
+        restrict_network=settings.restrict_network,
         dns=settings.dns, host_services=tuple(parse_host_service(s) for s in settings.host_services),
     )
 

@@ -157,7 +157,7 @@ def test_symlinks_do_not_reach_outside_the_share(vm: Pydesk, which: str, tmp_pat
     assert os.readlink(work / "abs-link") == str(secret)
 
 
-def test_bind_outside_the_shares_is_refused_with_the_setting(vm: Pydesk, docker_client) -> None:  # type: ignore[no-untyped-def]
+def test_bind_outside_the_shares_is_refused_with_the_setting(vm: Pydesk, docker_client) -> None:  # type: ignore
     import docker.errors
 
     proc = vm("run", "--rm", "-v", "/etc:/x", "busybox", "true")
