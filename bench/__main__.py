@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT))
 RUNS = int(os.environ.get("PYDESK_BENCH_RUNS", "3"))
 
 
-def pydesk(home: Path, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def pydesk(home: Path, *args: str, check: bool = True, input: str | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYDESK_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "desktop.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                          timeout=600)
+                          timeout=timeout)
     if check and proc.returncode:
         raise SystemExit(f"pydesk {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
