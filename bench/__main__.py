@@ -162,6 +162,19 @@ def shares_report(r: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def write_shares_section(section: str) -> None:
+    """Put the shares section into docs/benchmarks.md, replacing an earlier one."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SHARES_BEGIN in text and SHARES_END in text:
+        head, _, rest = text.partition(SHARES_BEGIN)
+        _, _, tail = rest.partition(SHARES_END)
+        text = head + section.rstrip("\n") + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
 def main_shares() -> int:
     from tests.support.images import build_all, push_all
     from tests.support.registry import run_registry
@@ -171,8 +184,8 @@ def main_shares() -> int:
         with run_registry(work / "registry") as reg:
             push_all(reg, build_all(["python"]))
             r = bench_shares(work, reg.port)
+    print(json.dumps(r, indent=2), flush=True)
     write_shares_section(shares_report(r))
-    print(json.dumps(r, indent=2))
     return 0
 
 
