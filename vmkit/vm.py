@@ -259,14 +259,14 @@ class VM:
         return how
 
     def close(self) -> None:
+        if self.agent is not None:  # first: wakes any channel open still waiting for it
+            self.agent.close()
         if self.publisher is not None:
             self.publisher.close()
         for srv in self.share_servers:
             srv.close()
         if not self.qemu.alive():
             self.virtiofsd.close()
-        if self.agent is not None:
-            self.agent.close()
         self.qemu.close()
 
 
