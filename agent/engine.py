@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -669,6 +670,56 @@ class Engine:
         c.r["Name"] = "/" + name
         c.save()
         self.events.emit("container", "rename", c.id, {"name": name})
+
+    def update(self, c: Container, body: dict[str, Any]) -> list[str]:
+        """`docker update`: new limits in the record, and in the live cgroup when running."""
+        host = c.r["HostConfig"]
+        for key in ("Memory", "MemorySwap", "MemoryReservation", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod",
+                    "PidsLimit", "CpusetCpus", "CpusetMems", "BlkioWeight"):
+            if key in body and body[key] not in (None, ""):
+                host[key] = body[key]
+        if body.get("RestartPolicy") and body["RestartPolicy"].get("Name") is not None:
+            host["RestartPolicy"] = body["RestartPolicy"]
+        if host.get("NanoCpus") and host.get("CpuQuota"):
+            raise EngineError(400, "Conflicting options: Nano CPUs and CPU Period cannot both be set")
+        warnings: list[str] = []
+        if c.running:
+            try:
+                runtime.apply_limits(c.id, runtime.Resources(
+                    memory=host.get("Memory") or None, memory_swap=host.get("MemorySwap") or None,
+                    nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
+                    pids_limit=host.get("PidsLimit") or None), host.get("CpuQuota") or None, host.get("CpuPeriod") or None)
+            except OSError as exc:
+                raise EngineError(500, f"Cannot update container {c.id}: {exc}") from None
+        c.save()
+        self.events.emit("container", "update", c.id, {"name": c.name})
+        return warnings
+
+    def changes(self, c: Container) -> list[dict[str, Any]]:
+        """`docker diff`: the container's overlay upper dir against the image's layers
+        (Kind 0 = changed, 1 = added, 2 = deleted)."""
+        upper = c.root / "upper"
+        lowers = self.store.lower_dirs(c.r["Image"])
+        out: list[dict[str, Any]] = []
+        for dirpath, dirs, files in os.walk(upper):
+            for name in sorted(dirs) + sorted(files):
+                full = Path(dirpath) / name
+                rel = "/" + str(full.relative_to(upper))
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlayfs whiteout
+                    out.append({"Path": rel, "Kind": 2})
+                    continue
+                in_lower = any(os.path.lexists(str(low) + rel) for low in lowers)
+                out.append({"Path": rel, "Kind": 0 if in_lower else 1})
+        # mount points the engine adds (Docker keeps these in its hidden init layer)
+        mounts = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev", "/proc", "/sys", "/dev/shm"}
+        mounts.update(m.get("Destination", "") for m in c.r.get("Mounts") or [])
+        out = [ch for ch in out if not (ch["Kind"] == 1 and ch["Path"] in mounts)]
+        out.sort(key=lambda ch: ch["Path"])
+        return out
 
     # --- exec -------------------------------------------------------------------------
     def exec_create(self, c: Container, config: dict[str, Any]) -> ExecInstance:
