@@ -464,8 +464,9 @@ class Engine:
                 runtime.prepare_cgroup(c.id)
                 argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
                         "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
+                held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
                 proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
-                               on_output=c.logfile.write)
+                               on_output=held.write)
                 deadline = time.monotonic() + 60
                 while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
@@ -474,7 +475,9 @@ class Engine:
                 if error:  # crun could not create or start it; a quick normal exit is not an error
                     message = docker_message(error)
                     proc.drain(1)
+                    held.release(drop=error)
                     raise EngineError(_start_status(message), message)
+                held.release()
                 try:
                     pid = int(pid_file.read_text().strip() or 0)
                 except (OSError, ValueError):
@@ -903,6 +906,31 @@ def _match(c: Container, filters: dict[str, list[str]]) -> bool:
         if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):
             return False
     return True
+
+
+class _HeldOutput:
+    """Container output held back until crun has either started the container or failed:
+    on failure crun prints its error on the container's stderr too, and Docker clients get
+    that error only once, from the API."""
+
+    def __init__(self, sink: Callable[[str, bytes], None]) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.held: list[tuple[str, bytes]] | None = []
+
+    def write(self, stream: str, data: bytes) -> None:
+        with self.lock:
+            if self.held is not None:
+                self.held.append((stream, data))
+                return
+            self.sink(stream, data)
+
+    def release(self, drop: str = "") -> None:
+        with self.lock:
+            for stream, data in self.held or []:
+                if not (drop and stream == "stderr" and drop.encode() in data):
+                    self.sink(stream, data)
+            self.held = None
 
 
 def _crun_error(path: Path) -> str:

@@ -107,6 +107,7 @@ class Daemon:
         except filelock.Timeout:
             raise AlreadyRunning(f"pydesk VM {self.name!r} is already running") from None
         standby.stop(self.paths)  # the engine socket is ours again
+        self.paths.ensure()
         settings = load_settings()
         from guest.build import load_image, load_image_dir
         from guest.recipe import Recipe

@@ -135,8 +135,6 @@ def serve(name: str) -> int:
     with contextlib.suppress(OSError):
         if int(paths.standby_pid.read_text().strip()) == os.getpid():
             paths.standby_pid.unlink()
-    with contextlib.suppress(OSError):
-        paths.run.rmdir()
     return 0
 
 

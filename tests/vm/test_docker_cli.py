@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -82,17 +81,18 @@ def test_pull_images_tag_rmi(docker: DockerCLI) -> None:
 
 
 def test_rmi_removes_an_unused_image(docker: DockerCLI) -> None:
-    docker.ok("pull", "entrypoint")
-    image_id = docker.ok("inspect", "--format", "{{.Id}}", "entrypoint").strip()
-    used = docker.ok("create", "entrypoint").strip()
-    conflict = docker("rmi", "entrypoint")
+    image = "127.0.0.1:5000/entrypoint"  # the test registry, by its address as the VM sees it
+    docker.ok("pull", image)
+    image_id = docker.ok("inspect", "--format", "{{.Id}}", image).strip()
+    used = docker.ok("create", image).strip()
+    conflict = docker("rmi", image)
     assert conflict.returncode == 1
     assert f"container {used[:12]} is using its referenced image" in conflict.stderr
     docker.ok("rm", used)
-    out = docker.ok("rmi", "entrypoint").splitlines()
-    assert out[0] == "Untagged: entrypoint:latest"
+    out = docker.ok("rmi", image).splitlines()
+    assert out[0] == f"Untagged: {image}:latest"
     assert f"Deleted: {image_id}" in out
-    assert docker.ok("images", "-q", "entrypoint") == ""
+    assert docker.ok("images", "-q", image) == ""
 
 
 def test_run_rm_streams_and_exit_codes(docker: DockerCLI) -> None:
@@ -331,7 +331,8 @@ def _connect_as_nobody(path: str) -> subprocess.CompletedProcess[str]:
         os.setgid(65534)
         os.setuid(65534)
 
-    return subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=30,
+    # the system python: the test venv may live where that user cannot read
+    return subprocess.run(["/usr/bin/python3", "-c", code, path], capture_output=True, text=True, timeout=30,
                           preexec_fn=drop)
 
 
