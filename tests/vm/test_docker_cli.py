@@ -368,3 +368,63 @@ def test_clients_get_a_clear_error_when_the_vm_is_stopped(pydesk: Pydesk, tmp_pa
         pydesk("vm", "stop")
         pydesk("vm", "stop", "--quit")
     assert not sock.exists()
+
+
+# --- the same commands against a real dockerd -----------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, test_images):  # type: ignore[no-untyped-def]
+    from tests.support.native_dockerd import NativeDockerdError, missing, native_dockerd
+
+    if missing() or os.geteuid() != 0:
+        pytest.skip(f"a private reference dockerd needs root and {', '.join(missing()) or 'nothing else'} "
+                    "(apt-get install docker.io skopeo)")
+    try:
+        with native_dockerd(tmp_path_factory.mktemp("refd")) as d:
+            d.load(test_images["busybox"].layout, "busybox:latest")
+            yield d.cli
+    except NativeDockerdError as exc:
+        pytest.fail(f"the reference dockerd did not start: {exc}")
+
+
+SAME_OUTPUT = [
+    ("run", "--rm", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3"),
+    ("run", "--rm", "-e", "X=1", "-w", "/tmp", "-u", "65534:65534", "busybox", "sh", "-c", "echo $X $(pwd) $(id)"),
+    ("run", "--rm", "busybox", "sh", "-c", "echo $HOME $PATH; id; cat /etc/hostname | wc -c"),
+    ("run", "--rm", "--entrypoint", "echo", "busybox", "a", "b"),
+    ("run", "--rm", "-t", "busybox", "sh", "-c", "test -t 1 && echo tty"),
+    ("run", "--rm", "busybox", "sh", "-c", "kill -TERM $$"),
+    ("rm", "no-such-container"),
+    ("stop", "no-such-container"),
+    ("logs", "no-such-container"),
+    ("exec", "no-such-container", "true"),
+    ("inspect", "no-such-container"),
+    ("rmi", "no-such-image"),
+    ("image", "inspect", "no-such-image"),
+    ("network", "rm", "no-such-network"),
+    ("volume", "rm", "no-such-volume"),
+    ("wait", "no-such-container"),
+    ("images", "--format", "{{.Repository}} {{.Tag}}", "busybox"),
+    ("network", "ls", "--format", "{{.Name}} {{.Driver}} {{.Scope}}", "--filter", "name=none"),
+]
+
+
+@pytest.mark.parametrize("args", SAME_OUTPUT, ids=lambda a: " ".join(a)[:50])
+def test_same_output_as_a_real_dockerd(docker: DockerCLI, reference: DockerCLI, args: tuple[str, ...]) -> None:
+    ours, theirs = docker(*args), reference(*args)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+
+
+def test_detached_lifecycle_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
+    def session(cli: DockerCLI) -> list[tuple[int, str]]:
+        n = name()
+        steps = [cli("run", "-d", "--name", n, "busybox", "sh", "-c", "echo started; sleep 600")]
+        steps.append(cli("exec", n, "sh", "-c", "echo in-exec; exit 9"))
+        time.sleep(1)
+        steps += [cli("logs", n), cli("inspect", "--format", "{{.State.Status}} {{.State.Running}} {{.Config.Cmd}}", n),
+                  cli("kill", n), cli("wait", n), cli("ps", "-a", "--filter", f"name={n}", "--format", "{{.Names}} {{.Command}}"),
+                  cli("start", n), cli("stop", "-t", "0", n), cli("rm", n), cli("rm", n)]
+        out = [(s.returncode, (s.stdout + s.stderr).replace(n, "NAME")) for s in steps]
+        out[0] = (out[0][0], str(len(out[0][1].strip())))  # the new container id: only its length
+        return out
+
+    assert session(docker) == session(reference)
