@@ -397,7 +397,7 @@ class Engine:
         return runtime.ContainerSpec(
             id=c.id, rootfs=str(c.rootfs),
             process=runtime.ProcessSpec(args=tuple(args), env=tuple(cfg.get("Env") or ()), cwd=cfg.get("WorkingDir") or "/",
-                                        uid=uid, gid=gid, additional_gids=extra, terminal=c.tty),
+                                        uid=uid, gid=gid, additional_gids=_with_primary(gid, extra), terminal=c.tty),
             hostname=cfg["Hostname"], mounts=tuple(mounts),
             resources=runtime.Resources(memory=memory, memory_swap=(swap if swap and swap > 0 else (memory if memory and swap in (None, 0) else None)),
                                         nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
@@ -816,7 +816,7 @@ class Engine:
                               "PublicPort": int(b.get("HostPort") or 0), "Type": proto or "tcp"})
         return {
             "Id": c.id, "Names": [r["Name"]], "Image": r["Config"]["Image"], "ImageID": r["Image"],
-            "Command": " ".join([r["Path"], *r["Args"]]), "Created": int(_epoch(r["Created"])),
+            "Command": _command_text(r["Path"], r["Args"]), "Created": int(_epoch(r["Created"])),
             "Ports": ports, "Labels": r["Config"].get("Labels") or {}, "State": r["State"]["Status"],
             "Status": c.status_text(), "HostConfig": {"NetworkMode": r["HostConfig"].get("NetworkMode")},
             "NetworkSettings": {"Networks": nets}, "Mounts": r.get("Mounts") or [],
@@ -906,6 +906,17 @@ def _match(c: Container, filters: dict[str, list[str]]) -> bool:
         if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):
             return False
     return True
+
+
+def _with_primary(gid: int, extra: tuple[int, ...]) -> tuple[int, ...]:
+    """Supplementary groups as Docker (runc) sets them: the primary group, then the user's
+    other groups from /etc/group (so `id` prints `groups=0(root)` as under Docker)."""
+    return (gid, *(g for g in extra if g != gid))
+
+
+def _command_text(path: str, args: list[str]) -> str:
+    """`docker ps`'s COMMAND: arguments with spaces single-quoted, as dockerd builds it."""
+    return " ".join([path, *(f"'{a}'" if " " in a else a for a in args)])
 
 
 class _HeldOutput:
