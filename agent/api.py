@@ -462,7 +462,16 @@ def container_start(h: Handler, ref: str) -> None:
     c = h.engine.container(ref)
     if c.running:
         return h.reply(304)
-    h.engine.start(c)
+    try:
+        h.engine.start(c)
+    except EngineError:
+        # dockerd removes a --rm container that failed to start before it answers, so the
+        # client's wait (condition=removed) ends first and it prints only the start error
+        deadline = time.monotonic() + 10
+        while c.r["HostConfig"].get("AutoRemove") and (not c.removed or _waiters.busy(c.id)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise
     h.reply(204)
 
 
@@ -514,10 +523,38 @@ def container_wait(h: Handler, ref: str) -> None:
     if condition not in ("not-running", "next-exit", "removed"):
         raise EngineError(400, f"invalid condition: {condition}")
     seq = c.exit_seq  # registered before the headers go out, so a fast exit is not missed
-    h.start_stream()
-    code = h.engine.wait(c, condition, seq)
-    h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
-    h.end_stream()
+    with _waiters.waiting(c.id):
+        h.start_stream()
+        code = h.engine.wait(c, condition, seq)
+        h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
+        h.end_stream()
+
+
+class _Waiters:
+    """How many wait requests per container have not been answered yet."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def waiting(self, cid: str):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.count[cid] = self.count.get(cid, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.count[cid] -= 1
+                if not self.count[cid]:
+                    del self.count[cid]
+
+    def busy(self, cid: str) -> bool:
+        with self.lock:
+            return cid in self.count
+
+
+_waiters = _Waiters()
 
 
 @routes.add("DELETE", r"/containers/(?P<ref>[^/]+)")

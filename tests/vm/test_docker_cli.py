@@ -393,6 +393,13 @@ SAME_OUTPUT = [
     ("run", "--rm", "--entrypoint", "echo", "busybox", "a", "b"),
     ("run", "--rm", "-t", "busybox", "sh", "-c", "test -t 1 && echo tty"),
     ("run", "--rm", "busybox", "sh", "-c", "kill -TERM $$"),
+    ("run", "--rm", "busybox", "sh", "-c", "exit 255"),
+    ("run", "--rm", "-w", "/does/not/exist", "busybox", "pwd"),
+    ("run", "--rm", "--read-only", "busybox", "touch", "/x"),
+    ("run", "--rm", "--hostname", "myhost", "busybox", "sh", "-c", "hostname; echo $HOSTNAME; env | sort"),
+    ("run", "--rm", "--user", "nosuchuser", "busybox", "true"),
+    ("run", "--rm", "busybox", "sh", "-c", "mount | grep -E ' / | /proc | /sys ' | cut -d' ' -f1,3,5"),
+    ("create", "--name", "bad name", "busybox"),
     ("rm", "no-such-container"),
     ("stop", "no-such-container"),
     ("logs", "no-such-container"),
@@ -412,6 +419,17 @@ SAME_OUTPUT = [
 def test_same_output_as_a_real_dockerd(docker: DockerCLI, reference: DockerCLI, args: tuple[str, ...]) -> None:
     ours, theirs = docker(*args), reference(*args)
     assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+
+
+def test_start_failure_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
+    # the runtime's own words differ (crun here, runc there); the code and Docker's part do not
+    ours, theirs = (cli("run", "--rm", "busybox", "no-such-command") for cli in (docker, reference))
+    assert ours.returncode == theirs.returncode == 127
+    for r in (ours, theirs):
+        assert r.stdout == ""
+        assert r.stderr.startswith("docker: Error response from daemon: failed to create ")
+        assert r.stderr.rstrip().endswith('exec: "no-such-command": executable file not found in $PATH: unknown.')
+        assert len(r.stderr.splitlines()) == 1, r.stderr
 
 
 def test_detached_lifecycle_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
