@@ -825,8 +825,16 @@ class Engine:
     def list(self, all_: bool = False, filters: dict[str, list[str]] | None = None, limit: int = -1) -> list[dict[str, Any]]:
         out = []
         cs = sorted(self.containers.values(), key=lambda c: c.r["Created"], reverse=True)
+        bounds = {}
+        for key in ("before", "since"):  # a container name or id; Docker compares creation times
+            if filters and filters.get(key):
+                bounds[key] = self.container(filters[key][0]).r["Created"]
         for c in cs:
             if not all_ and not c.running and not (filters and "status" in filters):
+                continue
+            if "before" in bounds and not c.r["Created"] < bounds["before"]:
+                continue
+            if "since" in bounds and not c.r["Created"] > bounds["since"]:
                 continue
             if filters and not _match(c, filters):
                 continue
@@ -905,6 +913,26 @@ def _match(c: Container, filters: dict[str, list[str]]) -> bool:
             return False
         if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):
             return False
+        if key == "network":
+            nets = c.r["NetworkSettings"]["Networks"]
+            ids = {ep.get("NetworkID") or "" for ep in nets.values()}
+            if not any(v in nets or any(i and i.startswith(v) for i in ids) for v in values):
+                return False
+        if key == "volume":
+            mounts = c.r.get("Mounts") or []
+            if not any(m.get("Name") == v or m.get("Destination") == v or m.get("Source") == v
+                       for m in mounts for v in values):
+                return False
+        if key == "health" and "none" not in values:  # no health checks run yet: every container is "none"
+            return False
+        if key == "is-task" and "true" in values:
+            return False
+        if key in ("publish", "expose"):
+            ports = set(c.r["Config"].get("ExposedPorts") or {}) | set(c.r["HostConfig"].get("PortBindings") or {})
+            if key == "publish":
+                ports = set(c.r["HostConfig"].get("PortBindings") or {})
+            if not any(v in ports or f"{v}/tcp" in ports for v in values):
+                return False
     return True
 
 

@@ -238,6 +238,31 @@ def test_prune_and_events(docker: DockerCLI) -> None:
     assert df.splitlines()[0].split() == ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
 
 
+def test_ps_filters(docker: DockerCLI) -> None:
+    net = name()
+    docker.ok("network", "create", net)
+    first, second, third = name(), name(), name()
+    try:
+        docker.ok("create", "--name", first, "--label", "pydesk.f=1", "busybox")
+        docker.ok("create", "--name", second, "--network", net, "busybox")
+        docker.ok("create", "--name", third, "busybox")
+
+        def names(*flt: str) -> list[str]:
+            out = docker.ok("ps", "-a", "--format", "{{.Names}}", *(x for f in flt for x in ("--filter", f)))
+            return [n for n in out.split() if n in (first, second, third)]
+
+        assert names(f"before={third}") == [second, first]
+        assert names(f"since={first}") == [third, second]
+        assert names(f"network={net}") == [second]
+        assert names("label=pydesk.f=1") == [first]
+        assert names(f"name={second}") == [second]
+        assert names("status=created") == [third, second, first]
+        assert names("status=running") == []
+    finally:
+        docker("rm", first, second, third)
+        docker("network", "rm", net)
+
+
 def test_build_is_refused_clearly(docker: DockerCLI, tmp_path: Path) -> None:
     (tmp_path / "Dockerfile").write_text("FROM busybox\nRUN true\n")
     r = docker("build", "-t", "x", str(tmp_path))
