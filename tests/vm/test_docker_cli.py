@@ -452,9 +452,12 @@ def test_start_failure_like_a_real_dockerd(docker: DockerCLI, reference: DockerC
     assert ours.returncode == theirs.returncode == 127
     for r in (ours, theirs):
         assert r.stdout == ""
-        assert r.stderr.startswith("docker: Error response from daemon: failed to create ")
-        assert r.stderr.rstrip().endswith('exec: "no-such-command": executable file not found in $PATH: unknown.')
-        assert len(r.stderr.splitlines()) == 1, r.stderr
+        # the 20.10 CLI sometimes adds "error waiting for container: context canceled" when its
+        # wait and the start error cross (seen with the real dockerd too): not part of the answer
+        lines = [ln for ln in r.stderr.splitlines() if "error waiting for container" not in ln]
+        assert len(lines) == 1, r.stderr
+        assert lines[0].startswith("docker: Error response from daemon: failed to create ")
+        assert lines[0].endswith('exec: "no-such-command": executable file not found in $PATH: unknown.')
 
 
 def test_detached_lifecycle_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
