@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     engine = Engine(args.root)
     engine.startup()
+    engine.ports.serve()
+    engine.ports.serve_udp()
     serve(engine, args.socket)
     return 0
 

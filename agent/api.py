@@ -1121,16 +1121,10 @@ def network_connect(h: Handler, ref: str, action: str) -> None:
     except KeyError:
         raise EngineError(404, f"network {ref} not found") from None
     c = h.engine.container(body.get("Container") or "")
-    nets = c.r["NetworkSettings"]["Networks"]
     if action == "connect":
-        if c.running:
-            raise EngineError(501, "connecting a running container to a network is not supported yet; stop it first")
-        nets[net.name] = dict(body.get("EndpointConfig") or {})
+        h.engine.connect(c, net, body.get("EndpointConfig") or {})
     else:
-        if c.running:
-            raise EngineError(501, "disconnecting a running container is not supported yet; stop it first")
-        nets.pop(net.name, None)
-    c.save()
+        h.engine.disconnect(c, net)
     h.reply(200, b"", "text/plain")
 
 

@@ -27,6 +27,9 @@ from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal
 from agent.events import Events
 from agent.logs import LogFile
 from agent.network import Network, NetworkError, Networks
+from agent.dns import NameServer, resolv_conf_servers
+from agent.ports import HOST_GATEWAY, PortBroker, PortError, docker_port_map, host_service_ports
+from agent.ports import requested as requested_ports
 from agent.rootpath import lookup_user
 from agent.store import ImageInUse, ImageNotFound, Store, StoreError
 
@@ -95,6 +98,10 @@ class Engine:
         (root / "containers").mkdir(parents=True, exist_ok=True)
         self.store = Store(root / "images", in_use=self._image_in_use)
         self.networks = Networks(root / "networks")
+        self.ports = PortBroker(host_service_ports())
+        self.dns = NameServer(self._dns_lookup, self._dns_upstreams)
+        self.networks.on_up.append(self._network_up)
+        self.networks.on_down.append(lambda net: self.dns.close(net.id))
         self.events = Events()
         self.lock = threading.RLock()
         self.containers: dict[str, Container] = {}
@@ -115,7 +122,8 @@ class Engine:
         Path(runtime.CRUN_ROOT).mkdir(parents=True, exist_ok=True)
         try:
             self.networks.setup()
-        except (NetworkError, OSError) as exc:
+            self.ports.setup()
+        except (NetworkError, PortError, OSError) as exc:
             log.error("network setup failed: %s", exc)
         self._load_builtin_images()
         for c in self.containers.values():
@@ -135,6 +143,46 @@ class Engine:
                     self.start(c)
                 except EngineError as exc:
                     log.error("restart of %s at boot failed: %s", c.name, exc.message)
+
+    # --- names on user-defined networks -------------------------------------------------
+    def _network_up(self, net: Network) -> None:
+        try:
+            self.dns.listen(net.id, str(net.gateway))
+        except OSError as exc:
+            log.error("no DNS on network %s: %s", net.name, exc)
+
+    def _container_at(self, address: str) -> Container | None:
+        for c in list(self.containers.values()):
+            if c.running and any(ep.get("IPAddress") == address for ep in c.r["NetworkSettings"]["Networks"].values()):
+                return c
+        return None
+
+    def _dns_lookup(self, network_id: str, source: str, name: str) -> list[str] | None:
+        """Addresses for ``name`` as the container at ``source`` sees it: the running containers
+        (names, aliases, short IDs) on every user-defined network it shares with them."""
+        if name in ("host.docker.internal", "gateway.docker.internal"):
+            return [HOST_GATEWAY]
+        asker = self._container_at(source)
+        nets = {n for n in (asker.r["NetworkSettings"]["Networks"] if asker else {})}
+        listener = self.networks.nets.get(network_id)
+        if listener is not None:
+            nets.add(listener.name)
+        found: list[str] = []
+        for c in list(self.containers.values()):
+            if not c.running:
+                continue
+            for net_name, ep in c.r["NetworkSettings"]["Networks"].items():
+                if net_name not in nets or not ep.get("IPAddress") or net_name in ("bridge", "host", "none"):
+                    continue
+                names = {c.name.lower(), *(str(a).lower() for a in ep.get("Aliases") or [])}
+                if name in names and ep["IPAddress"] not in found:
+                    found.append(ep["IPAddress"])
+        return found or None
+
+    def _dns_upstreams(self, source: str) -> list[str]:
+        asker = self._container_at(source)
+        own = list((asker.r["HostConfig"].get("Dns") or []) if asker else [])
+        return own or resolv_conf_servers()
 
     def _load_builtin_images(self) -> None:
         if not BUILTIN_IMAGES.is_dir():
@@ -231,6 +279,10 @@ class Engine:
         args = list(entrypoint or []) + list(cmd or [])
         if not args:
             raise EngineError(400, "no command specified")
+        try:  # a malformed -p is the caller's error, found now rather than at start
+            requested_ports(host.get("PortBindings"), body.get("ExposedPorts") or {}, False)
+        except PortError as exc:
+            raise EngineError(400, str(exc)) from None
         cid = new_id()
         cname = self._unique_name(name)
         network_mode = host.get("NetworkMode") or "default"
@@ -323,22 +375,32 @@ class Engine:
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         for a in addresses:
             lines.append(f"{a}\t{hostname}")
+        if host["NetworkMode"] != "none":  # as Docker Desktop: the host's loopback services
+            lines.append(f"{HOST_GATEWAY}\thost.docker.internal")
         for entry in host.get("ExtraHosts") or []:
             name, _, addr = entry.partition(":")  # "name:address"; names have no colons
             if addr == "host-gateway":
-                addr = "10.0.2.2"
+                addr = HOST_GATEWAY
             lines.append(f"{addr}\t{name}")
         (c.root / "hosts").write_text("\n".join(lines) + "\n")
         dns = host.get("Dns") or []
-        if dns:
+        first = next(iter(c.r["NetworkSettings"]["Networks"]), "")
+        user_net = None
+        if host["NetworkMode"] not in ("host", "none") and first not in ("bridge", ""):
+            with contextlib.suppress(KeyError):
+                user_net = self.networks.get(first)
+        options: list[str] = list(host.get("DnsOptions") or [])
+        if user_net is not None:  # names resolve through our server, which forwards the rest
+            resolv = f"nameserver {user_net.gateway}\n"
+            options = options or ["ndots:0"]
+        elif dns:
             resolv = "".join(f"nameserver {d}\n" for d in dns)
         else:
-            try:
-                resolv = Path("/etc/resolv.conf").read_text()
-            except OSError:
-                resolv = "nameserver 10.0.2.3\n"
-        for opt in host.get("DnsSearch") or []:
-            resolv += f"search {opt}\n"
+            resolv = "".join(f"nameserver {d}\n" for d in resolv_conf_servers()) or "nameserver 10.0.2.3\n"
+        if host.get("DnsSearch"):
+            resolv += "search " + " ".join(host["DnsSearch"]) + "\n"
+        if options:
+            resolv += "options " + " ".join(options) + "\n"
         (c.root / "resolv.conf").write_text(resolv)
 
     def _setup_network(self, c: Container) -> str | None:
@@ -367,7 +429,21 @@ class Engine:
                     settings["Bridge"] = net.bridge
         return path
 
+    def _publish_ports(self, c: Container) -> None:
+        """Host ports for ``-p``/``-P`` (before the process starts: a taken port fails the start)."""
+        host = c.r["HostConfig"]
+        if host["NetworkMode"] in ("host", "none") or host["NetworkMode"].startswith("container:"):
+            return
+        wanted = requested_ports(host.get("PortBindings"), c.r["Config"].get("ExposedPorts") or {},
+                                 bool(host.get("PublishAllPorts")))
+        try:
+            self.ports.publish(c.id, c.r["NetworkSettings"].get("IPAddress") or "", wanted)
+        except PortError as exc:
+            raise EngineError(500, f"driver failed programming external connectivity on endpoint "
+                                   f"{c.name} ({c.id}): {exc}") from exc
+
     def _teardown_network(self, c: Container) -> None:
+        self.ports.unpublish(c.id)
         self.networks.delete_netns(c.id)
         self.networks.release(c.id)
         s = c.r["NetworkSettings"]
@@ -448,6 +524,7 @@ class Engine:
             try:
                 self._mount_rootfs(c)
                 netns = self._setup_network(c)
+                self._publish_ports(c)
                 addrs = [ep.get("IPAddress") for ep in c.r["NetworkSettings"]["Networks"].values() if ep.get("IPAddress")]
                 self._write_etc(c, addrs)
                 spec = self._spec(c, netns)
@@ -668,6 +745,46 @@ class Engine:
             c.exited.notify_all()
         self.events.emit("container", "destroy", c.id, {"name": c.name})
 
+    def connect(self, c: Container, net: Network, endpoint: dict[str, Any]) -> None:
+        """Attach a container to a network; a running one gets its interface right away."""
+        with c.lock:
+            nets = c.r["NetworkSettings"]["Networks"]
+            mode = c.r["HostConfig"]["NetworkMode"]
+            if mode in ("host", "none") or mode.startswith("container:"):
+                raise EngineError(400, f"container cannot be connected to network {net.name}: "
+                                       f"it uses network mode {mode}")
+            if net.name in nets:
+                raise EngineError(403, f"endpoint with name {c.name} already exists in network {net.name}")
+            ep = dict(endpoint or {})
+            if c.running:
+                addr = self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))
+                try:
+                    info = self.networks.attach(net, c.id, addr, self.networks.free_ifname(c.id))
+                except NetworkError as exc:
+                    self.networks.release(c.id, net)
+                    raise EngineError(500, str(exc)) from exc
+                ep.update(info, EndpointID=new_id())
+                if net.user_defined:
+                    ep["Aliases"] = list(dict.fromkeys([*(ep.get("Aliases") or []), c.name, c.id[:12]]))
+            nets[net.name] = ep
+            c.save()
+        self.events.emit("network", "connect", net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+
+    def disconnect(self, c: Container, net: Network) -> None:
+        with c.lock:
+            nets = c.r["NetworkSettings"]["Networks"]
+            ep = nets.get(net.name)
+            if ep is None:
+                raise EngineError(403, f"container {c.id} is not connected to network {net.name}")
+            if c.running and ep.get("IPAddress"):
+                ifname = self.networks.interface_with(c.id, ep["IPAddress"])
+                if ifname:
+                    self.networks.detach(c.id, ifname)
+                self.networks.release(c.id, net)
+            del nets[net.name]
+            c.save()
+        self.events.emit("network", "disconnect", net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+
     def rename(self, c: Container, new: str) -> None:
         name = self._unique_name(new)
         c.r["Name"] = "/" + name
@@ -800,20 +917,24 @@ class Engine:
         return r
 
     def port_map(self, c: Container) -> dict[str, Any]:
+        """NetworkSettings.Ports: what is published now (empty when not running, as Docker)."""
+        if not c.running:
+            return {}
         ports: dict[str, Any] = {p: None for p in (c.r["Config"].get("ExposedPorts") or {})}
-        for p, binds in (c.r["HostConfig"].get("PortBindings") or {}).items():
-            ports[p] = binds
+        ports.update(docker_port_map(self.ports.of(c.id)))
         return ports
 
     def summary(self, c: Container) -> dict[str, Any]:
         r = c.r
         nets = {k: {**v} for k, v in r["NetworkSettings"]["Networks"].items()}
-        ports = []
-        for p, binds in (r["HostConfig"].get("PortBindings") or {}).items():
-            num, _, proto = p.partition("/")
+        ports: list[dict[str, Any]] = []
+        for key, binds in self.port_map(c).items():
+            num, _, proto = key.partition("/")
+            if not binds:
+                ports.append({"PrivatePort": int(num), "Type": proto or "tcp"})
             for b in binds or []:
-                ports.append({"IP": b.get("HostIp") or "0.0.0.0", "PrivatePort": int(num),
-                              "PublicPort": int(b.get("HostPort") or 0), "Type": proto or "tcp"})
+                ports.append({"IP": b["HostIp"], "PrivatePort": int(num), "PublicPort": int(b["HostPort"] or 0),
+                              "Type": proto or "tcp"})
         return {
             "Id": c.id, "Names": [r["Name"]], "Image": r["Config"]["Image"], "ImageID": r["Image"],
             "Command": _command_text(r["Path"], r["Args"]), "Created": int(_epoch(r["Created"])),

@@ -14,6 +14,7 @@ import os
 import secrets
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,8 @@ class Networks:
         self.lock = threading.RLock()
         self.nets: dict[str, Network] = {}
         self.leases: dict[str, dict[str, str]] = {}  # network id -> {ip: container id}
+        self.on_up: list[Callable[[Network], None]] = []    # a user-defined network's bridge is up
+        self.on_down: list[Callable[[Network], None]] = []  # ... and is being removed
         for p in sorted(root.glob("*.json")):
             net = Network(json.loads(p.read_text()))
             self.nets[net.id] = net
@@ -147,6 +150,8 @@ class Networks:
                 raise PermissionError(f"{net.name} is a pre-defined network and cannot be removed")
             if self.leases.get(net.id):
                 raise RuntimeError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
+            for cb in self.on_down:
+                cb(net)
             try:
                 ip("link", "del", net.bridge)
             except NetworkError:
@@ -168,6 +173,9 @@ class Networks:
                                     f"addr add {net.gateway}/{net.subnet.prefixlen} dev {net.bridge}\n"
                                     f"link set {net.bridge} up\n")
         self._nat_rules()
+        if net.user_defined:
+            for cb in self.on_up:
+                cb(net)
 
     def _nat_rules(self) -> None:
         """One nftables table holds all our NAT and isolation rules; rewritten as a whole."""
@@ -206,11 +214,29 @@ class Networks:
                 return a
         raise ValueError(f"no available IPv4 addresses on network {net.name}")
 
-    def release(self, container_id: str) -> None:
+    def release(self, container_id: str, net: Network | None = None) -> None:
         with self.lock:
-            for leases in self.leases.values():
+            for nid, leases in self.leases.items():
+                if net is not None and nid != net.id:
+                    continue
                 for a in [a for a, c in leases.items() if c == container_id]:
                     del leases[a]
+
+    def interface_with(self, container_id: str, address: str) -> str | None:
+        """The container's interface that holds ``address``."""
+        proc = subprocess.run(["ip", "-n", self.netns_name(container_id), "-o", "-4", "addr", "show"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        for line in proc.stdout.splitlines():
+            parts = line.split()
+            if len(parts) > 3 and parts[3].split("/")[0] == address:
+                return parts[1]
+        return None
+
+    def free_ifname(self, container_id: str) -> str:
+        proc = subprocess.run(["ip", "-n", self.netns_name(container_id), "-o", "link", "show"],
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        used = {line.split(":")[1].strip().split("@")[0] for line in proc.stdout.splitlines() if ":" in line}
+        return next(f"eth{i}" for i in range(64) if f"eth{i}" not in used)
 
     @staticmethod
     def netns_name(container_id: str) -> str:

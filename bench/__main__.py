@@ -7,6 +7,7 @@ Each figure is a ratio against a peer on this machine, never an absolute target:
 - run: `run --rm busybox true` through the Engine API vs `crun run` of a prepared bundle
   in the same guest;
 - pull: the engine pulling nginx from a local registry vs `skopeo copy` from the same registry;
+- ports: throughput and connect latency through `-p` vs a raw QEMU host forward (bench/network.py);
 - docker CLI: Debian's `docker ps` and `docker run --rm busybox true` through pydesk's engine
   socket vs the same client against a private native dockerd on the host (reference only: the
   ratio is what the VM costs).
@@ -32,10 +33,11 @@ sys.path.insert(0, str(ROOT))
 RUNS = int(os.environ.get("PYDESK_BENCH_RUNS", "3"))
 
 
-def pydesk(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def pydesk(home: Path, *args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYDESK_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "desktop.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=600)
+                          text=True, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+                          timeout=600)
     if check and proc.returncode:
         raise SystemExit(f"pydesk {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc
@@ -87,6 +89,7 @@ def main() -> int:
     from guest.build import build, load_image
     from guest.recipe import Recipe
     from tests.support.images import build_all, push_all
+    from bench import network
     from tests.support.registry import run_registry
     from vmkit.spec import Arch
 
@@ -96,12 +99,13 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="pydesk-bench-") as tmp:
         work = Path(tmp)
-        images = build_all(["busybox", "nginx"])
+        images = build_all(["busybox", "nginx", "python"])
         with run_registry(work / "registry") as reg:
             push_all(reg, images)
             home = work / "home"
             flags = ("--memory", "1G", "--cpus", "2", "--restrict-network", "--host-service", f"5000:{reg.port}",
-                     "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1")
+                     "--registry-mirror", "docker.io=http://127.0.0.1:5000", "--mirror-only", "--dns", "127.0.0.1",
+                     *network.vm_flags(raw_port := network.free_port()))
             # --- boot -------------------------------------------------------------------
             ours, launch, bare = [], [], []
             for i in range(RUNS):
@@ -153,6 +157,8 @@ def main() -> int:
                             f"docker://{reg.address}/nginx:latest", f"oci:{work / 'skopeo-nginx'}:latest"],
                            check=True, capture_output=True)
             results["pull"] = {"pydesk_s": pull_s, "peer_s": time.monotonic() - t0}
+            # --- published ports ----------------------------------------------------------
+            results["ports"] = network.measure(pydesk, home, raw_port, RUNS)
             client.close()
             # --- the docker CLI: pydesk's socket vs a native dockerd --------------------
             results["cli"] = docker_cli_figures(sock, work, images["busybox"].layout)
@@ -192,6 +198,8 @@ def docker_cli_figures(sock: str, work: Path, busybox_layout: Path) -> dict[str,
 
 
 def write_report(r: dict[str, dict[str, float]]) -> None:
+    from bench import network
+
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}×" if b > 0 else "n/a"
 
@@ -216,6 +224,7 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         f"| {r['run']['pydesk_s']:.3f} s | {r['run']['peer_s']:.3f} s | {ratio(r['run']['pydesk_s'], r['run']['peer_s'])} | ≤ 1.5× |",
         f"| pull of nginx from a local registry (engine in the VM) vs `skopeo copy` on the host (one run) "
         f"| {r['pull']['pydesk_s']:.2f} s | {r['pull']['peer_s']:.2f} s | {ratio(r['pull']['pydesk_s'], r['pull']['peer_s'])} | ≤ 1.2× |",
+        *(network.report_rows(r["ports"], ratio) if "ports" in r else []),
     ]
     cli = r.get("cli") or {}
     for key, what in (("ps", "`docker ps`"), ("run", "`docker run --rm busybox true`")):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from desktop import docker_context, engine_cli
+from desktop import docker_context, engine_cli, network_cli
 from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
 
 log = logging.getLogger("pydesk")
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true")
     s.set_defaults(func=cmd_guest_build)
     engine_cli.register(sub)
+    network_cli.register(sub)
     docker_context.register(sub)
     return p
 

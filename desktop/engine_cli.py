@@ -392,6 +392,27 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         host["Init"] = True
     if args.network:
         host["NetworkMode"] = args.network
+    if args.network_alias or args.ip:
+        if not args.network or args.network in ("bridge", "default", "host", "none"):
+            raise opts.FlagError("network-scoped aliases and --ip are only supported for user-defined networks")
+        endpoint: dict[str, Any] = {}
+        if args.network_alias:
+            endpoint["Aliases"] = list(args.network_alias)
+        if args.ip:
+            endpoint["IPAMConfig"] = {"IPv4Address": args.ip}
+        cfg_networking = {"EndpointsConfig": {args.network: endpoint}}
+    else:
+        cfg_networking = None
+    if args.add_host:
+        host["ExtraHosts"] = [opts.parse_add_host(h) for h in args.add_host]
+    if args.dns:
+        host["Dns"] = list(args.dns)
+    if args.dns_search:
+        host["DnsSearch"] = list(args.dns_search)
+    if args.dns_option:
+        host["DnsOptions"] = list(args.dns_option)
+    if args.publish_all:
+        host["PublishAllPorts"] = True
     if args.volume:
         host["Binds"] = list(args.volume)
     exposed, bindings = opts.parse_publish(args.publish or [])
@@ -424,6 +445,8 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         cfg["Labels"] = opts.parse_labels(args.label)
     if exposed:
         cfg["ExposedPorts"] = exposed
+    if cfg_networking:
+        cfg["NetworkingConfig"] = cfg_networking
     return cfg
 
 
@@ -955,7 +978,15 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hostname", help="container host name")
     p.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:OPTS]", help="bind mount a volume")
     p.add_argument("-p", "--publish", action="append", metavar="[IP:]HOST:CTR[/PROTO]",
-                   help="publish a container's port")
+                   help="publish a container's port (on 127.0.0.1 unless IP is given)")
+    p.add_argument("-P", "--publish-all", action="store_true", help="publish all exposed ports to random ports")
+    p.add_argument("--network-alias", action="append", metavar="ALIAS", help="add a network-scoped alias")
+    p.add_argument("--ip", help="IPv4 address on the (user-defined) network")
+    p.add_argument("--add-host", action="append", metavar="HOST:IP",
+                   help="add a host-to-IP mapping (IP may be host-gateway)")
+    p.add_argument("--dns", action="append", metavar="IP", help="set a DNS server")
+    p.add_argument("--dns-search", action="append", metavar="DOMAIN", help="set a DNS search domain")
+    p.add_argument("--dns-option", action="append", metavar="OPT", help="set a DNS option")
     p.add_argument("--rm", action="store_true", help="remove the container when it exits")
     p.add_argument("--platform", help="platform, e.g. linux/amd64")
     p.add_argument("image", help="the image")

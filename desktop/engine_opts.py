@@ -141,6 +141,21 @@ def build_env(env: Iterable[str], env_files: Iterable[str], environ: Mapping[str
     return out
 
 
+def parse_add_host(item: str) -> str:
+    """``--add-host name:ip`` (or ``name=ip``) -> the engine's ``name:ip``."""
+    import ipaddress
+
+    name, sep, addr = item.partition("=") if "=" in item else item.partition(":")
+    if not sep or not name or not addr:
+        raise FlagError(f"bad format for add-host: {item!r} (want HOST:IP)")
+    if addr != "host-gateway":
+        try:
+            ipaddress.ip_address(addr.strip("[]"))
+        except ValueError:
+            raise FlagError(f"invalid IP address in add-host: {addr!r}") from None
+    return f"{name}:{addr.strip('[]')}"
+
+
 def parse_labels(items: Iterable[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
@@ -187,10 +202,33 @@ def parse_publish(items: Iterable[str]) -> tuple[dict[str, dict], dict[str, list
             raise FlagError(f"invalid hostPort: {host}")
         if not ctr:
             raise FlagError(f"no port specified: {item}<empty>")
-        key = f"{ctr}/{proto}"
-        exposed[key] = {}
-        bindings.setdefault(key, []).append({"HostIp": ip, "HostPort": host})
+        for cport, hport in _pair_ranges(item, ctr, host):
+            key = f"{cport}/{proto}"
+            exposed[key] = {}
+            bindings.setdefault(key, []).append({"HostIp": ip, "HostPort": hport})
     return exposed, bindings
+
+
+def _span(text: str, item: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    a, b = int(lo), int(hi or lo)
+    if not (0 < a <= b <= 65535):
+        raise FlagError(f"invalid port range: {text} in {item}")
+    return a, b
+
+
+def _pair_ranges(item: str, ctr: str, host: str) -> list[tuple[int, str]]:
+    """docker's pairing: ``8080-8081:80-81`` maps one to one; ``8000-8010:80`` lets the
+    engine take the first free host port of the range for 80; ``80-81`` picks any ports."""
+    c0, c1 = _span(ctr, item)
+    if not host:
+        return [(c, "") for c in range(c0, c1 + 1)]
+    h0, h1 = _span(host, item)
+    if c0 == c1:
+        return [(c0, host)]
+    if h1 - h0 != c1 - c0:
+        raise FlagError(f"invalid ranges specified for container and host Ports: {ctr} and {host}")
+    return [(c0 + i, str(h0 + i)) for i in range(c1 - c0 + 1)]
 
 
 # --- exit codes ---------------------------------------------------------------------------

@@ -255,6 +255,10 @@ class AgentChannel:
             t = self.transport(max(0.1, deadline - time.monotonic()))
             try:
                 return opener(t, max(0.1, min(OPEN_TIMEOUT, deadline - time.monotonic())))
+            except paramiko.ChannelException as exc:
+                # sshd answered and refused (e.g. nothing listens on the unix socket yet): the
+                # connection is fine; the caller decides whether to wait for the target
+                raise AgentError(f"the guest refused the channel: {exc}") from exc
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 if time.monotonic() >= deadline:
                     raise AgentError(f"cannot open a channel to the guest agent: {exc}") from exc

@@ -59,6 +59,11 @@ class BootLayout(enum.StrEnum):
     EROFS = "erofs"  # a tiny initramfs, then a read-only erofs disk as root
 
 
+#: Guest ports the engine hands out for containers' published ports (agent/ports.py); a
+#: VM-level forward may not use them, and vmkit/ports.py owns every forward to them.
+PUBLISHED_GUEST_PORTS = range(20000, 30000)
+
+
 @dataclasses.dataclass(frozen=True)
 class PortForward:
     """A VM-level forward: ``host_ip:host_port`` on the host to ``guest_port`` in the VM."""
@@ -83,6 +88,10 @@ class PortForward:
         for port in (host, guest):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"port {port} out of range in {text!r}", hint="ports are 1-65535")
+        if guest in PUBLISHED_GUEST_PORTS:
+            raise ConfigError(f"guest port {guest} in {text!r} is reserved for containers' published ports",
+                              hint=f"use a guest port outside {PUBLISHED_GUEST_PORTS.start}-"
+                                   f"{PUBLISHED_GUEST_PORTS.stop - 1}, or publish the container's port with -p")
         return cls(host, guest, ip, Protocol(m["proto"] or "tcp"))
 
     def __str__(self) -> str:

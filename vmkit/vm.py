@@ -19,6 +19,7 @@ from vmkit.errors import AgentError, LaunchError
 from vmkit.host import Host
 from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
+from vmkit.ports import ForwardTable, PortPublisher
 from vmkit.qemu import QemuProcess, create_data_disk
 from vmkit.settings import Settings, parse_host_service
 from vmkit.spec import GuestImage, RuntimeFiles, VMSpec
@@ -55,6 +56,7 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
 def guest_config(settings: Settings) -> str:
     """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
     lines = [f"dns={d}" for d in settings.dns[:1]]
+    lines += [f"host-service={parse_host_service(s)[0]}" for s in settings.host_services]
     lines += [f"mirror={m}" for m in settings.registry_mirrors]
     lines += [f"insecure={r}" for r in settings.insecure_registries]
     if settings.mirror_only:
@@ -71,6 +73,7 @@ class VM:
         self.choice = choice
         self.qemu = QemuProcess(spec, host, paths.qemu_log)
         self.agent: AgentChannel | None = None
+        self.publisher: PortPublisher | None = None
         self.release: dict[str, Any] = {}
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
@@ -91,6 +94,7 @@ class VM:
         progress("waiting for the agent")
         self._connect_agent(t0 + READY_TIMEOUT)
         self.ready_seconds = round(time.monotonic() - t0, 2)
+        self._publish_ports()
 
     def adopt(self, pid: int, progress: Progress) -> None:
         progress(f"reattaching to the running VM (QEMU pid {pid})")
@@ -98,6 +102,14 @@ class VM:
         with contextlib.suppress(OSError):
             self.started_at = self.paths.pidfile.stat().st_mtime
         self._connect_agent(time.monotonic() + 60)
+        self._publish_ports()
+
+    def _publish_ports(self) -> None:
+        """Serve the engine's published ports (`-p`) for as long as this VM runs."""
+        assert self.qemu.monitor is not None and self.agent is not None
+        agent, monitor = self.agent, self.qemu.monitor
+        self.publisher = PortPublisher(ForwardTable(monitor.hmp), lambda path: agent.open_unix(path, timeout=5))
+        self.publisher.start()
 
     def _wait_port_open(self, deadline: float) -> None:
         """Wait until the guest has opened the agent port (QMP tells us), so the first SSH
@@ -127,13 +139,15 @@ class VM:
             raise
 
     def _forward_host_services(self, transport: Any) -> None:
-        """127.0.0.1:GUEST in the VM -> 127.0.0.1:HOST here, asked again after every reconnect."""
+        """GUEST in the VM -> 127.0.0.1:HOST here, asked again after every reconnect. The guest
+        listens on all its addresses: containers reach it as host.docker.internal:GUEST
+        (the engine DNATs that to the VM's own address)."""
         for guest_port, host_port in self.spec.host_services:
             def handler(chan: Any, origin: Any, server: Any, host_port: int = host_port) -> None:
                 threading.Thread(target=_connect_host_service, args=(chan, host_port), daemon=True).start()
 
             try:
-                transport.request_port_forward("127.0.0.1", guest_port, handler)
+                transport.request_port_forward("0.0.0.0", guest_port, handler)
             except Exception as exc:  # a host service must not cost us the agent connection
                 log.warning("cannot forward host service %d -> %d: %s", guest_port, host_port, exc)
 
@@ -169,6 +183,8 @@ class VM:
         return how
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         if self.agent is not None:
             self.agent.close()
         self.qemu.close()

@@ -469,7 +469,7 @@ PUSH_NAMES = {
     "busybox": ("busybox", "library/busybox"),
     "hello": ("hello",),
     "nginx": ("nginx", "library/nginx"),
-    "python": ("python",),
+    "python": ("python", "library/python"),
     "entrypoint": ("entrypoint",),
     "layers": ("layers",),
     "layers-zstd": ("layers-zstd",),

@@ -188,7 +188,24 @@ def test_broken_guest_images(pydesk: Pydesk, guest_image, tmp_path) -> None:  # 
     assert pydesk.qemu_pid() is None or not psutil.pid_exists(pydesk.qemu_pid())
 
 
+def _answers(port: int, deadline: float = 60) -> bool:
+    import urllib.request
+
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                if b"Welcome to nginx" in r.read():
+                    return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> None:  # type: ignore[no-untyped-def]
+    """...and so do published ports: after a VM restart (the container comes back by its
+    restart policy) and across a host-daemon crash (QEMU keeps the forward; the new daemon
+    takes the port table over from the guest)."""
     import docker
 
     from tests.conftest import registry_flags
@@ -198,11 +215,18 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
     def client() -> docker.DockerClient:
         return docker.DockerClient(base_url="unix://" + str(pydesk.run_dir / "engine.sock"), version="auto", timeout=120)
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     c = client()
     c.images.pull("busybox", tag="latest")
+    c.images.pull("nginx", tag="latest")
     c.containers.create("busybox", ["true"], name="kept")
     c.containers.run("busybox", ["sleep", "600"], detach=True, name="always", restart_policy={"Name": "always"})
     c.containers.run("busybox", ["sleep", "600"], detach=True, name="plain")
+    c.containers.run("nginx", detach=True, name="web", restart_policy={"Name": "always"},
+                     ports={"80/tcp": ("127.0.0.1", port)})
+    assert _answers(port)
     restart = pydesk("vm", "restart")
     assert restart.returncode == 0, restart.stderr
     c = client()
@@ -215,3 +239,22 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
         always.reload()
     assert always.status == "running"
     assert c.containers.get("plain").status == "exited"  # no restart policy: it stays down
+    assert _answers(port), "the published port did not come back after the VM restart"
+
+    daemon_pid = json.loads((pydesk.state / "status.json").read_text())["daemon_pid"]
+    os.kill(daemon_pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(daemon_pid).wait(10)
+    assert _answers(port, deadline=5), "QEMU's forward should outlive the daemon"
+    assert pydesk("vm", "status").returncode == 0  # a fresh daemon adopts the VM
+    c = client()
+    c.containers.get("web").stop(timeout=2)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except ConnectionRefusedError:
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the adopted daemon did not close the port of a stopped container")
