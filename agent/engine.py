@@ -869,13 +869,19 @@ class Engine:
         if cfg.get("WorkingDir"):
             argv += ["--cwd", cfg["WorkingDir"]]
         user = cfg.get("User") or c.r["Config"].get("User")
+        uid = gid = 0
+        extra: tuple[int, ...] = ()
         if user:
             try:
-                uid, gid, _ = lookup_user(c.rootfs, user)
+                uid, gid, extra = lookup_user(c.rootfs, user)
             except KeyError as exc:
                 raise EngineError(400, str(exc).strip("'\"")) from exc
             argv += ["--user", f"{uid}:{gid}"]
-        argv += [c.id, *cfg["Cmd"]]
+        process = self._exec_process(c, e, uid, gid, extra)
+        if process is not None:  # the container's own process spec: its groups, caps, rlimits
+            argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.id]
+        else:
+            argv += [c.id, *cfg["Cmd"]]
         tail = bytearray()
 
         def output(stream: str, data: bytes) -> None:
@@ -893,6 +899,7 @@ class Engine:
         def waiter() -> None:
             rc = proc.proc.wait()
             proc.drain(5)
+            (c.root / f"exec-{e.id}.json").unlink(missing_ok=True)
             if rc == 255:  # crun could not start the process: Docker's codes for why
                 text = bytes(tail).decode(errors="replace").lower()
                 if "executable file" in text and "not found" in text or "no such file" in text:
@@ -906,6 +913,28 @@ class Engine:
 
         threading.Thread(target=waiter, daemon=True).start()
         return proc
+
+    def _exec_process(self, c: Container, e: ExecInstance, uid: int, gid: int, extra: tuple[int, ...]) -> Path | None:
+        """An OCI process for `crun exec --process`, from the container's config.json: the
+        same capabilities, rlimits and no_new_privs as the container, and the supplementary
+        groups Docker gives (crun's --user takes none)."""
+        cfg = e.config
+        try:
+            spec = json.loads((c.root / "config.json").read_text())["process"]
+        except (OSError, ValueError, KeyError):
+            return None
+        env: dict[str, str] = {}
+        for item in list(c.r["Config"].get("Env") or []) + list(cfg.get("Env") or []):
+            k, _, v = item.partition("=")
+            env[k] = v
+        env.setdefault("PATH", runtime.DEFAULT_PATH)
+        spec.update(args=list(cfg["Cmd"]), env=[f"{k}={v}" for k, v in env.items()], terminal=bool(cfg.get("Tty")),
+                    cwd=cfg.get("WorkingDir") or c.r["Config"].get("WorkingDir") or "/",
+                    user={"uid": uid, "gid": gid, "additionalGids": list(_with_primary(gid, extra))})
+        spec.pop("consoleSize", None)
+        path = c.root / f"exec-{e.id}.json"
+        path.write_text(json.dumps(spec))
+        return path
 
     # --- inspection ---------------------------------------------------------------------
     def inspect(self, c: Container) -> dict[str, Any]:
