@@ -359,14 +359,17 @@ class Engine:
             return
         lowers = self.store.lower_dirs(c.r["Image"])
         opts = f"lowerdir={':'.join(str(p) for p in lowers)},upperdir={c.root / 'upper'},workdir={c.root / 'work'}"
-        proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(c.rootfs)], capture_output=True)
-        if proc.returncode != 0:
-            raise EngineError(500, f"mounting the container file system failed: {proc.stderr.decode().strip()}")
+        try:
+            runtime.mount("overlay", str(c.rootfs), "overlay", opts)
+        except OSError as exc:
+            raise EngineError(500, f"mounting the container file system failed: {exc.strerror}") from exc
 
     def _umount_rootfs(self, c: Container) -> None:
         if os.path.ismount(c.rootfs):
-            if subprocess.run(["umount", str(c.rootfs)], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", str(c.rootfs)], capture_output=True)
+            try:
+                runtime.umount(str(c.rootfs))
+            except OSError as exc:
+                log.warning("%s", exc)
 
     def _write_etc(self, c: Container, addresses: list[str]) -> None:
         cfg, host = c.r["Config"], c.r["HostConfig"]
@@ -407,14 +410,15 @@ class Engine:
         mode = c.r["HostConfig"]["NetworkMode"]
         if mode == "host":
             return "host"
-        path = self.networks.create_netns(c.id)
-        if mode == "none":
-            return path
         settings = c.r["NetworkSettings"]
-        for i, (name, ep) in enumerate(settings["Networks"].items()):
+        wanted = [] if mode == "none" else list(settings["Networks"].items())
+        leases = []
+        for name, ep in wanted:
             net = self.networks.get(name)
-            addr = self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))
-            info = self.networks.attach(net, c.id, addr, f"eth{i}")
+            leases.append((net, self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))))
+        path, first = self.networks.create_netns(c.id, leases[0] if leases else None)
+        for i, ((name, ep), (net, addr)) in enumerate(zip(wanted, leases)):
+            info = first if i == 0 and first is not None else self.networks.attach(net, c.id, addr, f"eth{i}")
             ep.update(info, EndpointID=new_id(), Gateway=info["Gateway"], IPPrefixLen=info["IPPrefixLen"])
             if net.user_defined:
                 aliases = list(ep.get("Aliases") or [])
@@ -522,14 +526,19 @@ class Engine:
             c.stopping = False
             c.r["ManuallyStopped"] = False
             try:
+                steps = _Steps()
                 self._mount_rootfs(c)
+                steps("mount")
                 netns = self._setup_network(c)
+                steps("network")
                 self._publish_ports(c)
+                steps("ports")
                 addrs = [ep.get("IPAddress") for ep in c.r["NetworkSettings"]["Networks"].values() if ep.get("IPAddress")]
                 self._write_etc(c, addrs)
                 spec = self._spec(c, netns)
                 runtime.write_bundle(c.root, spec)
                 runtime.delete(c.id)  # a stale runtime state from a crash would block the name
+                steps("bundle")
                 if c.logfile is None:
                     c.logfile = LogFile(c.log_path)
                 crun_log = c.root / "crun.log"
@@ -539,6 +548,7 @@ class Engine:
                 # `crun run` in the foreground is the container's parent (our conmon): it reaps
                 # everything in the container and exits with its status.
                 runtime.prepare_cgroup(c.id)
+                steps("cgroup")
                 argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
                         "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
                 held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
@@ -548,6 +558,8 @@ class Engine:
                 while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
                 rc = proc.proc.poll()
+                steps("crun")
+                log.info("started %s: %s", c.name, steps)
                 error = _crun_error(crun_log) if rc not in (None, 0) else ""
                 if error:  # crun could not create or start it; a quick normal exit is not an error
                     message = docker_message(error)
@@ -1034,6 +1046,22 @@ class Engine:
                              "limit": total_mem if mem_limit == "max" else int(mem_limit), "stats": {}},
             "networks": {}, "blkio_stats": {},
         }
+
+
+class _Steps:
+    """Durations of the steps of a container start, for the engine log."""
+
+    def __init__(self) -> None:
+        self.t = time.monotonic()
+        self.parts: list[str] = []
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.parts.append(f"{name} {int((now - self.t) * 1000)}ms")
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(self.parts)
 
 
 def _epoch(value: str) -> float:

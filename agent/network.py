@@ -242,28 +242,46 @@ class Networks:
     def netns_name(container_id: str) -> str:
         return f"pydesk-{container_id[:12]}"
 
-    def create_netns(self, container_id: str) -> str:
+    def create_netns(self, container_id: str, first: tuple[Network, str] | None = None) -> tuple[str, dict[str, Any] | None]:
+        """The container's network namespace with its loopback up, and with ``first``
+        (network, address) attached as eth0. Two `ip` processes in all: under TCG each
+        process start costs tens of milliseconds, so the set-up is batched."""
         name = self.netns_name(container_id)
         path = NETNS_DIR / name
         if path.exists():
             self.delete_netns(container_id)
-        ip("netns", "add", name)
-        ip("link", "set", "lo", "up", netns=name)
-        return str(path)
+        host_cmds = [f"netns add {name}"]
+        ns_cmds = ["link set lo up"]
+        info = None
+        if first is not None:
+            net, address = first
+            h, n, info = self._veth_commands(net, container_id, address, "eth0")
+            host_cmds += h
+            ns_cmds += n
+        ip("-batch", "-", input="".join(c + "\n" for c in host_cmds))
+        ip("-batch", "-", netns=name, input="".join(c + "\n" for c in ns_cmds))
+        return str(path), info
 
-    def attach(self, net: Network, container_id: str, address: str, ifname: str) -> dict[str, Any]:
+    def _veth_commands(self, net: Network, container_id: str, address: str,
+                       ifname: str) -> tuple[list[str], list[str], dict[str, Any]]:
         ns = self.netns_name(container_id)
         host_if = "veth" + secrets.token_hex(4)
         mac = "02:42:" + ":".join(f"{int(x):02x}" for x in address.split("."))
-        ip("-batch", "-", input=f"link add {host_if} type veth peer name {ifname} netns {ns}\n"
-                                f"link set {host_if} master {net.bridge} up\n")
-        ip("-batch", "-", netns=ns, input=f"link set {ifname} address {mac}\n"
-                                          f"addr add {address}/{net.subnet.prefixlen} dev {ifname}\n"
-                                          f"link set {ifname} up\n")
+        host = [f"link add {host_if} type veth peer name {ifname} netns {ns}",
+                f"link set {host_if} master {net.bridge} up"]
+        inside = [f"link set {ifname} address {mac}", f"addr add {address}/{net.subnet.prefixlen} dev {ifname}",
+                  f"link set {ifname} up"]
         if ifname == "eth0":
-            ip("route", "add", "default", "via", str(net.gateway), netns=ns)
-        return {"IPAddress": address, "IPPrefixLen": net.subnet.prefixlen, "Gateway": str(net.gateway),
+            inside.append(f"route add default via {net.gateway}")
+        info = {"IPAddress": address, "IPPrefixLen": net.subnet.prefixlen, "Gateway": str(net.gateway),
                 "MacAddress": mac, "NetworkID": net.id}
+        return host, inside, info
+
+    def attach(self, net: Network, container_id: str, address: str, ifname: str) -> dict[str, Any]:
+        host, inside, info = self._veth_commands(net, container_id, address, ifname)
+        ip("-batch", "-", input="".join(c + "\n" for c in host))
+        ip("-batch", "-", netns=self.netns_name(container_id), input="".join(c + "\n" for c in inside))
+        return info
 
     def detach(self, container_id: str, ifname: str) -> None:
         try:

@@ -113,7 +113,8 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             if d is not resolved.config:
                 emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         config_bytes = store.open_blob(resolved.config.digest).read()
-        for d in resolved.layers:
+        fresh = [d for d in resolved.layers if any(t.digest == d.digest for t in todo)]  # not "Already exists"
+        for d in fresh:
             emit({"status": "Extracting", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         tags = [str(ref)] if ref.tag and not ref.digest else []
         before = _exists(store, str(ref))
@@ -121,7 +122,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
                                    [(d.digest, d.media_type) for d in resolved.layers], tags)
         if ref.digest:
             store.tag(image_id, str(ref))
-        for d in resolved.layers:
+        for d in fresh:
             emit({"status": "Pull complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         del descs
     except (RegistryError, StoreError, LayerError, OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ job; this module only describes what to isolate.
 from __future__ import annotations
 
 import dataclasses
+import ctypes
 import json
 import logging
 import os
@@ -252,7 +253,28 @@ def kill(container_id: str, signal: str = "TERM", all_processes: bool = False) -
 
 
 def delete(container_id: str) -> None:
-    crun("delete", "--force", container_id, check=False)
+    """Forget crun's state for the container. `crun run` removes it itself when the container
+    exits, so usually there is nothing to do and no process to start."""
+    if os.path.lexists(os.path.join(CRUN_ROOT, container_id)):
+        crun("delete", "--force", container_id, check=False)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
+
+
+def mount(source: str, target: str, fstype: str, options: str) -> None:
+    """mount(2) directly: a `mount` process costs tens of milliseconds under TCG."""
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), 0, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
+
+
+def umount(target: str) -> None:
+    """Unmount, lazily if the file system is still busy."""
+    if _libc.umount2(target.encode(), 0) != 0 and _libc.umount2(target.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount {target}: {os.strerror(err)}")
 
 
 def cgroup_path(container_id: str) -> str:

@@ -255,13 +255,15 @@ class Daemon:
         """Release everything this daemon holds; safe to call more than once."""
         if self.done.is_set():
             return
+        # QEMU is gone by now: record why before the sockets go, since a client that finds
+        # no daemon socket reads this file
+        write_status(self.paths, {"state": "stopped", "last_exit": self.exit_reason})
         if self.listener is not None:
             self.listener.close()
         if self.engine_listener is not None:
             self.engine_listener.close()
         if self.vm is not None:
             self.vm.close()
-        write_status(self.paths, {"state": "stopped", "last_exit": self.exit_reason})
         if self.lock.is_locked:
             with contextlib.suppress(OSError):
                 self.paths.lock.unlink()

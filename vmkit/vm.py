@@ -55,7 +55,7 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
 
 def guest_config(settings: Settings) -> str:
     """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
-    lines = [f"dns={d}" for d in settings.dns[:1]]
+    lines = [f"dns={d}" for d in settings.dns[:3]]  # resolv.conf reads at most three
     lines += [f"host-service={parse_host_service(s)[0]}" for s in settings.host_services]
     lines += [f"mirror={m}" for m in settings.registry_mirrors]
     lines += [f"insecure={r}" for r in settings.insecure_registries]
@@ -183,10 +183,10 @@ class VM:
         return how
 
     def close(self) -> None:
+        if self.agent is not None:  # first: wakes any channel open still waiting for it
+            self.agent.close()
         if self.publisher is not None:
             self.publisher.close()
-        if self.agent is not None:
-            self.agent.close()
         self.qemu.close()
 
 

@@ -51,3 +51,12 @@ def test_port_forward_parse() -> None:
     for bad in ("", "80", "a:b", "70000:80", "1.2.3:80:80", "80:80/sctp"):
         with pytest.raises(ConfigError):
             PortForward.parse(bad)
+
+
+def test_guest_config_lines() -> None:
+    from vmkit.vm import guest_config
+
+    s = st.Settings(dns=("1.1.1.1", "9.9.9.9"), host_services=("5000:5001",),
+                    registry_mirrors=("docker.io=http://127.0.0.1:5000",), mirror_only=True)
+    assert guest_config(s).splitlines() == ["dns=1.1.1.1", "dns=9.9.9.9", "host-service=5000",
+                                            "mirror=docker.io=http://127.0.0.1:5000", "mirror-only=1"]

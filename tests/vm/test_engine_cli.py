@@ -217,6 +217,13 @@ def test_pull_output_and_errors(vm: Pydesk) -> None:
     out = vm("pull", "busybox")
     assert out.returncode == 0, out.stderr
     assert "Status: " in out.stdout and out.stdout.splitlines()[-1] == "docker.io/library/busybox:latest"
+    # python shares busybox's base layer: that one "Already exists" and is not pulled again
+    vm("rmi", "-f", "python")  # whatever an earlier test left
+    py = vm("pull", "python", check=True).stdout
+    shared = [ln.split(":")[0] for ln in py.splitlines() if ln.endswith(": Already exists")]
+    assert shared, py
+    for layer in shared:
+        assert f"{layer}: Pull complete" not in py and f"{layer}: Pulling fs layer" not in py
     bad = vm("pull", "no-such-image-here")
     assert bad.returncode == 1
     assert "not found" in one_line_error(bad)

@@ -62,6 +62,8 @@ if [ -e /sys/class/net/eth0 ]; then
   ip addr add 10.0.2.15/24 dev eth0
   ip route add default via 10.0.2.2
 fi
-dns=$(sed -n 's/^dns=//p' /run/pydesk/config 2>/dev/null)
-echo "nameserver ${dns:-10.0.2.3}" > /run/resolv.conf
+# DNS: QEMU's resolver at 10.0.2.3 asks the host's own resolver for every query (so a VPN or
+# split DNS on the host just works), unless `pydesk vm start --dns` named servers.
+sed -n 's/^dns=/nameserver /p' /run/pydesk/config 2>/dev/null > /run/resolv.conf
+[ -s /run/resolv.conf ] || echo "nameserver 10.0.2.3" > /run/resolv.conf
 log "boot done"
