@@ -409,8 +409,31 @@ def _du(path: Any) -> int:
 
 @routes.add("POST", "/auth")
 def auth(h: Handler) -> None:
+    """`docker login`: the engine checks the credentials against the registry (the client
+    stores them; pulls then send them in X-Registry-Auth)."""
+    import dataclasses
+
+    from agent import reference
+    from agent.pull import registry_config
+    from agent.registry import AuthError, RegistryClient, RegistryError
+
     body = h.body_json()
-    h.engine_auth = body  # type: ignore[attr-defined]
+    server = (body.get("serveraddress") or "docker.io").strip()
+    host = urllib.parse.urlsplit(server if "://" in server else "//" + server).netloc or server
+    if host in ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"):
+        host = "docker.io"
+    try:
+        ref = reference.parse(f"{host}/pydesk/login-check")
+    except ValueError as exc:
+        raise EngineError(400, f"invalid registry address {server!r}: {exc}") from None
+    creds = {"username": body.get("username") or "", "password": body.get("password") or ""}
+    config = dataclasses.replace(registry_config(creds, ref), retries=1, connect_timeout=10.0)
+    try:
+        RegistryClient(config).login(ref)
+    except AuthError as exc:
+        raise EngineError(401, str(exc)) from None
+    except RegistryError as exc:
+        raise EngineError(500, str(exc)) from None
     h.reply(200, {"Status": "Login Succeeded", "IdentityToken": ""})
 
 
@@ -441,7 +464,16 @@ def container_start(h: Handler, ref: str) -> None:
     c = h.engine.container(ref)
     if c.running:
         return h.reply(304)
-    h.engine.start(c)
+    try:
+        h.engine.start(c)
+    except EngineError:
+        # dockerd removes a --rm container that failed to start before it answers, so the
+        # client's wait (condition=removed) ends first and it prints only the start error
+        deadline = time.monotonic() + 10
+        while c.r["HostConfig"].get("AutoRemove") and (not c.removed or _waiters.busy(c.id)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise
     h.reply(204)
 
 
@@ -476,6 +508,16 @@ def container_rename(h: Handler, ref: str) -> None:
     h.reply(204)
 
 
+@routes.add("POST", r"/containers/(?P<ref>[^/]+)/update")
+def container_update(h: Handler, ref: str) -> None:
+    h.reply(200, {"Warnings": h.engine.update(h.engine.container(ref), h.body_json()) or None})
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/changes")
+def container_changes(h: Handler, ref: str) -> None:
+    h.reply(200, h.engine.changes(h.engine.container(ref)) or None)
+
+
 @routes.add("POST", r"/containers/(?P<ref>[^/]+)/wait")
 def container_wait(h: Handler, ref: str) -> None:
     c = h.engine.container(ref)
@@ -483,10 +525,38 @@ def container_wait(h: Handler, ref: str) -> None:
     if condition not in ("not-running", "next-exit", "removed"):
         raise EngineError(400, f"invalid condition: {condition}")
     seq = c.exit_seq  # registered before the headers go out, so a fast exit is not missed
-    h.start_stream()
-    code = h.engine.wait(c, condition, seq)
-    h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
-    h.end_stream()
+    with _waiters.waiting(c.id):
+        h.start_stream()
+        code = h.engine.wait(c, condition, seq)
+        h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
+        h.end_stream()
+
+
+class _Waiters:
+    """How many wait requests per container have not been answered yet."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def waiting(self, cid: str):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.count[cid] = self.count.get(cid, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.count[cid] -= 1
+                if not self.count[cid]:
+                    del self.count[cid]
+
+    def busy(self, cid: str) -> bool:
+        with self.lock:
+            return cid in self.count
+
+
+_waiters = _Waiters()
 
 
 @routes.add("DELETE", r"/containers/(?P<ref>[^/]+)")
@@ -497,13 +567,41 @@ def container_remove(h: Handler, ref: str) -> None:
 
 @routes.add("POST", "/containers/prune")
 def container_prune(h: Handler) -> None:
+    flt = h.filters()
+    until = _until(flt)
     deleted, space = [], 0
     for c in list(h.engine.containers.values()):
-        if not c.running and not c.state.get("Restarting"):
-            space += _du(c.root / "upper")
-            h.engine.remove(c)
-            deleted.append(c.id)
+        if c.running or c.state.get("Restarting"):
+            continue
+        if flt.get("label") and not _labels_match(c.r["Config"].get("Labels") or {}, flt["label"]):
+            continue
+        if flt.get("label!") and any(_labels_match(c.r["Config"].get("Labels") or {}, [v]) for v in flt["label!"]):
+            continue
+        if until is not None and _created(c.r["Created"]) >= until:
+            continue
+        space += _du(c.root / "upper")
+        h.engine.remove(c)
+        deleted.append(c.id)
+    h.engine.events.emit("container", "prune", "", {"reclaimed": str(space)})
     h.reply(200, {"ContainersDeleted": deleted or None, "SpaceReclaimed": space})
+
+
+def _until(flt: dict[str, list[str]]) -> float | None:
+    """The `until` prune filter: a Unix time, an RFC 3339 time or a duration like 10m."""
+    if not flt.get("until"):
+        return None
+    value = flt["until"][0]
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h)", value)
+    if m:
+        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    t = _created(value)
+    if not t:
+        raise EngineError(400, f"invalid until filter: {value}")
+    return t
 
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/top")
@@ -712,15 +810,40 @@ def _created(value: str) -> float:
 @routes.add("GET", "/images/json")
 def image_list(h: Handler) -> None:
     flt = h.filters()
+    refs = flt.get("reference") or []
     out = []
     for img in h.engine.store.images():
         if flt.get("dangling") and (flt["dangling"][0] in ("true", "1")) == bool(img.tags):
             continue
-        if flt.get("reference") and not any(any(familiar(t).split(":")[0] == r.split(":")[0] or familiar(t) == r
-                                                for t in img.tags) for r in flt["reference"]):
+        summary = _image_summary(h.engine, img)
+        if refs:
+            tags = [t for t in summary["RepoTags"] or [] if any(_reference_match(t, r) for r in refs)]
+            if not tags:
+                continue
+            summary["RepoTags"] = tags
+        if flt.get("label") and not _labels_match(summary["Labels"], flt["label"]):
             continue
-        out.append(_image_summary(h.engine, img))
+        out.append(summary)
     h.reply(200, out)
+
+
+def _reference_match(tag: str, pattern: str) -> bool:
+    """Docker's `reference` filter: ``repo`` matches every tag of the repository, ``repo:tag``
+    only that tag; both may use shell-style wildcards."""
+    import fnmatch
+
+    repo, _, _ = tag.rpartition(":")
+    if fnmatch.fnmatchcase(tag, pattern):
+        return True
+    return ":" not in pattern.rsplit("/", 1)[-1] and fnmatch.fnmatchcase(repo, pattern)
+
+
+def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
+    for v in wanted:
+        k, eq, val = v.partition("=")
+        if k not in labels or (eq and labels[k] != val):
+            return False
+    return True
 
 
 @routes.add("GET", r"/images/(?P<name>.+)/json")
@@ -803,17 +926,44 @@ def image_create(h: Handler) -> None:
         raise EngineError(400, "fromImage is required")
     ref = image if "@" in image or not tag else f"{image}{'@' if tag.startswith('sha256:') else ':'}{tag}"
     auth = _decode_auth(h.headers.get("X-Registry-Auth"))
-    h.start_stream()
+    held: list[dict[str, Any]] = []  # "Pulling from" waits until the registry has answered
+    started = False
+
+    def send(msg: dict[str, Any]) -> None:
+        h.chunk(json.dumps(msg).encode() + b"\r\n")
 
     def emit(msg: dict[str, Any]) -> None:
-        h.chunk(json.dumps(msg).encode() + b"\r\n")
+        nonlocal started
+        if not started:
+            if "error" in msg:  # failed before any progress: a plain HTTP error, as dockerd answers
+                raise _PullFailed(msg["error"])
+            if msg.get("status", "").startswith("Pulling from") and not held:
+                held.append(msg)
+                return
+            h.start_stream()
+            started = True
+            for m in held:
+                send(m)
+        send(msg)
 
     try:
         pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
+    except _PullFailed as exc:
+        low = str(exc).lower()
+        status = 404 if any(w in low for w in ("not found", "unknown", "denied", "does not exist")) else 500
+        return h.error(status, str(exc))
     except OSError:
         h.close_connection = True
         return
+    if not started:
+        h.start_stream()
+        for m in held:
+            send(m)
     h.end_stream()
+
+
+class _PullFailed(Exception):
+    pass
 
 
 def _decode_auth(header: str | None) -> dict[str, str] | None:
@@ -897,7 +1047,10 @@ def network_list(h: Handler) -> None:
 
 
 def _pseudo_net(name: str) -> dict[str, Any]:
-    return {"Name": name, "Id": name.ljust(64, "0")[:64], "Created": ZERO, "Scope": "local",
+    import hashlib
+
+    return {"Name": name, "Id": hashlib.sha256(f"pydesk-network-{name}".encode()).hexdigest(), "Created": ZERO,
+            "Scope": "local",
             "Driver": "host" if name == "host" else "null", "EnableIPv6": False,
             "IPAM": {"Driver": "default", "Options": None, "Config": []}, "Internal": False, "Attachable": False,
             "Ingress": False, "ConfigFrom": {"Network": ""}, "ConfigOnly": False, "Containers": {}, "Options": {},
@@ -906,8 +1059,9 @@ def _pseudo_net(name: str) -> dict[str, Any]:
 
 @routes.add("GET", r"/networks/(?P<ref>[^/]+)")
 def network_inspect(h: Handler, ref: str) -> None:
-    if ref in ("host", "none"):
-        return h.reply(200, _pseudo_net(ref))
+    for pseudo in ("host", "none"):
+        if ref == pseudo or (len(ref) >= 12 and _pseudo_net(pseudo)["Id"].startswith(ref)):
+            return h.reply(200, _pseudo_net(pseudo))
     try:
         h.reply(200, _network_json(h.engine, h.engine.networks.get(ref)))
     except KeyError:

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -483,7 +484,7 @@ class Engine:
         return runtime.ContainerSpec(
             id=c.id, rootfs=str(c.rootfs),
             process=runtime.ProcessSpec(args=tuple(args), env=tuple(cfg.get("Env") or ()), cwd=cfg.get("WorkingDir") or "/",
-                                        uid=uid, gid=gid, additional_gids=extra, terminal=c.tty),
+                                        uid=uid, gid=gid, additional_gids=_with_primary(gid, extra), terminal=c.tty),
             hostname=cfg["Hostname"], mounts=tuple(mounts),
             resources=runtime.Resources(memory=memory, memory_swap=(swap if swap and swap > 0 else (memory if memory and swap in (None, 0) else None)),
                                         nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
@@ -557,8 +558,9 @@ class Engine:
                 steps("cgroup")
                 argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
                         "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
+                held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
                 proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
-                               on_output=c.logfile.write)
+                               on_output=held.write)
                 deadline = time.monotonic() + 60
                 while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
@@ -569,7 +571,9 @@ class Engine:
                 if error:  # crun could not create or start it; a quick normal exit is not an error
                     message = docker_message(error)
                     proc.drain(1)
+                    held.release(drop=error)
                     raise EngineError(_start_status(message), message)
+                held.release()
                 try:
                     pid = int(pid_file.read_text().strip() or 0)
                 except (OSError, ValueError):
@@ -852,6 +856,56 @@ class Engine:
         c.save()
         self.events.emit("container", "rename", c.id, {"name": name})
 
+    def update(self, c: Container, body: dict[str, Any]) -> list[str]:
+        """`docker update`: new limits in the record, and in the live cgroup when running."""
+        host = c.r["HostConfig"]
+        for key in ("Memory", "MemorySwap", "MemoryReservation", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod",
+                    "PidsLimit", "CpusetCpus", "CpusetMems", "BlkioWeight"):
+            if key in body and body[key] not in (None, ""):
+                host[key] = body[key]
+        if body.get("RestartPolicy") and body["RestartPolicy"].get("Name") is not None:
+            host["RestartPolicy"] = body["RestartPolicy"]
+        if host.get("NanoCpus") and host.get("CpuQuota"):
+            raise EngineError(400, "Conflicting options: Nano CPUs and CPU Period cannot both be set")
+        warnings: list[str] = []
+        if c.running:
+            try:
+                runtime.apply_limits(c.id, runtime.Resources(
+                    memory=host.get("Memory") or None, memory_swap=host.get("MemorySwap") or None,
+                    nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
+                    pids_limit=host.get("PidsLimit") or None), host.get("CpuQuota") or None, host.get("CpuPeriod") or None)
+            except OSError as exc:
+                raise EngineError(500, f"Cannot update container {c.id}: {exc}") from None
+        c.save()
+        self.events.emit("container", "update", c.id, {"name": c.name})
+        return warnings
+
+    def changes(self, c: Container) -> list[dict[str, Any]]:
+        """`docker diff`: the container's overlay upper dir against the image's layers
+        (Kind 0 = changed, 1 = added, 2 = deleted)."""
+        upper = c.root / "upper"
+        lowers = self.store.lower_dirs(c.r["Image"])
+        out: list[dict[str, Any]] = []
+        for dirpath, dirs, files in os.walk(upper):
+            for name in sorted(dirs) + sorted(files):
+                full = Path(dirpath) / name
+                rel = "/" + str(full.relative_to(upper))
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlayfs whiteout
+                    out.append({"Path": rel, "Kind": 2})
+                    continue
+                in_lower = any(os.path.lexists(str(low) + rel) for low in lowers)
+                out.append({"Path": rel, "Kind": 0 if in_lower else 1})
+        # mount points the engine adds (Docker keeps these in its hidden init layer)
+        mounts = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev", "/proc", "/sys", "/dev/shm"}
+        mounts.update(m.get("Destination", "") for m in c.r.get("Mounts") or [])
+        out = [ch for ch in out if not (ch["Kind"] == 1 and ch["Path"] in mounts)]
+        out.sort(key=lambda ch: ch["Path"])
+        return out
+
     # --- exec -------------------------------------------------------------------------
     def exec_create(self, c: Container, config: dict[str, Any]) -> ExecInstance:
         if not c.running:
@@ -880,13 +934,19 @@ class Engine:
         if cfg.get("WorkingDir"):
             argv += ["--cwd", cfg["WorkingDir"]]
         user = cfg.get("User") or c.r["Config"].get("User")
+        uid = gid = 0
+        extra: tuple[int, ...] = ()
         if user:
             try:
-                uid, gid, _ = lookup_user(c.rootfs, user)
+                uid, gid, extra = lookup_user(c.rootfs, user)
             except KeyError as exc:
                 raise EngineError(400, str(exc).strip("'\"")) from exc
             argv += ["--user", f"{uid}:{gid}"]
-        argv += [c.id, *cfg["Cmd"]]
+        process = self._exec_process(c, e, uid, gid, extra)
+        if process is not None:  # the container's own process spec: its groups, caps, rlimits
+            argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.id]
+        else:
+            argv += [c.id, *cfg["Cmd"]]
         tail = bytearray()
 
         def output(stream: str, data: bytes) -> None:
@@ -904,6 +964,7 @@ class Engine:
         def waiter() -> None:
             rc = proc.proc.wait()
             proc.drain(5)
+            (c.root / f"exec-{e.id}.json").unlink(missing_ok=True)
             if rc == 255:  # crun could not start the process: Docker's codes for why
                 text = bytes(tail).decode(errors="replace").lower()
                 if "executable file" in text and "not found" in text or "no such file" in text:
@@ -917,6 +978,28 @@ class Engine:
 
         threading.Thread(target=waiter, daemon=True).start()
         return proc
+
+    def _exec_process(self, c: Container, e: ExecInstance, uid: int, gid: int, extra: tuple[int, ...]) -> Path | None:
+        """An OCI process for `crun exec --process`, from the container's config.json: the
+        same capabilities, rlimits and no_new_privs as the container, and the supplementary
+        groups Docker gives (crun's --user takes none)."""
+        cfg = e.config
+        try:
+            spec = json.loads((c.root / "config.json").read_text())["process"]
+        except (OSError, ValueError, KeyError):
+            return None
+        env: dict[str, str] = {}
+        for item in list(c.r["Config"].get("Env") or []) + list(cfg.get("Env") or []):
+            k, _, v = item.partition("=")
+            env[k] = v
+        env.setdefault("PATH", runtime.DEFAULT_PATH)
+        spec.update(args=list(cfg["Cmd"]), env=[f"{k}={v}" for k, v in env.items()], terminal=bool(cfg.get("Tty")),
+                    cwd=cfg.get("WorkingDir") or c.r["Config"].get("WorkingDir") or "/",
+                    user={"uid": uid, "gid": gid, "additionalGids": list(_with_primary(gid, extra))})
+        spec.pop("consoleSize", None)
+        path = c.root / f"exec-{e.id}.json"
+        path.write_text(json.dumps(spec))
+        return path
 
     # --- inspection ---------------------------------------------------------------------
     def inspect(self, c: Container) -> dict[str, Any]:
@@ -948,7 +1031,7 @@ class Engine:
                               "Type": proto or "tcp"})
         return {
             "Id": c.id, "Names": [r["Name"]], "Image": r["Config"]["Image"], "ImageID": r["Image"],
-            "Command": " ".join([r["Path"], *r["Args"]]), "Created": int(_epoch(r["Created"])),
+            "Command": _command_text(r["Path"], r["Args"]), "Created": int(_epoch(r["Created"])),
             "Ports": ports, "Labels": r["Config"].get("Labels") or {}, "State": r["State"]["Status"],
             "Status": c.status_text(), "HostConfig": {"NetworkMode": r["HostConfig"].get("NetworkMode")},
             "NetworkSettings": {"Networks": nets}, "Mounts": r.get("Mounts") or [],
@@ -957,8 +1040,16 @@ class Engine:
     def list(self, all_: bool = False, filters: dict[str, list[str]] | None = None, limit: int = -1) -> list[dict[str, Any]]:
         out = []
         cs = sorted(self.containers.values(), key=lambda c: c.r["Created"], reverse=True)
+        bounds = {}
+        for key in ("before", "since"):  # a container name or id; Docker compares creation times
+            if filters and filters.get(key):
+                bounds[key] = self.container(filters[key][0]).r["Created"]
         for c in cs:
             if not all_ and not c.running and not (filters and "status" in filters):
+                continue
+            if "before" in bounds and not c.r["Created"] < bounds["before"]:
+                continue
+            if "since" in bounds and not c.r["Created"] > bounds["since"]:
                 continue
             if filters and not _match(c, filters):
                 continue
@@ -1053,7 +1144,63 @@ def _match(c: Container, filters: dict[str, list[str]]) -> bool:
             return False
         if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):
             return False
+        if key == "network":
+            nets = c.r["NetworkSettings"]["Networks"]
+            ids = {ep.get("NetworkID") or "" for ep in nets.values()}
+            if not any(v in nets or any(i and i.startswith(v) for i in ids) for v in values):
+                return False
+        if key == "volume":
+            mounts = c.r.get("Mounts") or []
+            if not any(m.get("Name") == v or m.get("Destination") == v or m.get("Source") == v
+                       for m in mounts for v in values):
+                return False
+        if key == "health" and "none" not in values:  # no health checks run yet: every container is "none"
+            return False
+        if key == "is-task" and "true" in values:
+            return False
+        if key in ("publish", "expose"):
+            ports = set(c.r["Config"].get("ExposedPorts") or {}) | set(c.r["HostConfig"].get("PortBindings") or {})
+            if key == "publish":
+                ports = set(c.r["HostConfig"].get("PortBindings") or {})
+            if not any(v in ports or f"{v}/tcp" in ports for v in values):
+                return False
     return True
+
+
+def _with_primary(gid: int, extra: tuple[int, ...]) -> tuple[int, ...]:
+    """Supplementary groups as Docker (runc) sets them: the primary group, then the user's
+    other groups from /etc/group (so `id` prints `groups=0(root)` as under Docker)."""
+    return (gid, *(g for g in extra if g != gid))
+
+
+def _command_text(path: str, args: list[str]) -> str:
+    """`docker ps`'s COMMAND: arguments with spaces single-quoted, as dockerd builds it."""
+    return " ".join([path, *(f"'{a}'" if " " in a else a for a in args)])
+
+
+class _HeldOutput:
+    """Container output held back until crun has either started the container or failed:
+    on failure crun prints its error on the container's stderr too, and Docker clients get
+    that error only once, from the API."""
+
+    def __init__(self, sink: Callable[[str, bytes], None]) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.held: list[tuple[str, bytes]] | None = []
+
+    def write(self, stream: str, data: bytes) -> None:
+        with self.lock:
+            if self.held is not None:
+                self.held.append((stream, data))
+                return
+            self.sink(stream, data)
+
+    def release(self, drop: str = "") -> None:
+        with self.lock:
+            for stream, data in self.held or []:
+                if not (drop and stream == "stderr" and drop.encode() in data):
+                    self.sink(stream, data)
+            self.held = None
 
 
 def _crun_error(path: Path) -> str:

@@ -422,6 +422,42 @@ class RegistryClient:
                 raise AuthError(f"{ref.familiar_name}: token service answered {resp.status}: {_error_detail(body)}")
             return body
 
+    def login(self, ref: Reference) -> None:
+        """Check the configured credentials for ``ref.registry`` the way `docker login` does:
+        ``GET /v2/``, answering a Basic or Bearer challenge (a token request without a scope).
+        Raises AuthError if the registry refuses them, RegistryError if it cannot be reached."""
+        base = self.endpoints(ref)[-1]
+        creds = self._credentials(ref, base)
+        url = base + "/v2/"
+        with self._retrying(lambda: self._open_following("GET", url, {}), f"GET {url}") as resp:
+            status, challenge = resp.status, resp.header("WWW-Authenticate") or ""
+        if status == 200:
+            return
+        if status != 401 or not challenge:
+            raise RegistryError(f"login attempt to {url} failed with status: {status}")
+        if not creds:
+            raise AuthError(f"login attempt to {url} failed: no username and password given")
+        basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            with self._retrying(lambda: self._open_following("GET", url, {"Authorization": basic}), url) as resp:
+                if resp.status != 200:
+                    raise AuthError(f"login attempt to {url} failed with status: {resp.status} "
+                                    f"({_error_detail(resp.read(64 * 1024))})")
+            return
+        if scheme != "bearer" or not params.get("realm"):
+            raise AuthError(f"login attempt to {url}: unsupported authentication {challenge!r}")
+        query = [(k, v) for k, v in (("service", params.get("service")), ("account", creds[0])) if v]
+        realm = params["realm"]
+        token_url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+        body = self._retrying(lambda: self._token_request(token_url, {"Authorization": basic}, ref), token_url)
+        try:
+            ok = bool(json.loads(body).get("token") or json.loads(body).get("access_token"))
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise AuthError(f"login attempt to {url}: the token service {realm} returned no token")
+
     # requests with retries, auth and endpoint fallback --------------------------------------
 
     def _retrying(self, attempt: Callable[[], _T], what: str = "") -> _T:

@@ -316,6 +316,33 @@ def release_cgroup(container_id: str) -> bool:
     return oom
 
 
+def apply_limits(container_id: str, r: Resources, cpu_quota: int | None = None, cpu_period: int | None = None) -> None:
+    """New limits on a running container's cgroup (cgroup v2 files, as crun writes them)."""
+    cg = cgroup_dir(container_id)
+
+    def put(name: str, value: str) -> None:
+        try:
+            (cg / name).write_text(value)
+        except OSError as exc:
+            raise OSError(f"cannot set {name} to {value}: {exc.strerror}") from None
+
+    if r.memory:
+        put("memory.max", str(r.memory))
+        if r.memory_swap and r.memory_swap > 0:
+            put("memory.swap.max", str(max(r.memory_swap - r.memory, 0)))
+        elif r.memory_swap == -1:
+            put("memory.swap.max", "max")
+    if r.nano_cpus:
+        period = 100_000
+        put("cpu.max", f"{r.nano_cpus * period // 1_000_000_000} {period}")
+    elif cpu_quota:
+        put("cpu.max", f"{cpu_quota} {cpu_period or 100_000}")
+    if r.cpu_shares:
+        put("cpu.weight", str(1 + ((r.cpu_shares - 2) * 9999) // 262142))
+    if r.pids_limit:
+        put("pids.max", str(r.pids_limit) if r.pids_limit > 0 else "max")
+
+
 def setup_cgroups() -> None:
     """Pure cgroup v2: delegate the controllers to our subtree."""
     root = Path("/sys/fs/cgroup")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from desktop import engine_cli, network_cli
+from desktop import docker_context, engine_cli, network_cli
 from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
 
 log = logging.getLogger("pydesk")
@@ -137,12 +137,19 @@ def cmd_vm_start(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_stop(args: argparse.Namespace) -> int:
-    from vmkit.client import ensure_daemon
+    from vmkit import standby
+    from vmkit.client import DaemonClient, ensure_daemon
+    from vmkit.paths import VMPaths
 
-    client = ensure_daemon(args.name)
+    quit_ = getattr(args, "quit", False)
     console = _console()
+    if quit_ and not DaemonClient(args.name).reachable():
+        released = standby.stop(VMPaths(args.name))
+        console.print(f"pydesk VM {args.name!r} is not running" + ("; engine socket released" if released else ""))
+        return 0
+    client = ensure_daemon(args.name)
     with console.status("stopping the pydesk VM…"):
-        reply = client.stop()
+        reply = client.stop(standby=not quit_)
     console.print(f"pydesk VM {args.name!r} stopped ({reply.get('how')})")
     return 0
 
@@ -280,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     start_flags(s)
     s.set_defaults(func=cmd_vm_start)
     s = vms.add_parser("stop", help="stop the VM (clean shutdown)")
+    s.add_argument("--quit", action="store_true",
+                   help="also release the engine socket (otherwise it answers docker clients "
+                        "with \"pydesk VM is not running\")")
     s.set_defaults(func=cmd_vm_stop)
     s = vms.add_parser("restart", help="stop and start the VM")
     start_flags(s)
@@ -304,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_guest_build)
     engine_cli.register(sub)
     network_cli.register(sub)
+    docker_context.register(sub)
     return p
 
 
@@ -313,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         from vmkit.daemon import main as daemon_main
 
         return daemon_main(argv[1:])
+    if argv[:1] == ["_standby"]:  # ... and as the engine socket's standby
+        from vmkit.standby import main as standby_main
+
+        return standby_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(name)s: %(message)s")

@@ -79,8 +79,9 @@ def pydesk(tmp_path: Path) -> Iterator[Pydesk]:
 
 
 def _teardown(p: Pydesk) -> None:
-    if (p.run_dir / "daemon.sock").exists() or p.qemu_pid():
-        p("vm", "stop", timeout=120)
+    # --quit: no engine-socket standby (vmkit/standby.py) is left behind for a test home
+    if (p.run_dir / "daemon.sock").exists() or p.qemu_pid() or (p.run_dir / "standby.pid").exists():
+        p("vm", "stop", "--quit", timeout=120)
     pid = p.qemu_pid()
     if pid:
         try:

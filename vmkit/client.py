@@ -81,9 +81,11 @@ class DaemonClient:
     def status(self) -> dict[str, Any]:
         return self.request("status", timeout=30)["status"]
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, standby: bool = True) -> dict[str, Any]:
+        """Stop the VM; with ``standby`` the engine socket keeps answering "not running"
+        (vmkit/standby.py)."""
         pid = read_status(self.paths).get("daemon_pid")
-        reply = self.request("stop", timeout=120)
+        reply = self.request("stop", timeout=120, standby=standby)
         if pid:
             with contextlib.suppress(psutil.Error):
                 psutil.Process(pid).wait(10)

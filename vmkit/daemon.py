@@ -28,7 +28,7 @@ from typing import IO, Any
 import filelock
 import psutil
 
-from vmkit import accel
+from vmkit import accel, standby
 from vmkit.errors import AlreadyRunning, DaemonError, NotRunning, VMKitError
 from vmkit.host import detect
 from vmkit.paths import VMPaths, cache_dir
@@ -98,6 +98,7 @@ class Daemon:
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
         self.exit_reason: dict[str, Any] = {"reason": "stopped"}
+        self.leave_standby = True  # keep answering on engine.sock once the VM is down
 
     # --- start --------------------------------------------------------------------
     def start(self, progress: Progress, adopt: bool, image_dir: Path | None = None) -> None:
@@ -105,6 +106,8 @@ class Daemon:
             self.lock.acquire(timeout=0)
         except filelock.Timeout:
             raise AlreadyRunning(f"pydesk VM {self.name!r} is already running") from None
+        standby.stop(self.paths)  # the engine socket is ours again
+        self.paths.ensure()
         settings = load_settings()
         from guest.build import load_image, load_image_dir
         from guest.recipe import Recipe
@@ -208,6 +211,7 @@ class Daemon:
             if op == "status":
                 self._reply(f, ok=True, status=self.vm.status() if self.vm else {})
             elif op == "stop":
+                self.leave_standby = bool(req.get("standby", True))
                 how = self.stop()
                 self._reply(f, ok=True, how=how)
             elif op == "ssh":
@@ -266,6 +270,8 @@ class Daemon:
             self.lock.release(force=True)
         with contextlib.suppress(OSError):
             self.paths.run.rmdir()
+        if self.leave_standby:
+            standby.start(self.name)
         self.done.set()
 
 

@@ -148,3 +148,7 @@ class VMPaths:
     @property
     def engine(self) -> Path:
         return self.run / "engine.sock"
+
+    @property
+    def standby_pid(self) -> Path:
+        return self.run / "standby.pid"

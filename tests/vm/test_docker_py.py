@@ -1,0 +1,174 @@
+"""docker-py's high-level API against pydesk's engine socket (the shared VM)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import docker
+import docker.errors
+import pytest
+
+pytestmark = pytest.mark.vm
+
+
+def name() -> str:
+    return "py" + uuid.uuid4().hex[:10]
+
+
+def test_images_pull_get_list(docker_client) -> None:  # type: ignore[no-untyped-def]
+    image = docker_client.images.pull("busybox", tag="latest")
+    assert "busybox:latest" in image.tags
+    assert docker_client.images.get("busybox").id == image.id
+    assert image.id in {i.id for i in docker_client.images.list(name="busybox")}
+    assert all("busybox:latest" in i.tags for i in docker_client.images.list(name="busybox:latest"))
+    assert image.history()[0]["Id"] == image.id
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.images.get("no-such-image")
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.images.pull("no-such-image", tag="latest")
+
+
+def test_containers_run_output_and_errors(docker_client) -> None:  # type: ignore[no-untyped-def]
+    out = docker_client.containers.run("busybox", ["sh", "-c", "echo hello; echo err >&2"], remove=True)
+    assert out == b"hello\n"
+    with pytest.raises(docker.errors.ContainerError) as exc:
+        docker_client.containers.run("busybox", ["sh", "-c", "echo oops >&2; exit 2"], remove=True, stderr=True)
+    assert exc.value.exit_status == 2
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get("no-such-container")
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_client.containers.create("no-such-image-anywhere")
+
+
+def test_detached_logs_stream_exec_run(docker_client) -> None:  # type: ignore[no-untyped-def]
+    c = docker_client.containers.run("busybox", ["sh", "-c", "for i in 1 2 3; do echo n$i; sleep 0.3; done; sleep 600"],
+                                     detach=True, name=name(), labels={"pydesk.test": "py"})
+    try:
+        stream = c.logs(stream=True, follow=True)
+        got = b""
+        for chunk in stream:
+            got += chunk
+            if got.count(b"\n") >= 3:
+                break
+        assert got == b"n1\nn2\nn3\n"
+        code, out = c.exec_run(["sh", "-c", "echo $((2+3)); exit 4"])
+        assert (code, out) == (4, b"5\n")
+        res = c.exec_run(["sh", "-c", "echo out; echo err >&2"], demux=True)
+        assert res.output == (b"out\n", b"err\n")
+        res = c.exec_run("env", environment={"FOO": "bar"}, workdir="/tmp")
+        assert b"FOO=bar" in res.output
+        streamed = b"".join(c.exec_run(["sh", "-c", "echo a; sleep 0.3; echo b"], stream=True).output)
+        assert streamed == b"a\nb\n"
+        assert [x.id for x in docker_client.containers.list(filters={"label": "pydesk.test=py"})] == [c.id]
+        c.stop(timeout=1)
+        assert c.wait(timeout=60)["StatusCode"] == 137
+        c.reload()
+        assert c.status == "exited"
+    finally:
+        c.remove(force=True)
+
+
+def test_attach_socket_and_put_get(docker_client) -> None:  # type: ignore[no-untyped-def]
+    # low-level API: attach before start, the 8-byte multiplexed framing, wait with a condition
+    api = docker_client.api
+    cid = api.create_container("busybox", ["sh", "-c", "read line; echo got:$line; echo e >&2"], stdin_open=True)["Id"]
+    try:
+        sock = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+        raw = sock._sock
+        api.start(cid)
+        raw.sendall(b"ping\n")
+        data = b""
+        raw.settimeout(60)
+        while True:
+            chunk = raw.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        frames = []
+        while data:
+            stream, size = data[0], int.from_bytes(data[4:8], "big")
+            frames.append((stream, data[8:8 + size]))
+            data = data[8 + size:]
+        assert (1, b"got:ping\n") in frames and (2, b"e\n") in frames
+        assert api.wait(cid, condition="not-running")["StatusCode"] == 0
+    finally:
+        api.remove_container(cid, force=True)
+
+
+def test_networks_and_volumes(docker_client) -> None:  # type: ignore[no-untyped-def]
+    net = docker_client.networks.create(name(), driver="bridge", labels={"pydesk.test": "1"})
+    try:
+        assert net.name in [n.name for n in docker_client.networks.list()]
+        assert docker_client.networks.get(net.id).attrs["Labels"] == {"pydesk.test": "1"}
+        out = docker_client.containers.run("busybox", ["ip", "-4", "-o", "addr"], network=net.name, remove=True)
+        subnet = net.attrs["IPAM"]["Config"][0]["Subnet"]
+        assert subnet.rsplit(".", 2)[0].encode() in out
+    finally:
+        net.remove()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.networks.get(net.id)
+    vol = docker_client.volumes.create(name(), labels={"pydesk.test": "1"})
+    try:
+        assert vol.name in [v.name for v in docker_client.volumes.list()]
+        assert docker_client.volumes.get(vol.name).attrs["Labels"] == {"pydesk.test": "1"}
+    finally:
+        vol.remove()
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.volumes.get(vol.name)
+
+
+def test_version_negotiation(engine_socket: str) -> None:
+    for version in ("1.40", "1.41", "1.43"):
+        c = docker.DockerClient(base_url=engine_socket, version=version)
+        try:
+            assert c.version()["Os"] == "linux"
+            assert c.ping() is True
+        finally:
+            c.close()
+    too_new = docker.APIClient(base_url=engine_socket, version="9.99")
+    with pytest.raises(docker.errors.APIError) as exc:
+        too_new.info()
+    assert exc.value.status_code == 400 and "too new" in str(exc.value)
+    auto = docker.APIClient(base_url=engine_socket, version="auto")
+    assert auto.api_version == auto.version()["ApiVersion"]
+    headers = auto.get(auto.base_url + "/_ping").headers
+    assert headers["Api-Version"] and headers["Ostype"] == "linux"
+
+
+TESTCONTAINERS_SCRIPT = """
+import urllib.request, time
+from testcontainers.core.container import DockerContainer
+
+with DockerContainer("nginx").with_exposed_ports(80) as ctr:
+    host, port = ctr.get_container_host_ip(), int(ctr.get_exposed_port(80))
+    page = ""
+    for _ in range(100):
+        try:
+            page = urllib.request.urlopen(f"http://{host}:{port}/", timeout=5).read().decode()
+            break
+        except OSError:
+            time.sleep(0.2)
+    print(host, port, "nginx" if "Welcome to nginx on pydesk!" in page else page)
+"""
+
+
+def test_testcontainers_reads_the_port(engine_socket: str, docker_client) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("testcontainers.core.container", reason="testcontainers (pip extra 'test') is missing")
+    docker_client.images.pull("nginx", tag="latest")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "TC_", "TESTCONTAINERS_"))}
+    env.update(DOCKER_HOST=engine_socket,
+               TESTCONTAINERS_RYUK_DISABLED="true",  # Ryuk's image is on Docker Hub
+               # testcontainers takes a host with /.dockerenv (as CI machines often are) for a
+               # container and would connect to the bridge gateway; pydesk publishes on the
+               # host's localhost, testcontainers' "docker_host" mode
+               TESTCONTAINERS_CONNECTION_MODE="docker_host")
+    proc = subprocess.run([sys.executable, "-c", TESTCONTAINERS_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    host, port, page = proc.stdout.split()
+    assert host == "localhost" and 0 < int(port) < 65536 and page == "nginx"
+    assert docker_client.containers.list(filters={"ancestor": "nginx", "publish": "80"}) == []  # removed on exit
