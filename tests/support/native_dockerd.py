@@ -48,6 +48,15 @@ class NativeDockerd:
         self.cli.ok("load", "-i", str(tar))
 
 
+def _no_way_out() -> dict[str, str]:
+    """dockerd's environment with every registry request sent to a closed local port: should a
+    test ever ask it for an image it does not have, the pull fails here instead of reaching
+    Docker Hub."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
+    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="")
+    return env
+
+
 @contextlib.contextmanager
 def native_dockerd(workdir: Path, start_timeout: float = 60) -> Iterator[NativeDockerd]:
     if os.geteuid() != 0:
@@ -59,7 +68,8 @@ def native_dockerd(workdir: Path, start_timeout: float = 60) -> Iterator[NativeD
                              "--pidfile", str(workdir / "dockerd.pid"), "-H", f"unix://{sock}",
                              "--iptables=false", "--ip6tables=false", "--bridge=none",
                              "--containerd-namespace", "pydesk-ref", "--containerd-plugins-namespace", "pydesk-ref-p"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                            env=_no_way_out())
     cli = DockerCLI(f"unix://{sock}", workdir / "config")
     try:
         deadline = time.monotonic() + start_timeout
