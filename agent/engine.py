@@ -574,10 +574,7 @@ class Engine:
                     held.release(drop=error)
                     raise EngineError(_start_status(message), message)
                 held.release()
-                try:
-                    pid = int(pid_file.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = int((runtime.state(c.id) or {}).get("pid") or 0)
+                pid = _read_pid(pid_file, proc.proc) or int((runtime.state(c.id) or {}).get("pid") or 0)
             except EngineError as exc:
                 self._start_failed(c, exc.message)
                 raise
@@ -1099,6 +1096,22 @@ class Engine:
                              "limit": total_mem if mem_limit == "max" else int(mem_limit), "stats": {}},
             "networks": {}, "blkio_stats": {},
         }
+
+
+def _read_pid(pid_file: Path, crun: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
+    """The container's pid from crun's pid file. crun creates the file before it writes the
+    number, so an empty read means "not yet": read again while crun runs, never take it as 0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            text = pid_file.read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            return int(text)
+        if crun.poll() is not None or time.monotonic() > deadline:
+            return 0
+        time.sleep(0.005)
 
 
 class _Steps:
