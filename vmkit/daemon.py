@@ -98,7 +98,9 @@ class Daemon:
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
         self.exit_reason: dict[str, Any] = {"reason": "stopped"}
-        self.leave_standby = True  # keep answering on engine.sock once the VM is down
+        # keep answering on engine.sock once the VM is down, but only for a VM that ran: a start
+        # that fails leaves nothing behind (its caller may be gone before a standby would appear)
+        self.leave_standby = False
 
     # --- start --------------------------------------------------------------------
     def start(self, progress: Progress, adopt: bool, image_dir: Path | None = None) -> None:
@@ -137,6 +139,7 @@ class Daemon:
             self.vm.start(progress.step)
         self.engine_listener = Listener(self.paths.engine)
         threading.Thread(target=self._serve_engine, name="engine-accept", daemon=True).start()
+        self.leave_standby = True
         write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
                                   "image_dir": str(Path(image.kernel).parent), **self.vm.status()})
         threading.Thread(target=self._watch_qemu, name="qemu-watch", daemon=True).start()
