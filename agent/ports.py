@@ -257,22 +257,12 @@ class PortBroker:
     # --- the host link -------------------------------------------------------------
     def serve(self, path: str = SOCKET) -> None:
         """Accept host daemon connections (one at a time; a new one replaces the old)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o600)
-        srv.listen(4)
+        srv = _listen_unix(path, 4)
         threading.Thread(target=self._accept, args=(srv,), name="ports-accept", daemon=True).start()
 
     def serve_udp(self, path: str = UDP_SOCKET) -> None:
         """Relay streams for published UDP ports: one per host-side client address."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o600)
-        srv.listen(16)
+        srv = _listen_unix(path, 16)
 
         def accept() -> None:
             while True:
@@ -369,6 +359,17 @@ class PortBroker:
     def setup(self) -> None:
         """At engine start: the host-service rules (no bindings yet)."""
         self._apply_rules()
+
+
+def _listen_unix(path: str, backlog: int) -> socket.socket:
+    """A fresh root-only unix listener at ``path`` (a stale socket from an earlier engine goes)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    os.chmod(path, 0o600)
+    srv.listen(backlog)
+    return srv
 
 
 def _read_exact(f: Any, n: int) -> bytes | None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import Fail, _print_formatted, engine, handles_errors
+from desktop.engine_cli import Fail, _filters, _print_formatted, engine, handles_errors
 
 
 @handles_errors()
@@ -54,13 +54,7 @@ def _rows(nets: list[dict[str, Any]], no_trunc: bool) -> list[dict[str, Any]]:
 @handles_errors()
 def cmd_network_ls(args: argparse.Namespace) -> int:
     client = engine(args)
-    filters: dict[str, list[str]] = {}
-    for f in args.filter or []:
-        k, sep, v = f.partition("=")
-        if not sep:
-            raise Fail(f"bad format of filter (expected name=value): {f}")
-        filters.setdefault(k, []).append(v)
-    nets = sorted(client.api.networks(filters=filters or None), key=lambda n: n["Name"])
+    nets = sorted(client.api.networks(filters=_filters(args.filter) or None), key=lambda n: n["Name"])
     rows = _rows(nets, args.no_trunc)
     if args.quiet:
         for r in rows:
