@@ -7,7 +7,10 @@ A published port is two hops:
 2. in the guest, an nftables DNAT rule ``eth0:GUEST_PORT -> CONTAINER_IP:CONTAINER_PORT``.
 
 Each binding gets its own guest port from ``GUEST_PORTS``, so two host addresses may publish
-the same host port number. The host daemon connects to ``SOCKET`` and then *serves* this side's
+the same host port number. Guest ports are handed out round-robin from a random start, and the
+conntrack entries of a binding's guest port are deleted when it goes: QEMU keeps the host
+client's source port, so a new connection can carry the same tuple as a recent one to an
+earlier container, and a stale entry would steer it to the old DNAT target (a reset). The host daemon connects to ``SOCKET`` and then *serves* this side's
 requests over that one stream (JSON lines, guest -> host: ``add``, ``remove``, ``sync``), because
 only the host can bind host ports. The guest side is the source of truth: after every (re)connect
 it sends the whole table (``sync``), and the host makes QEMU's forwards match it. That is what
@@ -21,6 +24,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -187,6 +191,7 @@ class PortBroker:
         self.bindings: dict[str, list[Binding]] = {}  # container id -> bindings in place
         self.host_services = tuple(host_services)
         self.link: HostLink | None = None
+        self._next_port = random.randrange(GUEST_PORTS.start, GUEST_PORTS.stop)
 
     # --- container lifecycle -------------------------------------------------------
     def publish(self, container_id: str, container_ip: str, wanted: list[tuple[Binding, list[int]]]) -> list[Binding]:
@@ -195,13 +200,10 @@ class PortBroker:
             return []
         with self.lock:
             used = {b.guest_port for bs in self.bindings.values() for b in bs}
-            free = (p for p in GUEST_PORTS if p not in used)
             chosen: list[Binding] = []
             for b, candidates in wanted:
-                try:
-                    gport = next(free)
-                except StopIteration:
-                    raise PortError("no free guest ports left for publishing") from None
+                gport = self._free_guest_port(used)
+                used.add(gport)
                 chosen.append(replace(b, guest_port=gport, container_ip=container_ip,
                                       host_port=candidates[0] if len(candidates) == 1 else 0))
             self._check_duplicates(container_id, chosen)
@@ -213,6 +215,16 @@ class PortBroker:
             self.bindings[container_id] = chosen
             self._apply_rules()
             return chosen
+
+    def _free_guest_port(self, used: set[int]) -> int:
+        """The next guest port after the last one handed out that is not in use."""
+        span = len(GUEST_PORTS)
+        for i in range(span):
+            port = GUEST_PORTS.start + (self._next_port - GUEST_PORTS.start + i) % span
+            if port not in used:
+                self._next_port = GUEST_PORTS.start + (port - GUEST_PORTS.start + 1) % span
+                return port
+        raise PortError("no free guest ports left for publishing")
 
     def _check_duplicates(self, container_id: str, chosen: list[Binding]) -> None:
         """A host port this engine already published is taken (0.0.0.0 overlaps every address)."""
@@ -244,6 +256,7 @@ class PortBroker:
                 return
             self._apply_rules()
             link = self.link
+        forget_flows(b.guest_port for b in gone if b.proto == "tcp")
         if link is not None and not link.closed.is_set():
             try:
                 link.request("remove", [b.wire() for b in gone], timeout=5)
@@ -357,8 +370,26 @@ class PortBroker:
             raise PortError(f"nft: {proc.stderr.decode(errors='replace').strip()}")
 
     def setup(self) -> None:
-        """At engine start: the host-service rules (no bindings yet)."""
-        self._apply_rules()
+        """At engine start: the host-service rules (no bindings yet). Connection tracking is
+        liberal about TCP windows: QEMU's user-net TCP stack may shrink its window, and a
+        packet conntrack calls out-of-window would skip the reverse NAT and reset the flow."""
+        self._apply_rules()  # loads nf_conntrack (the nat chain needs it)
+        with contextlib.suppress(OSError):
+            with open("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", "w") as f:
+                f.write("1")
+
+
+def forget_flows(guest_ports: Iterable[int]) -> None:
+    """Delete the conntrack entries of connections that came in on these guest ports."""
+    for port in guest_ports:
+        try:
+            proc = subprocess.run(["conntrack", "-D", "-p", "tcp", "--orig-dst", GUEST_ADDRESS,
+                                   "--orig-port-dst", str(port)], capture_output=True)
+        except OSError as exc:
+            log.warning("cannot run conntrack (%s); old flows of guest port %d stay tracked", exc, port)
+            return
+        if proc.returncode not in (0, 1):  # 1: there was nothing to delete
+            log.warning("conntrack: %s", proc.stderr.decode(errors="replace").strip())
 
 
 def _listen_unix(path: str, backlog: int) -> socket.socket:

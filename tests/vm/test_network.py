@@ -72,6 +72,15 @@ def wait_tcp(port: int, hello: bytes, expect: bytes, deadline: float = 60) -> No
         time.sleep(0.3)
 
 
+def diagnose(vm: Pydesk, container: str) -> str:
+    """What a failed transfer test reports: the server's state and the guest's view."""
+    state = vm("inspect", "-f", "{{json .State}}", container).stdout.strip()
+    logs = vm("logs", "--tail", "20", container)
+    guest = vm.sh("dmesg | tail -n 20; cat /proc/net/stat/nf_conntrack; "
+                  "grep -c . /proc/net/nf_conntrack; nft list ruleset").stdout
+    return f"state: {state}\nlogs: {logs.stdout}{logs.stderr}\nguest:\n{guest}"
+
+
 def refused(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=3):
@@ -194,7 +203,10 @@ def test_concurrent_connections_and_a_1gib_transfer(vm: Pydesk, cleanup: list[st
         return hashlib.sha256(data).hexdigest()
 
     with ThreadPoolExecutor(50) as pool:
-        digests = list(pool.map(fetch, range(50)))
+        try:
+            digests = list(pool.map(fetch, range(50)))
+        except (OSError, AssertionError) as exc:
+            raise AssertionError(f"{exc!r}\n{diagnose(vm, bulk)}") from exc
     for i, d in enumerate(digests):
         size = (i + 1) * 65536
         assert d == hashlib.sha256((BLOCK * 4)[:size]).hexdigest()
