@@ -1,4 +1,4 @@
-"""`pydesk context`: how docker clients reach pydesk's engine socket.
+"""`pydesk context`: how docker clients reach pydesk's engine (socket, or named pipe on Windows).
 
 Prints the ``DOCKER_HOST`` to use, and can create (and select) a docker CLI context named
 ``pydesk`` with the real ``docker context`` command, so nothing here writes the docker CLI's
@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+from vmkit import engine_endpoint
 from vmkit.errors import VMKitError
 from vmkit.paths import VMPaths
 
@@ -23,10 +24,9 @@ class ContextError(VMKitError):
 
 
 def docker_host(name: str, platform: str = sys.platform) -> str:
-    if platform == "win32":
-        raise ContextError("the engine's named pipe is not built yet on Windows",
-                           hint="use WSL or a Linux/macOS host for now")
-    return "unix://" + str(VMPaths(name).engine)
+    """``unix://<runtime dir>/<name>/engine.sock``, or on Windows the named pipe
+    ``npipe:////./pipe/pydesk_engine`` (``pydesk_engine_<name>`` for other VMs)."""
+    return engine_endpoint.docker_host(VMPaths(name), platform)
 
 
 def _docker(*args: str) -> subprocess.CompletedProcess[str]:
