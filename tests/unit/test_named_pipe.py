@@ -465,6 +465,48 @@ def test_pump_carries_both_directions_at_once_with_half_close() -> None:
         far.close()
 
 
+def test_daemon_forwards_pipe_clients_to_the_guest_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """vmkit/daemon.py's engine loop on a (fake) pipe: bytes both ways, EOFs passed on, and
+    the pipe handle closed once both directions are done."""
+    from types import SimpleNamespace
+
+    from vmkit.daemon import GUEST_ENGINE_SOCKET, Daemon
+
+    monkeypatch.setenv("PYDESK_HOME", str(tmp_path))
+    daemon = Daemon("default")
+    guest, far = socket.socketpair()  # the SSH channel to the engine's socket in the guest
+    opened: list[str] = []
+
+    def open_unix(path: str, timeout: float) -> socket.socket:
+        opened.append(path)
+        return guest
+
+    daemon.vm = SimpleNamespace(agent=SimpleNamespace(open_unix=open_unix))  # type: ignore[assignment]
+    fake = FakePipes()
+    daemon.engine_listener = engine_endpoint.engine_listener(daemon.paths, "win32", api=fake)
+    serving = threading.Thread(target=daemon._serve_engine, daemon=True)
+    serving.start()
+    try:
+        client = fake.client(daemon.paths.engine_pipe)
+        handle = [c[1] for c in fake.calls if c[0] == "connect"][0]
+        client.send(b"GET /_ping HTTP/1.1\r\n\r\n")
+        assert far.recv(100) == b"GET /_ping HTTP/1.1\r\n\r\n"
+        far.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
+        far.shutdown(socket.SHUT_WR)
+        assert client.read_to_eof() == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+        client.close()
+        assert far.recv(100) == b""  # the client's end reaches the guest
+        _until(lambda: handle in fake.closed)
+        assert opened == [GUEST_ENGINE_SOCKET]
+    finally:
+        daemon.done.set()
+        daemon.engine_listener.close()
+        serving.join(5)
+        far.close()
+    assert not serving.is_alive()
+    assert fake.open_handles() == set()
+
+
 def test_error_mapping() -> None:
     assert pipe_error("ReadFile", ERROR_INVALID_HANDLE, PIPE).errno == errno.EBADF
     assert pipe_error("CreateFile", ERROR_PIPE_BUSY, PIPE).errno == errno.EBUSY
