@@ -29,6 +29,14 @@ def docker_host(name: str, platform: str = sys.platform) -> str:
     return engine_endpoint.docker_host(VMPaths(name), platform)
 
 
+def shell_line(host: str, platform: str = sys.platform) -> str:
+    """The line that sets ``DOCKER_HOST``: POSIX shell, or PowerShell on Windows (so
+    ``eval "$(pydesk context)"`` and ``pydesk context | Invoke-Expression`` both work)."""
+    if platform == "win32":
+        return f'$env:DOCKER_HOST = "{host}"'
+    return f"export DOCKER_HOST={host}"
+
+
 def _docker(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker")
     if exe is None:
@@ -57,7 +65,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     if args.create or args.use:
         print(create_context(host, args.use))
         return 0
-    print(f"export DOCKER_HOST={host}")
+    print(shell_line(host))
     return 0
 
 

@@ -48,6 +48,13 @@ def test_docker_host_is_a_named_pipe_on_windows(monkeypatch: pytest.MonkeyPatch,
     assert isolated.startswith("npipe:////./pipe/pydesk_engine-") and isolated != "npipe:////./pipe/pydesk_engine"
 
 
+def test_shell_line_per_platform() -> None:
+    from desktop.docker_context import shell_line
+
+    assert shell_line("npipe:////./pipe/pydesk_engine", "win32") == '$env:DOCKER_HOST = "npipe:////./pipe/pydesk_engine"'
+    assert shell_line("unix:///run/x/engine.sock", "linux") == "export DOCKER_HOST=unix:///run/x/engine.sock"
+
+
 def test_creates_and_uses_a_docker_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     docker = shutil.which("docker")
     if docker is None:
