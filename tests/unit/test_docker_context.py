@@ -51,7 +51,8 @@ def test_docker_host_is_a_named_pipe_on_windows(monkeypatch: pytest.MonkeyPatch,
 def test_shell_line_per_platform() -> None:
     from desktop.docker_context import shell_line
 
-    assert shell_line("npipe:////./pipe/pydesk_engine", "win32") == '$env:DOCKER_HOST = "npipe:////./pipe/pydesk_engine"'
+    pipe = "npipe:////./pipe/pydesk_engine"
+    assert shell_line(pipe, "win32") == f'$env:DOCKER_HOST = "{pipe}"'
     assert shell_line("unix:///run/x/engine.sock", "linux") == "export DOCKER_HOST=unix:///run/x/engine.sock"
 
 
