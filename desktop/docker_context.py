@@ -1,4 +1,4 @@
-"""`pydesk context`: how docker clients reach pydesk's engine socket.
+"""`pydesk context`: how docker clients reach pydesk's engine (socket, or named pipe on Windows).
 
 Prints the ``DOCKER_HOST`` to use, and can create (and select) a docker CLI context named
 ``pydesk`` with the real ``docker context`` command, so nothing here writes the docker CLI's
@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+from vmkit import engine_endpoint
 from vmkit.errors import VMKitError
 from vmkit.paths import VMPaths
 
@@ -23,10 +24,17 @@ class ContextError(VMKitError):
 
 
 def docker_host(name: str, platform: str = sys.platform) -> str:
+    """``unix://<runtime dir>/<name>/engine.sock``, or on Windows the named pipe
+    ``npipe:////./pipe/pydesk_engine`` (``pydesk_engine_<name>`` for other VMs)."""
+    return engine_endpoint.docker_host(VMPaths(name), platform)
+
+
+def shell_line(host: str, platform: str = sys.platform) -> str:
+    """The line that sets ``DOCKER_HOST``: POSIX shell, or PowerShell on Windows (so
+    ``eval "$(pydesk context)"`` and ``pydesk context | Invoke-Expression`` both work)."""
     if platform == "win32":
-        raise ContextError("the engine's named pipe is not built yet on Windows",
-                           hint="use WSL or a Linux/macOS host for now")
-    return "unix://" + str(VMPaths(name).engine)
+        return f'$env:DOCKER_HOST = "{host}"'
+    return f"export DOCKER_HOST={host}"
 
 
 def _docker(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +65,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     if args.create or args.use:
         print(create_context(host, args.use))
         return 0
-    print(f"export DOCKER_HOST={host}")
+    print(shell_line(host))
     return 0
 
 

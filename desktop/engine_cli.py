@@ -97,10 +97,10 @@ def auth_file() -> Path:
     return config_dir() / "auth.json"
 
 
-def _connect(sock: Path) -> Any:
+def _connect(base_url: str) -> Any:
     import docker
 
-    client = docker.DockerClient(base_url="unix://" + str(sock), version="auto", timeout=600)
+    client = docker.DockerClient(base_url=base_url, version="auto", timeout=600)
     if auth_file().exists():
         client.api.reload_config(dockercfg_path=str(auth_file()))
     return client
@@ -111,24 +111,26 @@ def engine(args: argparse.Namespace, *, autostart: bool = False) -> Any:
     when it is not running."""
     import docker.errors
 
+    from vmkit import engine_endpoint
     from vmkit.paths import VMPaths
 
-    sock = VMPaths(args.name).engine
-    if sock.exists():
+    paths = VMPaths(args.name)
+    host = engine_endpoint.docker_host(paths)
+    if engine_endpoint.may_exist(paths):
         try:
-            return _connect(sock)
+            return _connect(host)
         except docker.errors.DockerException:
             pass
     from vmkit.client import DaemonClient
 
     if DaemonClient(args.name).reachable():
-        raise DaemonError(f"the pydesk engine of VM {args.name!r} is not answering on {sock}",
+        raise DaemonError(f"the pydesk engine of VM {args.name!r} is not answering on {host}",
                           hint="see `pydesk vm logs --daemon`, or restart it with `pydesk vm restart`")
     if not autostart:
         raise NotRunning(f"pydesk VM {args.name!r} is not running", hint="start it with `pydesk vm start`")
     _start_vm(args)
     try:
-        return _connect(sock)
+        return _connect(host)
     except docker.errors.DockerException as exc:
         raise DaemonError(f"the pydesk VM started but its engine is not answering: {api_message(exc)}") from None
 

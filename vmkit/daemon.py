@@ -29,22 +29,24 @@ import filelock
 import psutil
 
 from vmkit import accel, standby
+from vmkit.engine_endpoint import EngineListener, engine_listener
 from vmkit.errors import AlreadyRunning, DaemonError, NotRunning, VMKitError
 from vmkit.host import detect
 from vmkit.paths import VMPaths, cache_dir
 from vmkit.settings import load as load_settings
 from vmkit.spec import BootLayout
 from vmkit.status import read_status, write_status
-from vmkit.transport import Listener, pump
+from vmkit.transport import Listener, pump, use_unix_sockets
 from vmkit.vm import VM, build_spec, guest_config
 
 log = logging.getLogger("vmkit.daemon")
 
 GUEST_ENGINE_SOCKET = "/run/pydesk/engine.sock"
 ENGINE_WAIT = 60.0  # how long a client may wait for the engine after a boot
+ENDPOINT_WAIT = 5.0  # Windows: how long an exiting standby may still hold the engine pipe's name
 
 
-def _http_error(conn: socket.socket, status: int, message: str) -> None:
+def _http_error(conn: Any, status: int, message: str) -> None:
     """Answer an Engine API client in Docker's error shape, so it prints our message."""
     body = json.dumps({"message": message}).encode()
     with contextlib.suppress(OSError):
@@ -93,7 +95,7 @@ class Daemon:
         self.paths = VMPaths(name).ensure()
         self.vm: VM | None = None
         self.listener: Listener | None = None
-        self.engine_listener: Listener | None = None
+        self.engine_listener: EngineListener | None = None
         self.stopping = threading.Event()
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
@@ -137,7 +139,11 @@ class Daemon:
             self.vm.adopt(pid, progress.step)
         else:
             self.vm.start(progress.step)
-        self.engine_listener = Listener(self.paths.engine)
+        if not use_unix_sockets():
+            # a pipe's name cannot be taken over like a socket path: a standby that the previous
+            # daemon spawned after our first stop() must go before we can listen
+            standby.stop(self.paths)
+        self.engine_listener = engine_listener(self.paths, wait=ENDPOINT_WAIT)
         threading.Thread(target=self._serve_engine, name="engine-accept", daemon=True).start()
         self.leave_standby = True
         write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
@@ -146,17 +152,20 @@ class Daemon:
 
     # --- the engine socket ------------------------------------------------------------
     def _serve_engine(self) -> None:
-        """Docker Engine API clients on the host: each connection becomes a stream to the
-        engine's unix socket in the guest, carried over the agent's SSH connection."""
+        """Docker Engine API clients on the host (the unix socket, or the named pipe on
+        Windows): each connection becomes a stream to the engine's unix socket in the guest,
+        carried over the agent's SSH connection."""
         assert self.engine_listener is not None
         while not self.done.is_set():
             try:
                 conn = self.engine_listener.accept()
-            except OSError:
+            except OSError as exc:
+                if not self.stopping.is_set() and not self.done.is_set():
+                    log.error("the engine endpoint stopped accepting: %s", exc)
                 return
             threading.Thread(target=self._forward_engine, args=(conn,), daemon=True).start()
 
-    def _forward_engine(self, conn: socket.socket) -> None:
+    def _forward_engine(self, conn: Any) -> None:
         assert self.vm is not None and self.vm.agent is not None
         deadline = time.monotonic() + ENGINE_WAIT
         chan = None
@@ -169,8 +178,14 @@ class Daemon:
                     _http_error(conn, 503, f"the pydesk engine in the VM is not answering: {exc}")
                     return
                 time.sleep(0.1)
-        threading.Thread(target=pump, args=(chan, conn), daemon=True).start()
+        back = threading.Thread(target=pump, args=(chan, conn), daemon=True)
+        back.start()
         pump(conn, chan)
+        back.join()  # both directions are done: release the connection now, not when collected
+        with contextlib.suppress(OSError):
+            conn.close()
+        with contextlib.suppress(OSError):
+            chan.close()
 
     def _running_qemu_pid(self) -> int | None:
         try:

@@ -14,7 +14,10 @@ Tree::
      ├── LaunchError           QEMU failed to start or the guest never became ready
      ├── AgentError            the agent channel failed
      │    └── AgentTimeout
-     └── DaemonError           the host daemon is unreachable or answered an error
+     ├── DaemonError           the host daemon is unreachable or answered an error
+     └── PipeError             a Windows named pipe call failed (also an OSError)
+          ├── PipeInUse        another process already serves the pipe's name
+          └── PipeTimeout      a pipe read or write timed out (also a TimeoutError)
 """
 
 from __future__ import annotations
@@ -88,6 +91,27 @@ class DaemonError(VMKitError):
     pass
 
 
+class PipeError(VMKitError, OSError):
+    """A named pipe call failed. It is an OSError too, so the loops written for sockets
+    (``accept`` until it raises OSError, ``pump`` until OSError) treat it the same way.
+    ``winerror`` is the Win32 error code (0 when none applies), ``errno`` its POSIX twin."""
+
+    def __init__(self, message: str, *, hint: str | None = None, winerror: int = 0,
+                 errno: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.winerror = winerror
+        self.errno = errno
+
+
+class PipeInUse(PipeError):
+    pass
+
+
+class PipeTimeout(PipeError, TimeoutError):
+    pass
+
+
 _BY_NAME = {c.__name__: c for c in (
     VMKitError, ConfigError, HostError, ToolNotFound, PortInUse, ImageError, VMStateError,
-    AlreadyRunning, NotRunning, LaunchError, AgentError, AgentTimeout, DaemonError)}
+    AlreadyRunning, NotRunning, LaunchError, AgentError, AgentTimeout, DaemonError, PipeError,
+    PipeInUse, PipeTimeout)}

@@ -16,10 +16,16 @@ from pathlib import Path
 
 import platformdirs
 
+from vmkit.errors import ConfigError
+
 APP = "pydesk"
 
 # A unix socket path must fit in sockaddr_un.sun_path: 108 bytes on Linux, 104 on macOS.
 SUN_PATH_MAX = 104
+
+PIPE_DIR = "\\\\.\\pipe\\"  # \\.\pipe\ : the local machine's named pipes
+ENGINE_PIPE = "pydesk_engine"
+PIPE_NAME_MAX = 256  # characters after PIPE_DIR
 
 
 def _home() -> Path | None:
@@ -152,3 +158,21 @@ class VMPaths:
     @property
     def standby_pid(self) -> Path:
         return self.run / "standby.pid"
+
+    @property
+    def engine_pipe(self) -> str:
+        """The engine's named pipe on Windows: ``\\\\.\\pipe\\pydesk_engine`` for the VM named
+        "default", ``pydesk_engine_<name>`` for others. Pipe names are machine-wide, so under
+        ``PYDESK_HOME`` a hash of that folder is added: isolated homes never share a pipe."""
+        return engine_pipe(self.name, _home())
+
+
+def engine_pipe(name: str, home: Path | None = None) -> str:
+    if not name or any(c in name for c in "\\/") or not name.isprintable():
+        raise ConfigError(f"VM name {name!r} cannot name a pipe", hint="use letters, digits, '-', '_' or '.'")
+    pipe = ENGINE_PIPE if name == "default" else f"{ENGINE_PIPE}_{name}"
+    if home is not None:
+        pipe += "-" + hashlib.sha256(str(home).encode()).hexdigest()[:12]
+    if len(pipe) > PIPE_NAME_MAX:
+        raise ConfigError(f"VM name {name!r} is too long for a pipe name", hint="use a shorter --name")
+    return PIPE_DIR + pipe

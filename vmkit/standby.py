@@ -1,15 +1,18 @@
-"""The engine socket while the VM is stopped.
+"""The engine endpoint while the VM is stopped.
 
-Docker clients keep pointing at pydesk's ``engine.sock`` (``DOCKER_HOST``, the ``pydesk``
+Docker clients keep pointing at pydesk's engine endpoint (``DOCKER_HOST``, the ``pydesk``
 docker context) after the VM stops. Without a listener they would print Docker's generic
-"Cannot connect to the Docker daemon"; this small process keeps the socket (same path, mode
-0600) and answers every Engine API request with HTTP 503 and Docker's JSON error shape, so
-``docker ps`` prints "pydesk VM is not running — start it with `pydesk vm start`" at once.
+"Cannot connect to the Docker daemon"; this small process keeps the endpoint — the unix
+socket ``engine.sock`` (same path, mode 0600), or on Windows the named pipe (same name, same
+user-only ACL; ``vmkit/engine_endpoint.py``) — and answers every Engine API request with
+HTTP 503 and Docker's JSON error shape, so ``docker ps`` prints "pydesk VM is not running —
+start it with `pydesk vm start`" at once.
 
 The daemon starts it when it shuts down and stops it (by the pid in ``standby.pid``) when it
-starts; it also exits by itself as soon as the socket path stops being its own (a daemon
-bound a new socket there, or the file was removed). ``pydesk vm stop --quit`` ends it.
-Not used on Windows, where the engine endpoint is not a unix socket.
+starts; it also exits by itself as soon as the endpoint stops being its own: on POSIX when
+a daemon bound a new socket there or the file was removed, on Windows (where nobody can take
+a pipe name that is held) when ``standby.pid`` no longer names it. ``pydesk vm stop --quit``
+ends it.
 """
 
 from __future__ import annotations
@@ -20,21 +23,25 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import psutil
 
+from vmkit.engine_endpoint import engine_listener
+from vmkit.errors import PipeInUse
 from vmkit.paths import VMPaths
 from vmkit.run import spawn
-from vmkit.transport import Listener, use_unix_sockets
+from vmkit.transport import Listener, connect, endpoint_exists, use_unix_sockets
 
 log = logging.getLogger(__name__)
 
 MESSAGE = "pydesk VM is not running — start it with `pydesk vm start`"
 MARKER = "vmkit.standby"
 CHECK_EVERY = 1.0
+PIPE_WAIT = 10.0  # Windows: how long to wait for the exiting daemon to let go of the pipe's name
 
 
 def command(name: str) -> list[str]:
@@ -44,9 +51,7 @@ def command(name: str) -> list[str]:
 
 
 def start(name: str) -> None:
-    """Start the standby for VM ``name`` (detached); a no-op where it does not apply."""
-    if not use_unix_sockets():
-        return
+    """Start the standby for VM ``name`` (detached)."""
     try:
         spawn(command(name), detach=True)
     except OSError as exc:
@@ -80,7 +85,7 @@ def stop(paths: VMPaths, timeout: float = 5.0) -> bool:
     return True
 
 
-def _answer(conn: socket.socket) -> None:
+def _answer(conn: Any) -> None:
     """Read one request head and answer 503 with the message; then close."""
     body = json.dumps({"message": MESSAGE}).encode()
     with contextlib.suppress(OSError), conn:
@@ -96,22 +101,69 @@ def _answer(conn: socket.socket) -> None:
                      + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
 
 
-def serve(name: str) -> int:
+def serve(name: str, *, platform: str = sys.platform, api: Any = None,
+          stopping: threading.Event | None = None) -> int:
+    """Answer on VM ``name``'s engine endpoint until told to stop. ``api`` is the Win32 pipe
+    boundary (tests pass a fake); ``stopping`` ends it from another thread (tests)."""
     paths = VMPaths(name).ensure()
     if running_pid(paths) not in (None, os.getpid()):
         return 0  # another standby already answers
-    if paths.control.exists() and _alive(paths.control):
-        return 0  # a daemon owns the VM (and the engine socket)
+    if endpoint_exists(paths.control, platform) and _alive(paths.control, platform):
+        return 0  # a daemon owns the VM (and the engine endpoint)
+    stopping = stopping if stopping is not None else threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, frame: object) -> None:
+            stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    try:
+        if use_unix_sockets(platform):
+            _serve_socket(paths, stopping)
+        else:
+            _serve_pipe(paths, stopping, api)
+    finally:
+        if _pid_in_file(paths) == os.getpid():
+            paths.standby_pid.unlink(missing_ok=True)
+    return 0
+
+
+def _serve_pipe(paths: VMPaths, stopping: threading.Event, api: Any) -> None:
+    # the pid first: a daemon starting while we wait for the name can stop us by it
+    paths.standby_pid.write_text(f"{os.getpid()}\n")
+    try:
+        listener = engine_listener(paths, "win32", wait=PIPE_WAIT, api=api)
+    except PipeInUse as exc:
+        log.warning("standby: %s", exc)
+        return
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                conn = listener.accept()
+            except OSError:
+                break
+            threading.Thread(target=_answer, args=(conn,), daemon=True).start()
+        stopping.set()
+
+    threading.Thread(target=accept_loop, name="standby-accept", daemon=True).start()
+    while not stopping.wait(CHECK_EVERY):
+        if _pid_in_file(paths) != os.getpid():
+            break  # someone took standby.pid away: not ours to answer any more
+    listener.close()
+
+
+def _pid_in_file(paths: VMPaths) -> int | None:
+    try:
+        return int(paths.standby_pid.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _serve_socket(paths: VMPaths, stopping: threading.Event) -> None:
     listener = Listener(paths.engine)
     ino = os.stat(paths.engine).st_ino
     paths.standby_pid.write_text(f"{os.getpid()}\n")
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     listener.sock.settimeout(CHECK_EVERY)
     owned = True
     while not stopping.is_set():
@@ -132,22 +184,15 @@ def serve(name: str) -> int:
         listener.close()
     else:
         listener.sock.close()
-    with contextlib.suppress(OSError):
-        if int(paths.standby_pid.read_text().strip()) == os.getpid():
-            paths.standby_pid.unlink()
-    return 0
 
 
-def _alive(sock_path: os.PathLike[str]) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(2)
+def _alive(sock_path: os.PathLike[str], platform: str = sys.platform) -> bool:
     try:
-        s.connect(os.fspath(sock_path))
-        return True
+        s = connect(Path(sock_path), timeout=2, platform=platform)
     except OSError:
         return False
-    finally:
-        s.close()
+    s.close()
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,26 @@ def test_prints_docker_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert out.stdout == f"export DOCKER_HOST=unix://{sock}\n"
 
 
+def test_docker_host_is_a_named_pipe_on_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from desktop.docker_context import docker_host
+
+    monkeypatch.delenv("PYDESK_HOME", raising=False)
+    assert docker_host("default", platform="win32") == "npipe:////./pipe/pydesk_engine"
+    assert docker_host("dev", platform="win32") == "npipe:////./pipe/pydesk_engine_dev"
+    assert docker_host("default", platform="darwin").startswith("unix:///")
+    monkeypatch.setenv("PYDESK_HOME", str(tmp_path))  # isolated homes never share a pipe
+    isolated = docker_host("default", platform="win32")
+    assert isolated.startswith("npipe:////./pipe/pydesk_engine-") and isolated != "npipe:////./pipe/pydesk_engine"
+
+
+def test_shell_line_per_platform() -> None:
+    from desktop.docker_context import shell_line
+
+    pipe = "npipe:////./pipe/pydesk_engine"
+    assert shell_line(pipe, "win32") == f'$env:DOCKER_HOST = "{pipe}"'
+    assert shell_line("unix:///run/x/engine.sock", "linux") == "export DOCKER_HOST=unix:///run/x/engine.sock"
+
+
 def test_creates_and_uses_a_docker_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     docker = shutil.which("docker")
     if docker is None:
