@@ -91,8 +91,11 @@ def measure(pydesk: Callable[..., subprocess.CompletedProcess[str]], home: Path,
     pydesk(home, "run", "-d", "--name", "bench-bulk", "-p", f"{port}:7000", "python", "python3", "-c", script)
     _wait(port)
     _wait(raw_host_port)
-    ours = [throughput(port) for _ in range(runs)]
-    raw = [throughput(raw_host_port) for _ in range(runs)]
+    ours: list[float] = []
+    raw: list[float] = []
+    for _ in range(runs):  # interleaved, so a busy moment of the machine hits both alike
+        ours.append(throughput(port))
+        raw.append(throughput(raw_host_port))
     ip = pydesk(home, "inspect", "bench-bulk", "--format", "{{.NetworkSettings.IPAddress}}").stdout.strip()
     t0 = time.monotonic()
     out = pydesk(home, "vm", "shell", "--", "sh", "-c", f"echo 'GET {SIZE // 4}' | nc {ip} 7000 | wc -c").stdout

@@ -45,7 +45,7 @@ MODULES = (
     "button", "evdev", "erofs", "overlay", "fuse", "virtiofs", "veth", "bridge", "br_netfilter",
     "tun", "nf_tables", "nft_chain_nat", "nft_masq", "nft_nat", "nft_ct", "nft_fib_inet",
     "nft_reject_inet", "nf_conntrack", "nf_conntrack_netlink", "vmw_vsock_virtio_transport",
-    "sch_fq_codel",
+    "sch_fq_codel", "vmxnet3",
 )
 
 #: Modules the boot initramfs of the erofs layout needs to reach the root disk.

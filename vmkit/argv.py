@@ -7,7 +7,7 @@ Linux/kvm and tcg without running QEMU.
 from __future__ import annotations
 
 from vmkit.host import Host
-from vmkit.spec import Accel, Arch, Protocol, VMSpec, qemu_escape
+from vmkit.spec import Accel, Arch, NicModel, Protocol, VMSpec, qemu_escape
 
 AGENT_PORT_NAME = "org.pydesk.agent"
 FW_CFG_PREFIX = "opt/org.pydesk"
@@ -19,6 +19,15 @@ KERNEL_CMDLINE = ("quiet", "loglevel=4", "panic=-1", "i8042.noaux", "i8042.nopnp
 
 def console_device(arch: Arch) -> str:
     return {Arch.X86_64: "ttyS0", Arch.AARCH64: "ttyAMA0"}[arch]
+
+
+def nic_model(arch: Arch, accel: Accel) -> NicModel:
+    """virtio-net, except x86_64 under TCG: QEMU's user network has no virtio-net offloads
+    (no vnet header), so the guest would checksum and segment every packet itself, emulated.
+    QEMU's vmxnet3 takes checksums and TSO from the guest and does them natively: measured
+    3x the throughput under TCG, and it keeps big packets through the container bridge. With
+    a hardware accelerator the guest's own work is cheap and virtio's fewer exits win."""
+    return NicModel.VMXNET3 if arch is Arch.X86_64 and accel is Accel.TCG else NicModel.VIRTIO
 
 
 def machine_args(arch: Arch, accel: Accel, host: Host) -> list[str]:
@@ -88,7 +97,7 @@ def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
         "-drive", f"if=none,id=data,file={qemu_escape(str(f.data_disk))},format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=data,serial=pydesk-data",
         "-netdev", netdev_opts(spec),
-        "-device", "virtio-net-pci,netdev=net0",
+        "-device", f"{nic_model(spec.arch, spec.accel)},netdev=net0",
         "-device", "virtio-rng-pci",
     ]
     argv += virtiofs_args(spec)

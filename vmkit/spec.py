@@ -41,6 +41,13 @@ class Accel(enum.StrEnum):
     TCG = "tcg"
 
 
+class NicModel(enum.StrEnum):
+    """The guest's network card; ``str()`` is QEMU's device name."""
+
+    VIRTIO = "virtio-net-pci"
+    VMXNET3 = "vmxnet3"
+
+
 class HostOS(enum.StrEnum):
     LINUX = "linux"
     DARWIN = "darwin"

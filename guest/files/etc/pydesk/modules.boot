@@ -1,3 +1,4 @@
 virtio_console
 qemu_fw_cfg
 virtio_net
+vmxnet3
