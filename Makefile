@@ -7,7 +7,7 @@ PYDESK := $(VENV)/bin/pydesk
 export PYDESK_CACHE ?= $(HOME)/.cache/pydesk
 APT_PACKAGES := qemu-system-x86 qemu-utils mmdebstrap kmod cpio zstd erofs-utils busybox-static \
                 openssh-client e2fsprogs python3-venv \
-                docker-registry skopeo nginx-light git docker.io docker-compose
+                docker-registry skopeo nginx-light git docker.io docker-compose iproute2
 STAMP := $(VENV)/.installed
 
 .PHONY: run test deps venv image bench clean

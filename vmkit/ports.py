@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from vmkit import backlog
 from vmkit.spec import PUBLISHED_GUEST_PORTS
 from vmkit.udp_relay import UdpRelay
 
@@ -35,7 +36,7 @@ GUEST_ADDRESS = "10.0.2.15"
 DYNAMIC_GUEST_PORTS = PUBLISHED_GUEST_PORTS
 
 _USERNET_LINE = re.compile(
-    r"^\s*(?P<proto>TCP|UDP)\[HOST_FORWARD\]\s+\d+\s+(?P<host_ip>\S+)\s+(?P<host_port>\d+)\s+"
+    r"^\s*(?P<proto>TCP|UDP)\[HOST_FORWARD\]\s+(?P<fd>\d+)\s+(?P<host_ip>\S+)\s+(?P<host_port>\d+)\s+"
     r"(?P<guest_ip>\S+)\s+(?P<guest_port>\d+)")
 
 
@@ -70,22 +71,30 @@ class HostForward:
 
 def parse_usernet(text: str) -> list[HostForward]:
     """The host forwards in ``info usernet`` output (``*`` is QEMU's spelling of 0.0.0.0)."""
-    out = []
+    return list(usernet_fds(text))
+
+
+def usernet_fds(text: str) -> dict[HostForward, int]:
+    """The host forwards in ``info usernet`` output with QEMU's descriptor for each."""
+    out: dict[HostForward, int] = {}
     for line in text.splitlines():
         m = _USERNET_LINE.match(line)
         if m:
             ip = m["host_ip"]
-            out.append(HostForward(m["proto"].lower(), "0.0.0.0" if ip == "*" else ip,
-                                   int(m["host_port"]), int(m["guest_port"])))
+            fwd = HostForward(m["proto"].lower(), "0.0.0.0" if ip == "*" else ip,
+                              int(m["host_port"]), int(m["guest_port"]))
+            out[fwd] = int(m["fd"])
     return out
 
 
 class ForwardTable:
     """QEMU's host forwards for one user-network netdev, changed through HMP."""
 
-    def __init__(self, hmp: Callable[[str], str], netdev: str = "net0") -> None:
+    def __init__(self, hmp: Callable[[str], str], netdev: str = "net0", qemu_pid: int | None = None) -> None:
         self.hmp = hmp
         self.netdev = netdev
+        self.qemu_pid = qemu_pid  # for widening QEMU's listen backlog (vmkit/backlog.py)
+        self._backlog_warned = False
 
     def current(self) -> list[HostForward]:
         return [f for f in parse_usernet(self.hmp("info usernet")) if f.guest_port in DYNAMIC_GUEST_PORTS]
@@ -96,12 +105,33 @@ class ForwardTable:
         if out:  # HMP prints nothing on success
             raise PublishError(f"Bind for {fwd.host_ip}:{fwd.host_port} failed: port is already allocated"
                                if fwd.host_port else f"cannot listen on {fwd.host_ip}: {out}")
+        for f, fd in usernet_fds(self.hmp("info usernet")).items():
+            if f.guest_port == fwd.guest_port and f.proto == fwd.proto and f.host_ip == fwd.host_ip \
+                    and (f.host_port == fwd.host_port or not fwd.host_port):
+                if f.proto == "tcp":
+                    self._widen(f, fd)
+                return f
         if fwd.host_port:
             return fwd
-        for f in self.current():
-            if f.guest_port == fwd.guest_port and f.proto == fwd.proto:
-                return f
         raise PublishError(f"QEMU did not report the port it bound for {fwd.rule}")
+
+    def widen_all(self) -> None:
+        """Widen the backlog of every TCP forward (the static ``--port`` ones at start, and all
+        of them after adopting a running QEMU)."""
+        for f, fd in usernet_fds(self.hmp("info usernet")).items():
+            if f.proto == "tcp":
+                self._widen(f, fd)
+
+    def _widen(self, f: HostForward, fd: int) -> None:
+        if self.qemu_pid is None or not backlog.supported():
+            return
+        try:
+            backlog.widen(self.qemu_pid, fd, f.host_ip, f.host_port)
+        except OSError as exc:
+            if not self._backlog_warned:
+                log.warning("host port %s:%d keeps QEMU's listen backlog of one (%s): a burst of "
+                            "connections may see resets", f.host_ip, f.host_port, exc)
+                self._backlog_warned = True
 
     def remove(self, fwd: HostForward) -> None:
         out = self.hmp(f"hostfwd_remove {self.netdev} {fwd.host_key}").strip()

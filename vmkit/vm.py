@@ -180,7 +180,9 @@ class VM:
         """Serve the engine's published ports (`-p`) for as long as this VM runs."""
         assert self.qemu.monitor is not None and self.agent is not None
         agent, monitor = self.agent, self.qemu.monitor
-        self.publisher = PortPublisher(ForwardTable(monitor.hmp), lambda path: agent.open_unix(path, timeout=5))
+        table = ForwardTable(monitor.hmp, qemu_pid=self.qemu.pid)
+        table.widen_all()
+        self.publisher = PortPublisher(table, lambda path: agent.open_unix(path, timeout=5))
         self.publisher.start()
 
     def _wait_port_open(self, deadline: float) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 from agent import ports
 from agent.ports import Binding, PortBroker, PortError, docker_port_map, requested
-from vmkit.ports import ForwardTable, HostForward, PortPublisher, parse_usernet
+from vmkit import backlog
+from vmkit.ports import ForwardTable, HostForward, PortPublisher, parse_usernet, usernet_fds
 from vmkit.qemu import Monitor
 
 
@@ -107,7 +108,7 @@ def qemu_table(tmp_path: Path) -> Iterator[ForwardTable]:
     monitor = Monitor("test")
     monitor.connect(str(qmp))
     try:
-        yield ForwardTable(monitor.hmp)
+        yield ForwardTable(monitor.hmp, qemu_pid=proc.pid)
     finally:
         monitor.close()
         proc.kill()
@@ -146,6 +147,30 @@ def test_add_remove_and_random_ports_through_qemu(qemu_table: ForwardTable) -> N
     assert qemu_table.current() == [] and not _listening(port)
     assert not _listening(udp["host_port"], socket.SOCK_DGRAM)
     assert any(f.guest_port == 22 for f in parse_usernet(qemu_table.hmp("info usernet")))
+
+
+def _backlog(port: int) -> int:
+    """The listen backlog of the TCP listener on 127.0.0.1:port (ss shows it as Send-Q)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[2])
+
+
+@pytest.mark.skipif(not backlog.supported(), reason="pidfd_getfd needs a Linux host")
+def test_forwards_get_a_wide_listen_backlog(qemu_table: ForwardTable) -> None:
+    # libslirp listens with a backlog of one, which a burst of connections overflows
+    static = next(f for f in parse_usernet(qemu_table.hmp("info usernet")) if f.guest_port == 22)
+    assert _backlog(static.host_port) == 1
+    qemu_table.widen_all()
+    assert _backlog(static.host_port) == min(backlog.BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    added = qemu_table.add(HostForward("tcp", "127.0.0.1", 0, 20000))
+    assert _backlog(added.host_port) == _backlog(static.host_port) > 1
+    # the socket must be the one named: a wrong descriptor or port is refused, nothing changed
+    fds = {f.guest_port: fd for f, fd in usernet_fds(qemu_table.hmp("info usernet")).items()}
+    assert qemu_table.qemu_pid is not None
+    with pytest.raises(backlog.BacklogError, match="not 127.0.0.1"):
+        backlog.widen(qemu_table.qemu_pid, fds[20000], "127.0.0.1", added.host_port + 1)
+    with pytest.raises(OSError):
+        backlog.widen(qemu_table.qemu_pid, 0, "127.0.0.1", added.host_port)  # stdin: /dev/null
 
 
 def test_taken_port_fails_the_whole_add(qemu_table: ForwardTable) -> None:

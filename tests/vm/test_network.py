@@ -76,8 +76,10 @@ def diagnose(vm: Pydesk, container: str) -> str:
     """What a failed transfer test reports: the server's state and the guest's view."""
     state = vm("inspect", "-f", "{{json .State}}", container).stdout.strip()
     logs = vm("logs", "--tail", "20", container)
-    guest = vm.sh("dmesg | tail -n 20; cat /proc/net/stat/nf_conntrack; "
-                  "grep -c . /proc/net/nf_conntrack; nft list ruleset").stdout
+    guest = vm.sh("dmesg | tail -n 20; cat /proc/net/stat/nf_conntrack; grep -v 'dport=22 ' /proc/net/nf_conntrack; "
+                  "nft list ruleset; nstat -az | grep -E -i 'rst|reset|drop|overflow|abort'; "
+                  "for n in $(ip netns list | cut -d' ' -f1); do echo \"netns $n\"; "
+                  "ip netns exec $n nstat -az | grep -E -i 'rst|reset|drop|overflow|abort' | grep -v ' 0 '; done").stdout
     return f"state: {state}\nlogs: {logs.stdout}{logs.stderr}\nguest:\n{guest}"
 
 
@@ -197,8 +199,11 @@ def test_concurrent_connections_and_a_1gib_transfer(vm: Pydesk, cleanup: list[st
     def fetch(i: int) -> str:
         size = (i + 1) * 65536
         with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
-            s.sendall(b"GET %d\n" % size)
-            data = b"".join(iter(lambda: s.recv(1 << 16), b""))
+            try:
+                s.sendall(b"GET %d\n" % size)
+                data = b"".join(iter(lambda: s.recv(1 << 16), b""))
+            except OSError as exc:
+                raise OSError(f"connection {i} from {s.getsockname()}: {exc!r}") from exc
         assert len(data) == size, (i, len(data))
         return hashlib.sha256(data).hexdigest()
 
