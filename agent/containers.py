@@ -66,6 +66,8 @@ class Container:
         self.stopping = False  # stopped by request: no restart
         self.restart_timer: threading.Timer | None = None
         self.removed = False
+        self.cleaned = threading.Event()  # cleared while an exit's clean-up runs (engine._reap)
+        self.cleaned.set()
 
     # --- identity -------------------------------------------------------------------
     @property

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 ENGINE_ROOT = Path("/var/lib/pydesk/engine")
 BUILTIN_IMAGES = Path("/usr/lib/pydesk/images")
 INIT_BINARY = "/usr/bin/tini-static"
+#: How long start/rm/cp wait for an exited container's clean-up (seconds).
+CLEANUP_WAIT = 60.0
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 ADJECTIVES = ("brave", "calm", "eager", "fond", "happy", "jolly", "keen", "lucid", "nifty", "quirky", "sharp", "witty")
 NOUNS = ("turing", "hopper", "lovelace", "ritchie", "thompson", "torvalds", "knuth", "liskov", "hamilton", "curie")
@@ -522,6 +524,7 @@ class Engine:
         return mounts
 
     def start(self, c: Container) -> None:
+        c.cleaned.wait(CLEANUP_WAIT)  # the previous run's namespace and mount are gone first
         with c.lock:
             if c.running:
                 return
@@ -604,21 +607,31 @@ class Engine:
         rc = proc.proc.wait()
         code = 128 - rc if rc < 0 else rc  # crun reports a signal death as 128+N already
         proc.drain(5)
-        runtime.delete(c.id)
-        oom = runtime.release_cgroup(c.id)
+        oom = runtime.oom_killed(c.id)
+        self.ports.unpublish(c.id)  # the host ports are closed before anyone hears of the exit
         with c.lock:
             self.procs.pop(c.id, None)
-            self._teardown_network(c)
-            self._umount_rootfs(c)
             if c.logfile is not None:
                 c.logfile.close()
                 c.logfile = None
+            c.cleaned.clear()
             c.state.update(Status="exited", Running=False, Paused=False, Pid=0, ExitCode=code, OOMKilled=oom,
                            FinishedAt=utc_now())
             c.exit_seq += 1
             c.save()
             c.exited.notify_all()
         self.events.emit("container", "die", c.id, {"name": c.name, "exitCode": str(code)})
+        # `wait` has its answer; what is left (crun's state, the cgroup, the network namespace,
+        # the rootfs mount) is cleared after it, and start/rm/cp wait for `cleaned` first
+        try:
+            runtime.delete(c.id)
+            runtime.release_cgroup(c.id)
+            with c.lock:
+                self._teardown_network(c)
+                self._umount_rootfs(c)
+                c.save()
+        finally:
+            c.cleaned.set()
         if oom:
             self.events.emit("container", "oom", c.id, {"name": c.name})
         if not self._maybe_restart(c, code) and c.r["HostConfig"].get("AutoRemove"):
@@ -748,6 +761,7 @@ class Engine:
             seq = c.exit_seq
             runtime.kill(c.id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
+        c.cleaned.wait(CLEANUP_WAIT)
         with c.lock:
             if c.removed:
                 return
@@ -778,6 +792,7 @@ class Engine:
             finally:
                 os.close(fd)
             return
+        c.cleaned.wait(CLEANUP_WAIT)  # not while the exit clean-up unmounts it
         with c.lock:
             if c.removed:
                 raise not_found(f"No such container: {c.id}")

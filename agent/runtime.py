@@ -297,17 +297,23 @@ def prepare_cgroup(container_id: str) -> Path:
     return outer
 
 
-def release_cgroup(container_id: str) -> bool:
-    """Remove our cgroup; returns whether the container was OOM-killed."""
+def oom_killed(container_id: str) -> bool:
+    """Whether the kernel OOM-killed anything in the container (our cgroup's memory.events)."""
     outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
-    oom = False
     try:
         for line in (outer / "memory.events").read_text().splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill" and int(value) > 0:
-                oom = True
+                return True
     except (OSError, ValueError):
         pass
+    return False
+
+
+def release_cgroup(container_id: str) -> bool:
+    """Remove our cgroup; returns whether the container was OOM-killed."""
+    outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
+    oom = oom_killed(container_id)
     for d in (outer / "ctr", outer):
         try:
             d.rmdir()
