@@ -136,12 +136,12 @@ def engine(args: argparse.Namespace, *, autostart: bool = False) -> Any:
 
 
 def _start_vm(args: argparse.Namespace) -> None:
-    from desktop.cli import cmd_vm_start
+    """`pydesk vm start` with the saved settings, as if typed (the real parser gives every
+    option its default, so no option can be missing here)."""
+    from desktop.cli import build_parser, cmd_vm_start
 
     print("starting the pydesk VM…", file=sys.stderr, flush=True)
-    ns = argparse.Namespace(name=args.name, debug=args.debug, cpus=None, memory=None, disk=None, accel=None,
-                            port=None, dns=None, restrict_network=None, host_service=None,
-                            registry_mirror=None, mirror_only=None)
+    ns = build_parser().parse_args(["--name", args.name, *(["--debug"] if args.debug else []), "vm", "start"])
     cmd_vm_start(ns)
 
 

@@ -71,6 +71,15 @@ def test_start_status_shell_stop(pydesk: Pydesk) -> None:
     assert "not running" in one_line_error(pydesk("vm", "stop"))
     assert "not running" in one_line_error(pydesk("vm", "shell", "--", "true"))
 
+    # `pydesk run` starts a stopped VM first, says so, and uses the saved settings
+    run = pydesk("run", "--rm", "hello")
+    assert run.returncode == 0, run.stderr
+    assert "starting the pydesk VM" in run.stderr and "Hello from pydesk!" in run.stdout
+    st = json.loads(pydesk("vm", "status", "--format", "json").stdout)
+    assert st["state"] == "running" and (st["cpus"], st["memory_mib"], st["disk_gib"]) == (2, 1024, 4)
+    assert pydesk("vm", "stop", "--quit").returncode == 0
+    assert_nothing_left(pydesk, st["pid"])
+
 
 def test_data_disk_survives_stop_and_sigkill_and_daemon_death(pydesk: Pydesk) -> None:
     pydesk("vm", "start", *VM_FLAGS, check=True)
