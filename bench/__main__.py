@@ -13,7 +13,8 @@ Each figure is a ratio against a peer on this machine, never an absolute target:
   ratio is what the VM costs);
 - shares: a file-system workload (bench/fsload.py) in a container on a bind mount of a shared
   host folder vs the same workload natively on the host (`python -m bench shares` runs only
-  this section and rewrites only its part of docs/benchmarks.md).
+  this section and rewrites only its part of docs/benchmarks.md; `python -m bench core` runs
+  everything else and keeps the shares section as it was).
 """
 
 from __future__ import annotations
@@ -195,9 +196,18 @@ def main_shares() -> int:
     return 0
 
 
+def _shares_section() -> str:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else ""
+    if SHARES_BEGIN not in text or SHARES_END not in text:
+        return ""
+    return SHARES_BEGIN + text.partition(SHARES_BEGIN)[2].partition(SHARES_END)[0] + SHARES_END + "\n"
+
+
 def main() -> int:
     if sys.argv[1:] == ["shares"]:
         return main_shares()
+    core_only = sys.argv[1:] == ["core"]
     from guest.build import build, load_image
     from guest.recipe import Recipe
     from tests.support.images import build_all, push_all
@@ -277,9 +287,13 @@ def main() -> int:
             # --- the docker CLI: pydesk's socket vs a native dockerd --------------------
             results["cli"] = docker_cli_figures(sock, work, images["busybox"].layout)
             pydesk(home, "vm", "stop", "--quit")
-            shares = bench_shares(work, reg.port)
+            shares = None if core_only else bench_shares(work, reg.port)
+    old_shares = _shares_section()
     write_report(results)
-    write_shares_section(shares_report(shares))
+    if shares is not None:
+        write_shares_section(shares_report(shares))
+    elif old_shares:  # `python -m bench core` keeps the shares section of an earlier run
+        write_shares_section(old_shares)
     print(json.dumps(results, indent=2))
     return 0
 
