@@ -71,9 +71,9 @@ def veth_request(host_if: str, peer_if: str, peer_netns_fd: int) -> tuple[int, i
     return RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body
 
 
-def link_request(name: str, *, up: bool = True, master: int | None = None, mac: str | None = None) -> tuple[int, int, bytes]:
+def link_request(name: str, *, master: int | None = None, mac: str | None = None) -> tuple[int, int, bytes]:
     """``ip link set NAME [address MAC] [master IDX] up``."""
-    body = ifinfo(flags=IFF_UP if up else 0, change=IFF_UP) + attr(IFLA_IFNAME, name.encode() + b"\0")
+    body = ifinfo(flags=IFF_UP, change=IFF_UP) + attr(IFLA_IFNAME, name.encode() + b"\0")
     if mac is not None:
         body += attr(IFLA_ADDRESS, bytes.fromhex(mac.replace(":", "")))
     if master is not None:

@@ -7,11 +7,10 @@ A published port is two hops:
 2. in the guest, an nftables DNAT rule ``eth0:GUEST_PORT -> CONTAINER_IP:CONTAINER_PORT``.
 
 Each binding gets its own guest port from ``GUEST_PORTS``, so two host addresses may publish
-the same host port number. Guest ports are handed out round-robin from a random start, and the
-conntrack entries of a binding's guest port are deleted when it goes: QEMU keeps the host
-client's source port, so a new connection can carry the same tuple as a recent one to an
-earlier container, and a stale entry would steer it to the old DNAT target (a reset). The host daemon connects to ``SOCKET`` and then *serves* this side's
-requests over that one stream (JSON lines, guest -> host: ``add``, ``remove``, ``sync``), because
+the same host port number. Guest ports are handed out round-robin from a random start: QEMU
+keeps the host client's source port, so reusing a just-freed guest port could give a new
+connection the tuple of a recent one whose conntrack entry still points at an earlier
+container. The host daemon connects to ``SOCKET`` and then *serves* this side's requests over that one stream (JSON lines, guest -> host: ``add``, ``remove``, ``sync``), because
 only the host can bind host ports. The guest side is the source of truth: after every (re)connect
 it sends the whole table (``sync``), and the host makes QEMU's forwards match it. That is what
 makes published ports survive a host-daemon restart and come back after a VM restart.
@@ -256,7 +255,6 @@ class PortBroker:
                 return
             self._apply_rules()
             link = self.link
-        forget_flows(b.guest_port for b in gone if b.proto == "tcp")
         if link is not None and not link.closed.is_set():
             try:
                 link.request("remove", [b.wire() for b in gone], timeout=5)
@@ -377,19 +375,6 @@ class PortBroker:
         with contextlib.suppress(OSError):
             with open("/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal", "w") as f:
                 f.write("1")
-
-
-def forget_flows(guest_ports: Iterable[int]) -> None:
-    """Delete the conntrack entries of connections that came in on these guest ports."""
-    for port in guest_ports:
-        try:
-            proc = subprocess.run(["conntrack", "-D", "-p", "tcp", "--orig-dst", GUEST_ADDRESS,
-                                   "--orig-port-dst", str(port)], capture_output=True)
-        except OSError as exc:
-            log.warning("cannot run conntrack (%s); old flows of guest port %d stay tracked", exc, port)
-            return
-        if proc.returncode not in (0, 1):  # 1: there was nothing to delete
-            log.warning("conntrack: %s", proc.stderr.decode(errors="replace").strip())
 
 
 def _listen_unix(path: str, backlog: int) -> socket.socket:

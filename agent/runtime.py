@@ -310,16 +310,14 @@ def oom_killed(container_id: str) -> bool:
     return False
 
 
-def release_cgroup(container_id: str) -> bool:
-    """Remove our cgroup; returns whether the container was OOM-killed."""
+def release_cgroup(container_id: str) -> None:
+    """Remove our cgroup (read ``oom_killed`` first if it matters)."""
     outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
-    oom = oom_killed(container_id)
     for d in (outer / "ctr", outer):
         try:
             d.rmdir()
         except OSError:
             pass
-    return oom
 
 
 def apply_limits(container_id: str, r: Resources, cpu_quota: int | None = None, cpu_period: int | None = None) -> None:

@@ -29,7 +29,6 @@ PACKAGES = (
     "crun",  # the OCI runtime
     "iproute2",
     "nftables",
-    "conntrack",  # forgets a published port's flows when it goes (agent/ports.py)
     "e2fsprogs",  # formats and checks the data disk
     "kmod",
     "ca-certificates",
@@ -44,7 +43,7 @@ MODULES = (
     "virtio_pci", "virtio_console", "virtio_blk", "virtio_net", "virtio_rng", "qemu_fw_cfg",
     "button", "evdev", "erofs", "overlay", "fuse", "virtiofs", "veth", "bridge", "br_netfilter",
     "tun", "nf_tables", "nft_chain_nat", "nft_masq", "nft_nat", "nft_ct", "nft_fib_inet",
-    "nft_reject_inet", "nf_conntrack", "nf_conntrack_netlink", "vmw_vsock_virtio_transport",
+    "nft_reject_inet", "nf_conntrack", "vmw_vsock_virtio_transport",
     "sch_fq_codel", "vmxnet3",
 )
 
