@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.api import serve
 from agent.engine import ENGINE_ROOT, Engine
+from agent.hostchanges import HostChanges
 
 SOCKET = "/run/pydesk/engine.sock"
 
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     engine.startup()
     engine.ports.serve()
     engine.ports.serve_udp()
+    changes = HostChanges(engine.running_binds)
+    changes.follow(engine.events)
+    changes.serve()
     serve(engine, args.socket)
     return 0
 

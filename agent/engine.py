@@ -497,6 +497,11 @@ class Engine:
             shm_size=host.get("ShmSize") or 64 * 1024 * 1024,
         )
 
+    def running_binds(self) -> list[str]:
+        """The bind-mount sources of running containers (agent/hostchanges.py watches them)."""
+        return [rec["Source"] for c in list(self.containers.values()) if c.running
+                for rec in c.r.get("Mounts") or [] if rec.get("Type") == "bind" and rec.get("Source")]
+
     def _bind_mounts(self, c: Container) -> list[runtime.Mount]:
         """Binds, volumes and tmpfs mounts, from the plan made at create (agent/volumes.py)."""
         mounts: list[runtime.Mount] = []

@@ -14,8 +14,6 @@ re-adopts a running VM reads it back instead of remembering anything.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import re
 import threading
@@ -24,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmkit import backlog
+from vmkit.guest_link import GuestLink
 from vmkit.spec import PUBLISHED_GUEST_PORTS
 from vmkit.udp_relay import UdpRelay
 
@@ -139,91 +138,31 @@ class ForwardTable:
             log.debug("hostfwd_remove %s: %s", fwd.host_key, out)
 
 
-class PortPublisher:
+class PortPublisher(GuestLink):
     """Serves the guest engine's port requests for as long as the VM runs.
 
     TCP ports become QEMU host forwards (``table``); UDP ports become relays of ours
     (vmkit/udp_relay.py). ``open_stream(path)`` opens a stream to a unix socket in the guest:
-    the engine's ports socket (opened again whenever that stream ends: engine restart, VM
-    reboot, agent reconnect) and the UDP relay socket.
+    the engine's ports socket (kept open by GuestLink) and the UDP relay socket.
     """
 
     def __init__(self, table: ForwardTable, open_stream: Callable[[str], Any]) -> None:
+        super().__init__(GUEST_SOCKET, open_stream, "port-publisher")
         self.table = table
-        self.open_stream = open_stream
         self.udp: dict[int, UdpRelay] = {}  # guest port -> relay
         self.lock = threading.Lock()
-        self.closed = threading.Event()
-        self.connected = threading.Event()
-        self._chan: Any = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> PortPublisher:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="port-publisher", daemon=True)
-        self._thread.start()
 
     def close(self) -> None:
-        self.closed.set()
-        chan = self._chan
-        if chan is not None:
-            with contextlib.suppress(Exception):
-                chan.close()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        super().close()
         with self.lock:
             relays, self.udp = list(self.udp.values()), {}
         for r in relays:
             r.close()
 
-    def _run(self) -> None:
-        delay = 0.2
-        while not self.closed.is_set():
-            try:
-                chan = self.open_stream(GUEST_SOCKET)
-            except Exception as exc:  # engine not up yet, or the agent is reconnecting
-                log.debug("ports socket not reachable yet: %s", exc)
-                self.closed.wait(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            delay = 0.2
-            self._chan = chan
-            self.connected.set()
-            log.info("serving published ports for the guest engine")
-            try:
-                self._serve(chan)
-            except Exception as exc:
-                log.warning("ports stream ended: %s", exc)
-            finally:
-                self.connected.clear()
-                self._chan = None
-                with contextlib.suppress(Exception):
-                    chan.close()
-            self.closed.wait(0.2)
-
-    def _serve(self, chan: Any) -> None:
-        buf = b""
-        while not self.closed.is_set():
-            data = chan.recv(65536)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    log.warning("bad request from the guest: %r", line[:200])
-                    continue
-                reply = self.handle(str(msg.get("op")), msg.get("rules") or [])
-                reply["id"] = msg.get("id")
-                chan.sendall(json.dumps(reply).encode() + b"\n")
+    def on_message(self, msg: dict[str, Any]) -> dict[str, Any]:
+        reply = self.handle(str(msg.get("op")), msg.get("rules") or [])
+        reply["id"] = msg.get("id")
+        return reply
 
     # --- requests ---------------------------------------------------------------------
     def handle(self, op: str, rules: list[dict[str, Any]]) -> dict[str, Any]:

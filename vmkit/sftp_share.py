@@ -39,6 +39,7 @@ from paramiko.sftp_handle import SFTPHandle
 from paramiko.sftp_server import SFTPServer
 from paramiko.sftp_si import SFTPServerInterface
 
+from vmkit.filewatch import GuestWrites
 from vmkit.spec import Share
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,17 @@ def _status(exc: OSError) -> int:
 class ConfinedSFTP(SFTPServerInterface):
     """The file system behind one share, confined to ``root``."""
 
-    def __init__(self, server: Any, root: str, read_only: bool = False) -> None:
+    def __init__(self, server: Any, root: str, read_only: bool = False, writes: GuestWrites | None = None) -> None:
         super().__init__(server)
         self.root = os.path.realpath(root)
         self.read_only = read_only
+        self.writes = writes
+
+    def _mark(self, *host_paths: str) -> None:
+        """Tell the change watcher (vmkit/filewatch.py) that the guest changed these."""
+        if self.writes is not None:
+            for p in host_paths:
+                self.writes.mark(p)
 
     # --- paths --------------------------------------------------------------------------
     @staticmethod
@@ -167,17 +175,18 @@ class ConfinedSFTP(SFTPServerInterface):
                 self._writable()
             hp = self.host_path(path)
             mode = attr.st_mode & 0o7777 if attr is not None and attr.st_mode is not None else 0o666
+            if flags & WRITE_FLAGS:
+                self._mark(hp)
             fd = os.open(hp, flags | O_NOFOLLOW | O_BINARY | getattr(os, "O_CLOEXEC", 0), mode)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise OSError(errno.EISDIR, "not a regular file", path)
         except OSError as exc:
             return _status(exc)
-        handle = FdHandle(fd, flags)
-        return handle
+        return FdHandle(fd, flags, (lambda: self._mark(hp)) if flags & WRITE_FLAGS else None)
 
     def remove(self, path: str) -> int:
-        return self._do(lambda: os.unlink(self.host_path(path)))
+        return self._do(lambda: os.unlink(self.host_path(path)), path)
 
     def rename(self, oldpath: str, newpath: str) -> int:
         def op() -> None:
@@ -185,19 +194,26 @@ class ConfinedSFTP(SFTPServerInterface):
             if os.path.lexists(new):
                 raise OSError(errno.EEXIST, "exists", newpath)
             os.rename(self.host_path(oldpath), new)
-        return self._do(op)
+        return self._do(op, oldpath, newpath)
 
     def posix_rename(self, oldpath: str, newpath: str) -> int:
-        return self._do(lambda: os.replace(self.host_path(oldpath), self.host_path(newpath)))
+        return self._do(lambda: os.replace(self.host_path(oldpath), self.host_path(newpath)), oldpath, newpath)
 
     def mkdir(self, path: str, attr: SFTPAttributes) -> int:
         mode = attr.st_mode & 0o7777 if attr is not None and attr.st_mode is not None else 0o777
-        return self._do(lambda: os.mkdir(self.host_path(path), mode))
+        return self._do(lambda: os.mkdir(self.host_path(path), mode), path)
 
     def rmdir(self, path: str) -> int:
-        return self._do(lambda: os.rmdir(self.host_path(path)))
+        return self._do(lambda: os.rmdir(self.host_path(path)), path)
 
     def chattr(self, path: str, attr: SFTPAttributes) -> int:
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.lstat(self.host_path(path)).st_mode)
+            if attr._flags == attr.FLAG_PERMISSIONS and mode == attr.st_mode & 0o7777:
+                # a chmod that changes nothing: how the guest replays a host change as an
+                # inotify event (agent/hostchanges.py); not even the host's ctime moves
+                return paramiko.SFTP_OK
+
         def op() -> None:
             hp = self.host_path(path)
             st = os.lstat(hp)
@@ -215,7 +231,7 @@ class ConfinedSFTP(SFTPServerInterface):
                 os.chmod(hp, attr.st_mode & 0o7777)
             if attr._flags & attr.FLAG_AMTIME:
                 os.utime(hp, (attr.st_atime, attr.st_mtime))
-        return self._do(op)
+        return self._do(op, path)
 
     def readlink(self, path: str) -> Any:
         try:
@@ -224,12 +240,15 @@ class ConfinedSFTP(SFTPServerInterface):
             return _status(exc)
 
     def symlink(self, target_path: str, path: str) -> int:
-        return self._do(lambda: os.symlink(target_path, self.host_path(path)))
+        return self._do(lambda: os.symlink(target_path, self.host_path(path)), path)
 
-    def _do(self, op: Callable[[], None]) -> int:
+    def _do(self, op: Callable[[], None], *paths: str) -> int:
         try:
             self._writable()
+            marked = [self.host_path(p) for p in paths]
+            self._mark(*marked)
             op()
+            self._mark(*marked)
         except OSError as exc:
             return _status(exc)
         return paramiko.SFTP_OK
@@ -238,15 +257,17 @@ class ConfinedSFTP(SFTPServerInterface):
 class FdHandle(SFTPHandle):
     """An open host file, read and written at offsets."""
 
-    def __init__(self, fd: int, flags: int) -> None:
+    def __init__(self, fd: int, flags: int, on_change: Callable[[], None] | None = None) -> None:
         super().__init__(flags)
         self.fd = fd
+        self.on_change = on_change or (lambda: None)
         self.append = bool(flags & os.O_APPEND)
         self._lock = threading.Lock()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        self.on_change()
 
     def read(self, offset: int, length: int) -> Any:
         try:
@@ -259,6 +280,7 @@ class FdHandle(SFTPHandle):
             return _status(exc)
 
     def write(self, offset: int, data: bytes) -> int:
+        self.on_change()
         try:
             if hasattr(os, "pwrite") and not self.append:
                 view = memoryview(data)
@@ -280,6 +302,7 @@ class FdHandle(SFTPHandle):
             return _status(exc)
 
     def chattr(self, attr: SFTPAttributes) -> int:
+        self.on_change()
         try:
             if attr._flags & attr.FLAG_SIZE:
                 os.ftruncate(self.fd, attr.st_size)
@@ -326,9 +349,10 @@ class ShareServer:
     A context manager owned by the VM: leaving it closes the channel, which makes sshfs in
     the guest unmount and exit; there is no host process and no socket to leave behind."""
 
-    def __init__(self, share: Share, index: int) -> None:
+    def __init__(self, share: Share, index: int, writes: GuestWrites | None = None) -> None:
         self.share = share
         self.index = index
+        self.writes = writes
         self._chan: paramiko.Channel | None = None
         self._closed = False
         self.sessions = 0
@@ -354,7 +378,8 @@ class ShareServer:
 
     def _serve(self, transport: paramiko.Transport, chan: paramiko.Channel) -> None:
         self.sessions += 1
-        server = _Server(chan, "sftp", None, ConfinedSFTP, self.share.host_path, self.share.read_only)
+        server = _Server(chan, "sftp", None, ConfinedSFTP, self.share.host_path, self.share.read_only,
+                         self.writes)
         try:
             server.start_subsystem("sftp", transport, chan)
         except Exception as exc:  # the connection went away under us: the next attach serves again

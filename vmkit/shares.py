@@ -120,6 +120,21 @@ def to_guest(host_path: str, shares: tuple[Share, ...], os_: HostOS) -> str:
     raise ConfigError(f"{host_path} is not in a folder shared with the VM (shared: {where})", hint=SHARE_SETTING_HINT)
 
 
+def to_host(guest_path: str, shares: tuple[Share, ...], os_: HostOS) -> str | None:
+    """The host path behind ``guest_path`` (inside one of ``shares``, resolved), or None."""
+    norm = posixpath.normpath(guest_path)
+    for s in shares:
+        if norm != s.guest_path and not norm.startswith(s.guest_path.rstrip("/") + "/"):
+            continue
+        rel = [p for p in posixpath.relpath(norm, s.guest_path).split("/") if p not in ("", ".")]
+        if ".." in rel:
+            return None
+        if os_ is HostOS.WINDOWS:
+            return str(PureWindowsPath(s.host_path, *rel))
+        return posixpath.join(s.host_path, *rel)
+    return None
+
+
 def guest_config_lines(shares: tuple[Share, ...]) -> list[str]:
     """What the engine learns about shares (fw_cfg config): the guest roots bind mounts may use."""
     return [f"{'share-ro' if s.read_only else 'share'}={s.guest_path}" for s in shares]

@@ -18,6 +18,7 @@ from typing import Any
 from vmkit.accel import AccelChoice
 from vmkit.agent import AgentChannel
 from vmkit.errors import AgentError, ConfigError, LaunchError
+from vmkit.filewatch import ChangeForwarder, GuestWrites
 from vmkit.host import Host, host_os
 from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
@@ -111,7 +112,10 @@ class VM:
         self.release: dict[str, Any] = {}
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
-        self.share_servers = [ShareServer(s, i) for i, s in enumerate(spec.shares) if s not in spec.virtiofs]
+        self.guest_writes = GuestWrites()
+        self.share_servers = [ShareServer(s, i, self.guest_writes) for i, s in enumerate(spec.shares)
+                              if s not in spec.virtiofs]
+        self.changes: ChangeForwarder | None = None
         self.virtiofsd = virtiofs.Virtiofsd(spec, paths.state)
         self.shares_missing: list[str] = []
 
@@ -138,6 +142,7 @@ class VM:
         self._connect_agent(t0 + READY_TIMEOUT)
         self.ready_seconds = round(time.monotonic() - t0, 2)
         self._publish_ports()
+        self._forward_changes()
         self._wait_shares(progress)
 
     def adopt(self, pid: int, progress: Progress) -> None:
@@ -147,6 +152,7 @@ class VM:
             self.started_at = self.paths.pidfile.stat().st_mtime
         self._connect_agent(time.monotonic() + 60)
         self._publish_ports()
+        self._forward_changes()
         self._wait_shares(progress)
 
     def _wait_shares(self, progress: Progress) -> None:
@@ -184,6 +190,16 @@ class VM:
         table.widen_all()
         self.publisher = PortPublisher(table, lambda path: agent.open_unix(path, timeout=5))
         self.publisher.start()
+
+    def _forward_changes(self) -> None:
+        """Host edits in shared folders become inotify events in the VM (vmkit/filewatch.py)."""
+        assert self.agent is not None
+        if not any(not s.read_only for s in self.spec.shares):
+            return
+        agent = self.agent
+        self.changes = ChangeForwarder(self.spec.shares, host_os(), lambda path: agent.open_unix(path, timeout=5),
+                                       self.guest_writes)
+        self.changes.start()
 
     def _wait_port_open(self, deadline: float) -> None:
         """Wait until the guest has opened the agent port (QMP tells us), so the first SSH
@@ -265,6 +281,8 @@ class VM:
             self.agent.close()
         if self.publisher is not None:
             self.publisher.close()
+        if self.changes is not None:
+            self.changes.close()
         for srv in self.share_servers:
             srv.close()
         if not self.qemu.alive():

@@ -12,6 +12,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from vmkit.filewatch import GuestWrites
 from vmkit.sftp_share import ConfinedSFTP, _Server
 
 
@@ -26,11 +27,11 @@ class _Auth(paramiko.ServerInterface):
         return paramiko.OPEN_SUCCEEDED
 
 
-def _client(root: Path, read_only: bool = False) -> Iterator[paramiko.SFTPClient]:
+def _client(root: Path, read_only: bool = False, writes: GuestWrites | None = None) -> Iterator[paramiko.SFTPClient]:
     a, b = socket.socketpair()
     server = paramiko.Transport(a)
     server.add_server_key(paramiko.RSAKey.generate(1024))
-    server.set_subsystem_handler("sftp", _Server, ConfinedSFTP, str(root), read_only)
+    server.set_subsystem_handler("sftp", _Server, ConfinedSFTP, str(root), read_only, writes)
     threading.Thread(target=server.start_server, kwargs={"server": _Auth()}, daemon=True).start()
     client = paramiko.Transport(b)
     client.start_client()
@@ -118,3 +119,26 @@ def test_read_only_share_refuses_changes(tree: tuple[Path, Path]) -> None:
                 action()
     assert (share / "sub" / "f.txt").read_text() == "inside\n"
     assert sorted(p.name for p in share.iterdir()) == ["in", "out", "rel", "sub"]
+
+
+def test_guest_changes_are_recorded_and_a_no_op_chmod_touches_nothing(tree: tuple[Path, Path]) -> None:
+    """What the change watcher relies on (vmkit/filewatch.py): the guest's own writes are
+    recorded, and the replay's chmod-to-the-same-mode does not even move the host's ctime."""
+    share, _ = tree
+    writes = GuestWrites()
+    f = share / "sub" / "f.txt"
+    before = f.stat()
+    for sftp in _client(share, writes=writes):
+        sftp.chmod("/sub/f.txt", before.st_mode & 0o7777)
+        assert f.stat().st_ctime_ns == before.st_ctime_ns
+        assert not writes.recent(str(f))
+        sftp.chmod("/sub/f.txt", 0o600)  # a real change still happens, and is the guest's
+        assert f.stat().st_mode & 0o777 == 0o600 and writes.recent(str(f))
+        with sftp.open("/new.txt", "w") as out:
+            out.write(b"x")
+        sftp.mkdir("/d")
+        sftp.rename("/new.txt", "/d/moved.txt")
+        sftp.remove("/d/moved.txt")
+    for p in ("new.txt", "d", "d/moved.txt"):
+        assert writes.recent(str(share / p)), p
+    assert not writes.recent(str(share / "in"))

@@ -27,6 +27,19 @@ def test_windows_drives_go_under_a_fixed_prefix() -> None:
     assert shares.parse_share("D:\\data:ro", HostOS.WINDOWS) == Share("D:\\data", "", True)
 
 
+def test_guest_paths_lead_back_to_the_host_folder() -> None:
+    linux = shares.effective((Share("/srv/code"),), True, "/home/me", HostOS.LINUX)
+    assert shares.to_host("/home/me/src/app.py", linux, HostOS.LINUX) == "/home/me/src/app.py"
+    assert shares.to_host("/srv/code", linux, HostOS.LINUX) == "/srv/code"
+    assert shares.to_host("/srv/codex/a", linux, HostOS.LINUX) is None  # a prefix of the name is not inside
+    assert shares.to_host("/etc/passwd", linux, HostOS.LINUX) is None
+    assert shares.to_host("/srv/code/../../etc", linux, HostOS.LINUX) is None
+    win = shares.effective((), True, "C:\\Users\\me", HostOS.WINDOWS)
+    assert shares.to_host("/mnt/host/c/Users/me/src/app.py", win, HostOS.WINDOWS) == "C:\\Users\\me\\src\\app.py"
+    assert shares.to_guest(shares.to_host("/mnt/host/c/Users/me/x", win, HostOS.WINDOWS) or "", win,
+                           HostOS.WINDOWS) == "/mnt/host/c/Users/me/x"
+
+
 def test_outside_every_share_is_refused_with_the_setting() -> None:
     got = shares.effective((), True, "/home/me", HostOS.LINUX)
     with pytest.raises(ConfigError) as exc:

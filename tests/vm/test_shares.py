@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.vm
 
 @pytest.fixture(scope="module")
 def vm(shared_vm: Pydesk) -> Pydesk:
-    for image in ("busybox", "git"):
+    for image in ("busybox", "git", "python"):
         shared_vm("pull", image, check=True)
     return shared_vm
 
@@ -134,6 +135,72 @@ def test_git_status_over_ten_thousand_files(vm: Pydesk, work: Path) -> None:
                timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "500", proc.stderr
     assert len(list((work / "small").iterdir())) == 500
+
+
+#: An inotify watcher in the container, as hot-reload tools use (python image, no inotify-tools):
+#: prints "MASK NAME" per event on /src and exits when a file named "stop" shows up.
+INOTIFY_WATCHER = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.inotify_init1(0)
+assert libc.inotify_add_watch(fd, b"/src", 0xFFF) >= 0
+print("READY", flush=True)
+while True:
+    data = os.read(fd, 65536)
+    while data:
+        wd, mask, cookie, n = struct.unpack_from("iIII", data)
+        name = data[16:16 + n].rstrip(b"\\0").decode() or "."
+        print(mask, name, flush=True)
+        data = data[16 + n:]
+        if name == "stop":
+            sys.exit(0)
+"""
+IN_ATTRIB, IN_ISDIR = 0x4, 0x40000000
+
+
+def test_host_edits_raise_inotify_events_in_a_container(vm: Pydesk, work: Path) -> None:
+    """Hot reload: a save, a new file and a deletion on the host each reach an inotify watcher
+    in the container, and the replay changes nothing on the host (vmkit/filewatch.py)."""
+    app, old = work / "app.py", work / "old.py"
+    app.write_text("print(1)\n")
+    old.write_text("old\n")
+    os.chmod(app, 0o640)
+    name = "iw" + uuid.uuid4().hex[:8]
+    vm("run", "-d", "--name", name, "-v", f"{work}:/src", "python", "python3", "-c", INOTIFY_WATCHER, check=True)
+    try:
+        def events(until: Callable[[list[tuple[int, str]]], bool]) -> list[tuple[int, str]]:
+            deadline = time.monotonic() + 60
+            while True:
+                lines = vm("logs", name).stdout.splitlines()
+                got = [(int(m), n) for m, n in (ln.split(" ", 1) for ln in lines if ln != "READY")]
+                if (lines and until(got)) or time.monotonic() > deadline:
+                    return got
+                time.sleep(0.5)
+
+        assert events(lambda g: True) == []  # ready, and nothing yet
+        deadline = time.monotonic() + 60  # the daemon hears what to watch when the container starts
+        while f"watching {work} for changes" not in vm("vm", "logs", "--daemon").stdout:
+            assert time.monotonic() < deadline, "the daemon never watched the bind-mounted folder"
+            time.sleep(0.5)
+        app.write_text("print(2)\n")
+        saved = app.stat()
+        got = events(lambda g: (IN_ATTRIB, "app.py") in g)
+        assert (IN_ATTRIB, "app.py") in got, got
+        (work / "new.py").write_text("new\n")
+        got = events(lambda g: (IN_ATTRIB, "new.py") in g)
+        assert (IN_ATTRIB, "new.py") in got, got
+        old.unlink()  # told as a change of the folder
+        got = events(lambda g: (IN_ATTRIB | IN_ISDIR, ".") in g)
+        assert (IN_ATTRIB | IN_ISDIR, ".") in got, got
+        time.sleep(3)
+        assert events(lambda _: True) == got, "events kept coming after the host went quiet (an echo loop?)"
+        after = app.stat()
+        assert (after.st_mode, after.st_mtime_ns, after.st_size) == (saved.st_mode, saved.st_mtime_ns, saved.st_size)
+        assert app.read_text() == "print(2)\n"
+        (work / "stop").write_text("")
+        assert vm("wait", name, timeout=60).stdout.strip() == "0"
+    finally:
+        vm("rm", "-f", name)
 
 
 @pytest.mark.parametrize("which", ["share", "share_ro"])  # virtiofs (as root on Linux) and the agent channel
