@@ -10,6 +10,7 @@ from vmkit.host import Host
 from vmkit.spec import Accel, Arch, NicModel, Protocol, VMSpec, qemu_escape
 
 AGENT_PORT_NAME = "org.pydesk.agent"
+SHARE_PORT_PREFIX = "org.pydesk.share."
 FW_CFG_PREFIX = "opt/org.pydesk"
 
 #: Kernel options shared by every boot: quiet, no waiting for slow hardware checks.
@@ -100,7 +101,26 @@ def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
         "-device", f"{nic_model(spec.arch, spec.accel)},netdev=net0",
         "-device", "virtio-rng-pci",
     ]
+    argv += share_port_args(spec)
     argv += virtiofs_args(spec)
+    return argv
+
+
+def share_port_name(index: int) -> str:
+    return f"{SHARE_PORT_PREFIX}{index}"
+
+
+def share_port_args(spec: VMSpec) -> list[str]:
+    """A virtio-serial port per share not served by virtiofsd: SFTP for sshfs, nothing else
+    on it (vmkit/sftp_share.py)."""
+    argv: list[str] = []
+    for i, share in enumerate(spec.shares):
+        if share in spec.virtiofs:
+            continue
+        if i >= len(spec.files.share_ports):
+            raise ValueError(f"share {share.host_path} has no port endpoint in RuntimeFiles.share_ports")
+        argv += ["-chardev", f"socket,id=share{i},{spec.files.share_ports[i].chardev_opts()},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser.0,chardev=share{i},name={share_port_name(i)}"]
     return argv
 
 

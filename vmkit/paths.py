@@ -147,6 +147,9 @@ class VMPaths:
     def agent(self) -> Path:
         return self.run / "agent.sock"
 
+    def share_port(self, index: int) -> Path:
+        return self.run / f"share{index}.sock"
+
     @property
     def control(self) -> Path:
         return self.run / "daemon.sock"

@@ -1,7 +1,9 @@
-"""Host folders in the guest over the agent channel: ``sshfs -o slave`` in the guest, our SFTP
-server on the host, one SSH exec channel between them.
+"""Host folders in the guest: ``sshfs -o slave`` in the guest, our SFTP server on the host,
+and between them a virtio-serial port of the share's own that carries nothing but SFTP (no
+sshd and no encryption in the way; agent/shareport.py is the guest side). The agent
+connection only asks the guest to mount it.
 
-Works on every host OS (it needs nothing but the agent channel) and without root. The SFTP
+Works on every host OS (it needs nothing but QEMU's virtio-serial) and without root. The SFTP
 server is paramiko's protocol engine with a file-system interface of ours that confines every
 request to the share's root:
 
@@ -25,7 +27,9 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shlex
+import socket
 import stat
 import threading
 import time
@@ -40,7 +44,9 @@ from paramiko.sftp_server import SFTPServer
 from paramiko.sftp_si import SFTPServerInterface
 
 from vmkit.filewatch import GuestWrites
-from vmkit.spec import Share
+from vmkit.argv import share_port_name
+from vmkit.spec import Endpoint, Share
+from vmkit.transport import connect_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -332,28 +338,91 @@ class _Server(SFTPServer):
         return 3
 
 
-def mount_command(share: Share, index: int) -> str:
-    """The guest side: sshfs speaking SFTP on this channel's stdin/stdout, mounted at the
-    share's guest path (a stale mount of an earlier connection is cleared first)."""
-    g = shlex.quote(share.guest_path)
-    pidfile = f"/run/pydesk/share-{index}.pid"
+HANDSHAKE_TIMEOUT = 30.0
+
+
+def mount_command(share: Share, index: int, nonce: str) -> str:
+    """The guest side (agent/shareport.py): handshake on the share's port, then sshfs on it."""
     opts = ",".join(SSHFS_OPTIONS + (("ro",) if share.read_only else ()))
-    return (f"modprobe fuse 2>/dev/null; [ -s {pidfile} ] && kill $(cat {pidfile}) 2>/dev/null; "
-            f"umount -l {g} 2>/dev/null; mkdir -p {g} && echo $$ > {pidfile} && "
-            f"exec sshfs -f -o {opts} pydesk:/ {g}")
+    return (f"modprobe fuse 2>/dev/null; PYTHONPATH=/usr/lib/pydesk exec python3 -m agent.shareport "
+            f"{share_port_name(index)} {nonce} {shlex.quote(share.guest_path)} {opts}")
+
+
+def guest_alive_command(share: Share, index: int) -> str:
+    """Exit 0 when this share's sshfs still runs and its mount is in place."""
+    g = share.guest_path.replace(" ", "\\040")
+    return (f"kill -0 $(cat /run/pydesk/share-{index}.pid 2>/dev/null) 2>/dev/null && "
+            f"grep -qF ' {g} fuse.sshfs ' /proc/mounts")
+
+
+class _PortChannel:
+    """The share port's socket, dressed as the paramiko channel SFTPServer expects."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, data: bytes) -> int:
+        return self.sock.send(data)
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def get_transport(self) -> _PortChannel:
+        return self
+
+    def get_log_channel(self) -> str:
+        return __name__
+
+    def get_hexdump(self) -> bool:
+        return False
+
+    def get_name(self) -> str:
+        return "share-port"
+
+    def _log(self, level: int, msg: str, *args: Any) -> None:
+        log.log(level, msg, *args)
+
+
+def host_handshake(sock: socket.socket, nonce: str, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    """Skip whatever an earlier session left in the port up to the guest's hello line, then
+    answer it (agent/shareport.py is the other side)."""
+    want = f"PYDESK-SHARE {nonce}\n".encode()
+    buf = b""
+    sock.settimeout(timeout)
+    try:
+        while want not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise EOFError("the share port closed during the handshake")
+            buf = buf[-(len(want) - 1):] + data
+        sock.sendall(f"PYDESK-SHARE-READY {nonce}\n".encode())
+    finally:
+        sock.settimeout(None)
 
 
 class ShareServer:
-    """One share served over the agent connection; remounted after every reconnect.
+    """One share, served over its own virtio-serial port (QEMU's chardev ``endpoint``).
 
-    A context manager owned by the VM: leaving it closes the channel, which makes sshfs in
-    the guest unmount and exit; there is no host process and no socket to leave behind."""
+    On every agent (re)connect ``attach`` checks the share: if its sshfs still runs in the
+    guest and our session is alive, nothing happens (containers keep their bind mounts);
+    otherwise the session starts over: a new connection to the port, the guest's
+    agent/shareport.py asked (over the agent connection) to mount it again, a handshake,
+    and paramiko's SFTP engine with ConfinedSFTP on the port.
 
-    def __init__(self, share: Share, index: int, writes: GuestWrites | None = None) -> None:
+    A context manager owned by the VM: leaving it closes the port connection, which ends
+    the session; there is no host process and no socket of ours to leave behind."""
+
+    def __init__(self, share: Share, index: int, endpoint: Endpoint, writes: GuestWrites | None = None) -> None:
         self.share = share
         self.index = index
+        self.endpoint = endpoint
         self.writes = writes
-        self._chan: paramiko.Channel | None = None
+        self._sock: socket.socket | None = None
+        self._serving: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._closed = False
         self.sessions = 0
 
@@ -364,45 +433,85 @@ class ShareServer:
         self.close()
 
     def attach(self, transport: paramiko.Transport) -> None:
-        """Start serving on ``transport`` (called after each agent (re)connect)."""
-        if self._closed:
-            return
-        chan = transport.open_session(timeout=15)
-        chan.exec_command(mount_command(self.share, self.index))
-        old, self._chan = self._chan, chan
-        if old is not None:
-            with contextlib.suppress(Exception):
-                old.close()
-        threading.Thread(target=self._drain_stderr, args=(chan,), name=f"share-{self.index}-err", daemon=True).start()
-        threading.Thread(target=self._serve, args=(transport, chan), name=f"share-{self.index}", daemon=True).start()
+        """Check or restart the share after an agent (re)connect, off the caller's thread."""
+        if not self._closed:
+            threading.Thread(target=self._attach, args=(transport,), name=f"share-{self.index}-attach",
+                             daemon=True).start()
 
-    def _serve(self, transport: paramiko.Transport, chan: paramiko.Channel) -> None:
-        self.sessions += 1
-        server = _Server(chan, "sftp", None, ConfinedSFTP, self.share.host_path, self.share.read_only,
-                         self.writes)
+    def _attach(self, transport: paramiko.Transport) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._serving is not None and self._serving.is_alive() and self._guest_alive(transport):
+                log.info("share %s: still mounted, session kept", self.share.guest_path)
+                return
+            self._end_session()
+            try:
+                self._start_session(transport)
+            except Exception as exc:  # a share must not cost us the agent connection
+                log.warning("cannot share %s: %s", self.share.host_path, exc)
+                self._end_session()
+
+    def _guest_alive(self, transport: paramiko.Transport) -> bool:
         try:
-            server.start_subsystem("sftp", transport, chan)
-        except Exception as exc:  # the connection went away under us: the next attach serves again
+            chan = transport.open_session(timeout=15)
+            chan.settimeout(30)
+            chan.exec_command(guest_alive_command(self.share, self.index))
+            return chan.recv_exit_status() == 0
+        except Exception as exc:
+            log.debug("share %s: liveness check failed: %s", self.share.guest_path, exc)
+            return False
+
+    def _start_session(self, transport: paramiko.Transport) -> None:
+        sock = connect_endpoint(self.endpoint, timeout=10)
+        self._sock = sock
+        nonce = secrets.token_hex(8)
+        chan = transport.open_session(timeout=15)
+        chan.exec_command(mount_command(self.share, self.index, nonce))
+        threading.Thread(target=self._guest_command, args=(chan,), name=f"share-{self.index}-mount",
+                         daemon=True).start()
+        host_handshake(sock, nonce)
+        self._serving = threading.Thread(target=self._serve, args=(sock,), name=f"share-{self.index}", daemon=True)
+        self._serving.start()
+
+    def _guest_command(self, chan: paramiko.Channel) -> None:
+        """Log what the guest's mount command says, and its failure."""
+        err = b""
+        with contextlib.suppress(Exception):
+            while data := chan.recv_stderr(4096):
+                err += data
+            status = chan.recv_exit_status()
+            if status != 0:
+                log.warning("share %s: mounting failed (%d): %s", self.share.guest_path, status,
+                            err.decode(errors="replace").strip())
+        with contextlib.suppress(Exception):
+            chan.close()
+
+    def _serve(self, sock: socket.socket) -> None:
+        self.sessions += 1
+        chan = _PortChannel(sock)
+        server = _Server(chan, "sftp", None, ConfinedSFTP, self.share.host_path, self.share.read_only, self.writes)
+        try:
+            server.start_subsystem("sftp", None, chan)
+        except Exception as exc:  # the port connection went away: the next attach serves again
             log.info("share %s: session ended: %s", self.share.host_path, exc)
         finally:
             with contextlib.suppress(Exception):
                 server.finish_subsystem()
 
-    def _drain_stderr(self, chan: paramiko.Channel) -> None:
-        buf = b""
-        with contextlib.suppress(Exception):
-            while data := chan.recv_stderr(4096):
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    log.warning("share %s: sshfs: %s", self.share.guest_path, line.decode(errors="replace"))
+    def _end_session(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the serving thread's recv
+            sock.close()
+        serving, self._serving = self._serving, None
+        if serving is not None and serving is not threading.current_thread():
+            serving.join(5)
 
     def close(self) -> None:
         self._closed = True
-        chan, self._chan = self._chan, None
-        if chan is not None:
-            with contextlib.suppress(Exception):
-                chan.close()
+        self._end_session()
 
 
 def wait_mounted(exec_: Callable[..., tuple[int, bytes, bytes]], shares: tuple[Share, ...],

@@ -175,6 +175,7 @@ class RuntimeFiles:
     guest_config: PurePath
     pidfile: PurePath
     virtiofs_dir: PurePath | None = None  # where the virtiofsd sockets are
+    share_ports: tuple[Endpoint, ...] = ()  # one per share (VMSpec.shares); sftp shares use theirs
 
 
 @dataclasses.dataclass(frozen=True)

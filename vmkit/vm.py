@@ -66,6 +66,7 @@ def virtiofs_shares(settings: Settings, shares: tuple[Share, ...], os_: HostOS) 
 
 def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelChoice, paths: VMPaths,
                os_: HostOS | None = None) -> VMSpec:
+    shares = vm_shares(settings, os_ or host_os())
     files = RuntimeFiles(
         qmp=qemu_endpoint(paths.qmp),
         agent=qemu_endpoint(paths.agent),
@@ -76,8 +77,8 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
         guest_config=paths.guest_config,
         pidfile=paths.pidfile,
         virtiofs_dir=paths.run,
+        share_ports=tuple(qemu_endpoint(paths.share_port(i)) for i in range(len(shares))),
     )
-    shares = vm_shares(settings, os_ or host_os())
     return VMSpec(
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,
         disk_gib=settings.disk_gib, accel=choice.accel, image=image, files=files,
@@ -113,8 +114,8 @@ class VM:
         self.started_at: float | None = None
         self.ready_seconds: float | None = None
         self.guest_writes = GuestWrites()
-        self.share_servers = [ShareServer(s, i, self.guest_writes) for i, s in enumerate(spec.shares)
-                              if s not in spec.virtiofs]
+        self.share_servers = [ShareServer(s, i, spec.files.share_ports[i], self.guest_writes)
+                              for i, s in enumerate(spec.shares) if s not in spec.virtiofs]
         self.changes: ChangeForwarder | None = None
         self.virtiofsd = virtiofs.Virtiofsd(spec, paths.state)
         self.shares_missing: list[str] = []

@@ -158,7 +158,7 @@ def test_linux_virtiofs_shares() -> None:
     shares = (Share("/home/me", "/home/me"), Share("/srv/data", "/srv/data"))
     spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.KVM, f), shares=shares, virtiofs=shares)
     argv = qemu_argv(spec, Host(HostOS.LINUX, Arch.X86_64))
-    plain = qemu_argv(dataclasses.replace(spec, virtiofs=()), Host(HostOS.LINUX, Arch.X86_64))
+    plain = qemu_argv(dataclasses.replace(spec, shares=(), virtiofs=()), Host(HostOS.LINUX, Arch.X86_64))
     assert argv[:len(plain)] == plain
     assert argv[len(plain):] == [
         "-object", "memory-backend-memfd,id=mem,size=2048M,share=on", "-numa", "node,memdev=mem",
@@ -170,16 +170,32 @@ def test_linux_virtiofs_shares() -> None:
 
 
 @pytest.mark.parametrize("os_", [HostOS.DARWIN, HostOS.WINDOWS])
-def test_agent_channel_shares_add_no_qemu_arguments(os_: HostOS) -> None:
-    """macOS and Windows have no virtiofsd: shares ride the agent channel, QEMU sees nothing."""
+def test_sftp_shares_get_a_virtio_serial_port_each(os_: HostOS) -> None:
+    """macOS and Windows have no virtiofsd: each share is SFTP on a port of its own (a unix
+    socket chardev on macOS, loopback TCP on Windows), on the agent's virtio-serial bus."""
     import dataclasses
 
     from vmkit.settings import Settings
     from vmkit.spec import Share
     from vmkit.vm import virtiofs_shares
 
-    shares = (Share("/Users/me", "/Users/me"),)
+    shares = (Share("/Users/me", "/Users/me"), Share("/data", "/data", read_only=True))
     assert virtiofs_shares(Settings(), shares, os_) == ()
-    spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.TCG, files_posix()), shares=shares)
+    ports = ((Endpoint(path="/r/share0.sock"), Endpoint(path="/r/share1.sock")) if os_ is HostOS.DARWIN
+             else (Endpoint(port=50001), Endpoint(port=50002)))
+    files = dataclasses.replace(files_posix(), share_ports=ports)
+    spec = dataclasses.replace(spec_for(Arch.X86_64, Accel.TCG, files), shares=shares)
     argv = qemu_argv(spec, Host(os_, Arch.X86_64))
+    plain = qemu_argv(dataclasses.replace(spec, shares=()), Host(os_, Arch.X86_64))
     assert not any("vhost-user-fs" in a or "memfd" in a for a in argv)
+    assert argv[:len(plain)] == plain
+    where = (["path=/r/share0.sock", "path=/r/share1.sock"] if os_ is HostOS.DARWIN
+             else ["host=127.0.0.1,port=50001", "host=127.0.0.1,port=50002"])
+    assert argv[len(plain):] == [
+        "-chardev", f"socket,id=share0,{where[0]},server=on,wait=off",
+        "-device", "virtserialport,bus=vser.0,chardev=share0,name=org.pydesk.share.0",
+        "-chardev", f"socket,id=share1,{where[1]},server=on,wait=off",
+        "-device", "virtserialport,bus=vser.0,chardev=share1,name=org.pydesk.share.1",
+    ]
+    with pytest.raises(ValueError, match="no port endpoint"):
+        qemu_argv(dataclasses.replace(spec, files=files_posix()), Host(os_, Arch.X86_64))

@@ -142,3 +142,55 @@ def test_guest_changes_are_recorded_and_a_no_op_chmod_touches_nothing(tree: tupl
     for p in ("new.txt", "d", "d/moved.txt"):
         assert writes.recent(str(share / p)), p
     assert not writes.recent(str(share / "in"))
+
+
+def test_a_share_port_session_skips_stale_bytes_then_speaks_sftp(tree: tuple[Path, Path]) -> None:
+    """The share's own virtio-serial port (played by a socket pair): both sides skip what an
+    earlier session left in it up to the other's nonce line (agent/shareport.py is the
+    guest's side), then SFTP runs on the bare stream."""
+    from agent.shareport import handshake
+    from vmkit.sftp_share import ShareServer, _PortChannel, host_handshake
+    from vmkit.spec import Endpoint, Share
+
+    share, outside = tree
+    host, guest = socket.socketpair()
+    host.sendall(b"\x00\x00\x00\x05stale reply from the last server")  # waiting for the guest
+    guest.sendall(b"\x00\x00\x00\x09 stale request\nPYDESK-SHARE old\n")  # waiting for the host
+    done: list[BaseException | None] = []
+
+    def guest_side() -> None:
+        try:
+            handshake(guest.fileno(), "n0nce", timeout=10)
+            done.append(None)
+        except BaseException as exc:  # reported below
+            done.append(exc)
+
+    t = threading.Thread(target=guest_side)
+    t.start()
+    host_handshake(host, "n0nce", timeout=10)
+    t.join(10)
+    assert done == [None]
+    srv = ShareServer(Share(str(share), "/s"), 0, Endpoint(path="/unused"))
+    serving = threading.Thread(target=srv._serve, args=(host,), daemon=True)
+    serving.start()
+    sftp = paramiko.SFTPClient(_PortChannel(guest))  # type: ignore[arg-type]
+    assert sftp.open("/sub/f.txt").read() == b"inside\n"
+    with pytest.raises(OSError):
+        sftp.open("/out/secret").read()  # still confined
+    sftp.close()
+    guest.close()
+    serving.join(10)
+    assert not serving.is_alive() and srv.sessions == 1
+
+
+def test_share_port_handshake_gives_up_without_an_answer() -> None:
+    from agent.shareport import ShareError, handshake
+    from vmkit.sftp_share import host_handshake
+
+    host, guest = socket.socketpair()
+    with pytest.raises(ShareError):
+        handshake(guest.fileno(), "n0nce", timeout=0.5)
+    assert host.recv(100) == b"PYDESK-SHARE n0nce\n"
+    guest.close()
+    with pytest.raises(EOFError):
+        host_handshake(host, "other", timeout=5)

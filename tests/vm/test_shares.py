@@ -5,17 +5,18 @@ channel (sshfs in the guest, our confined SFTP server in the daemon), at the sam
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Pydesk
+from tests.conftest import VM_FLAGS, Pydesk, _teardown, registry_flags
 
 pytestmark = pytest.mark.vm
 
@@ -27,18 +28,52 @@ def vm(shared_vm: Pydesk) -> Pydesk:
     return shared_vm
 
 
-@pytest.fixture
-def work(vm: Pydesk) -> Path:
-    d = vm.share / f"w{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+@pytest.fixture(scope="module")
+def sftp_vm(tmp_path_factory: pytest.TempPathFactory, registry) -> Iterator[Pydesk]:  # type: ignore[no-untyped-def]
+    """A VM whose read-write share is SFTP on its own virtio-serial port: the path of macOS,
+    Windows and Linux without root. (The shared VM's read-write share uses virtiofs when the
+    tests run as root, as CI does.)"""
+    p = Pydesk(tmp_path_factory.mktemp("sftpvm") / "home")
+    p.share = tmp_path_factory.mktemp("sftp-share")  # type: ignore[attr-defined]
+    p("vm", "start", *VM_FLAGS, *registry_flags(registry), "--share-transport", "sftp",
+      "--share", str(p.share), check=True)  # type: ignore[attr-defined]
+    st = json.loads(p("vm", "status", "--format", "json", check=True).stdout)
+    assert [(s["transport"], s["mounted"]) for s in st["shares"]] == [("sftp", True)]
+    for image in ("busybox", "git", "python"):
+        p("pull", image, check=True)
+    yield p
+    _teardown(p)
+    assert not list(p.run_dir.glob("share*.sock")), "share port sockets left behind"
+
+
+@pytest.fixture(params=["shared", "sftp"])
+def tvm(request: pytest.FixtureRequest) -> Pydesk:
+    """The VM a read-write share test runs on: the shared one (virtiofs as root) or sftp_vm."""
+    return request.getfixturevalue("vm" if request.param == "shared" else "sftp_vm")
+
+
+def _workdir(p: Pydesk) -> Path:
+    d = p.share / f"w{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
     d.mkdir()
     return d
+
+
+@pytest.fixture
+def work(tvm: Pydesk) -> Path:
+    return _workdir(tvm)
+
+
+@pytest.fixture
+def shared_work(vm: Pydesk) -> Path:
+    return _workdir(vm)
 
 
 def run(vm: Pydesk, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return vm("run", "--rm", *args, timeout=timeout)
 
 
-def test_files_both_ways_with_metadata(vm: Pydesk, work: Path) -> None:
+def test_files_both_ways_with_metadata(tvm: Pydesk, work: Path) -> None:
+    vm = tvm
     f = work / "from-host.txt"
     f.write_bytes(b"written on the host\n")
     os.chmod(f, 0o640)
@@ -78,7 +113,8 @@ def test_files_both_ways_with_metadata(vm: Pydesk, work: Path) -> None:
         vm("rm", "-f", cname)
 
 
-def test_docker_cli_relative_workdir_style(vm: Pydesk, work: Path) -> None:
+def test_docker_cli_relative_workdir_style(vm: Pydesk, shared_work: Path) -> None:
+    work = shared_work
     """`pydesk run -v "$PWD":/src -w /src` — the issue's example."""
     (work / "app.py").write_text("print('hello from', __file__)\n")
     proc = subprocess.run([os.sys.executable, "-m", "desktop.cli", "run", "--rm", "-v", ".:/src", "-w", "/src",
@@ -88,7 +124,8 @@ def test_docker_cli_relative_workdir_style(vm: Pydesk, work: Path) -> None:
     assert proc.stdout == "print('hello from', __file__)\n"
 
 
-def test_one_gib_file_both_ways(vm: Pydesk, work: Path) -> None:
+def test_one_gib_file_both_ways(tvm: Pydesk, work: Path) -> None:
+    vm = tvm
     block = hashlib.sha256(b"pydesk").digest() * (1 << 15)  # 1 MiB, not all zeros
     digest = hashlib.sha256()
     with open(work / "big.in", "wb") as f:
@@ -112,7 +149,8 @@ def test_one_gib_file_both_ways(vm: Pydesk, work: Path) -> None:
     out.unlink()
 
 
-def test_git_status_over_ten_thousand_files(vm: Pydesk, work: Path) -> None:
+def test_git_status_over_ten_thousand_files(tvm: Pydesk, work: Path) -> None:
+    vm = tvm
     repo = work / "repo"
     for i in range(100):
         d = repo / f"d{i:03d}"
@@ -158,7 +196,8 @@ while True:
 IN_ATTRIB, IN_ISDIR = 0x4, 0x40000000
 
 
-def test_host_edits_raise_inotify_events_in_a_container(vm: Pydesk, work: Path) -> None:
+def test_host_edits_raise_inotify_events_in_a_container(tvm: Pydesk, work: Path) -> None:
+    vm = tvm
     """Hot reload: a save, a new file and a deletion on the host each reach an inotify watcher
     in the container, and the replay changes nothing on the host (vmkit/filewatch.py)."""
     app, old = work / "app.py", work / "old.py"
@@ -256,8 +295,6 @@ def test_read_only_share(vm: Pydesk) -> None:
 
 
 def test_vm_status_lists_the_shares(vm: Pydesk) -> None:
-    import json
-
     from vmkit.spec import HostOS
     from vmkit.virtiofs import available
 
@@ -269,7 +306,8 @@ def test_vm_status_lists_the_shares(vm: Pydesk) -> None:
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="the docker CLI is not installed on this host")
-def test_real_docker_cli_binds_host_paths_verbatim(vm: Pydesk, work: Path) -> None:
+def test_real_docker_cli_binds_host_paths_verbatim(vm: Pydesk, shared_work: Path) -> None:
+    work = shared_work
     (work / "hello.txt").write_text("hi from the host\n")
     env = dict(vm.env, DOCKER_HOST="unix://" + str(vm.run_dir / "engine.sock"))
     proc = subprocess.run(["docker", "run", "--rm", "-v", f"{work}:/w", "busybox", "cat", "/w/hello.txt"],
