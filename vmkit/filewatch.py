@@ -48,10 +48,14 @@ from vmkit.spec import HostOS, Share
 log = logging.getLogger(__name__)
 
 GUEST_SOCKET = "/run/pydesk/changes.sock"
-#: Events are collected this long before they are sent: an editor's save is several events.
+#: Events are sent once they pause this long (an editor's save is several events), and at
+#: the latest MAX_DELAY after the first.
 SETTLE = 0.05
+MAX_DELAY = 0.5
 #: A change the guest made through an sftp share is not sent back for this long.
 ECHO_WINDOW = 2.0
+#: More touches than this in one batch are merged into their folders.
+MAX_TOUCHES = 200
 #: Forwarded states remembered for echo suppression (oldest dropped first).
 REMEMBERED = 20000
 WATCHED_EVENTS = [FileCreatedEvent, FileModifiedEvent, FileClosedEvent, FileDeletedEvent, FileMovedEvent,
@@ -191,7 +195,12 @@ class ChangeForwarder(GuestLink):
             self._wake.wait()
             if self.closed.is_set():
                 return
-            time.sleep(SETTLE)
+            started = time.monotonic()
+            while True:  # until the events pause for SETTLE (at most MAX_DELAY)
+                self._wake.clear()
+                time.sleep(SETTLE)
+                if not self._wake.is_set() or time.monotonic() - started > MAX_DELAY:
+                    break
             self._wake.clear()
             with self._lock:
                 pending, self._pending = self._pending, {}
@@ -201,7 +210,7 @@ class ChangeForwarder(GuestLink):
 
     def touches(self, pending: dict[str, bool]) -> list[Touch]:
         """What the guest should touch for these host events (host path -> deleted?)."""
-        out: dict[str, Touch] = {}
+        targets: dict[str, int] = {}  # host path -> its mode
         for host_path, deleted in pending.items():
             if self.guest_writes is not None and self.guest_writes.recent(host_path):
                 continue  # the guest's own change through an sftp share
@@ -217,12 +226,35 @@ class ChangeForwarder(GuestLink):
                 if st is None:
                     continue
                 self._remember(target, st)
+            targets[target] = stat.S_IMODE(st.st_mode)
+        if len(targets) > MAX_TOUCHES:
+            targets = self._coalesce(targets)
+        out: dict[str, Touch] = {}
+        for target, mode in targets.items():
             try:
                 guest = sharing.to_guest(target, self.shares, self.os)
             except ConfigError:
                 continue  # the folder of a share's root: not in the guest
-            out[guest] = Touch(guest, stat.S_IMODE(st.st_mode))
+            out[guest] = Touch(guest, mode)
         return list(out.values())
+
+    def _coalesce(self, targets: dict[str, int]) -> dict[str, int]:
+        """A burst (a checkout, an unpacked archive) becomes the folders it happened in, and
+        their folders, until it is small: a replay is one round trip to the host each, and a
+        watcher that hears of a folder rescans it."""
+        with self._lock:
+            roots = set(self.wanted)
+        while len(targets) > MAX_TOUCHES:
+            up: dict[str, int] = {}
+            for path in targets:
+                parent = path if path in roots or os.path.dirname(path) == path else os.path.dirname(path)
+                st = _lstat(parent)
+                if st is not None:
+                    up[parent] = stat.S_IMODE(st.st_mode)
+            if len(up) >= len(targets):
+                break  # the roots themselves: nothing left to merge
+            targets = up
+        return targets
 
     def _remember(self, host_path: str, st: os.stat_result) -> bool:
         """Record the state forwarded for ``host_path``; False if it was forwarded already."""

@@ -164,3 +164,28 @@ def test_a_bind_mounted_file_is_watched_alone(tree: Path) -> None:
         (tree / "app" / "sibling.py").write_text("x")  # beside the file, not asked for
         (tree / "app" / "main.py").write_text("print(2)\n")
         assert set(guest.changes()) == {str(tree / "app" / "main.py")}
+
+
+def test_a_burst_is_told_as_the_folders_it_happened_in(tree: Path) -> None:
+    """A checkout or an unpacked archive: one replay per folder, not one per file."""
+    fwd = ChangeForwarder((Share(str(tree), "/w"),), HostOS.LINUX, lambda path: None)
+    fwd.wanted = {str(tree / "app")}
+    pending = {}
+    for d in range(3):
+        (tree / "app" / f"d{d}").mkdir()
+        for f in range(100):
+            (tree / "app" / f"d{d}" / f"f{f}.py").write_text("x")
+            pending[str(tree / "app" / f"d{d}" / f"f{f}.py")] = False
+    pending[str(tree / "app" / "main.py")] = False
+    got = {t.guest_path: t.mode for t in fwd.touches(pending)}
+    assert got == {"/w/app/d0": 0o755 & ~_umask(), "/w/app/d1": 0o755 & ~_umask(), "/w/app/d2": 0o755 & ~_umask(),
+                   "/w/app": os.stat(tree / "app").st_mode & 0o7777}
+    small = {str(tree / "app" / "d0" / "f1.py"): False}
+    os.utime(tree / "app" / "d0" / "f1.py", (1, 1))  # a new state: sent again, as itself
+    assert [t.guest_path for t in fwd.touches(small)] == ["/w/app/d0/f1.py"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
