@@ -1,15 +1,15 @@
 """Host file changes replayed in the guest as inotify events (the guest half of vmkit/filewatch.py).
 
 The host daemon connects to ``SOCKET``. This side tells it which guest folders to watch: the
-bind-mount sources of running containers that lie in a read-write share (``{"op": "watch",
+bind-mount sources of running containers that lie in a share (``{"op": "watch",
 "paths": [...]}``, sent after each connect and whenever a container starts or stops). The
 host answers with ``{"op": "changed", "paths": [[guest_path, mode], ...]}``, and each path is
 chmod-ed to ``mode``, the mode it already has on the host: a real setattr through sshfs or
 virtiofs, so the guest kernel raises ``IN_ATTRIB`` for the file's watchers and its folder's.
 Nothing changes on the host (vmkit/filewatch.py has how echoes are dropped).
 
-Read-only shares are mounted read-only in the guest, so no chmod reaches them: containers see
-no events for host changes there.
+A read-only share is bound read-only where containers see it; the chmod goes to its
+read-write mount, which only the agent sees (agent/shareport.py).
 
 A path from the host is walked one component at a time from its share's root without
 following symlinks (``O_PATH|O_NOFOLLOW``), so a link a container planted in a share cannot
@@ -28,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from agent.shareport import rw_path
 from agent.volumes import guest_shares
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ MAX_LINE = 16 * 1024 * 1024
 
 
 def watched_paths(binds: Iterable[str], shares: list[tuple[str, bool]]) -> list[str]:
-    """The bind sources inside a read-write share, without those inside another one."""
-    roots = [root for root, ro in shares if not ro]
+    """The bind sources inside a share, without those inside another one."""
+    roots = [root for root, _ro in shares]
     inside = sorted({os.path.normpath(b) for b in binds if _share_of(os.path.normpath(b), roots)})
     out: list[str] = []
     for p in inside:
@@ -51,17 +52,20 @@ def _share_of(path: str, roots: list[str]) -> str | None:
     return next((r for r in roots if path == r or path.startswith(r.rstrip("/") + "/")), None)
 
 
-def replay(guest_path: str, mode: int, roots: list[str]) -> bool:
-    """chmod ``guest_path`` (inside one of ``roots``) to ``mode`` without following a
-    symlink anywhere below the root; False when there is nothing to touch."""
+def replay(guest_path: str, mode: int, shares: list[tuple[str, bool]]) -> bool:
+    """chmod ``guest_path`` (inside one of ``shares``) to ``mode`` without following a
+    symlink anywhere below the share's root; False when there is nothing to touch. A
+    read-only share is touched through its read-write mount (agent/shareport.py)."""
     path = os.path.normpath(guest_path)
-    root = _share_of(path, roots)
+    root = _share_of(path, [r for r, _ro in shares])
     if root is None:
         log.warning("ignoring a host change outside the shares: %s", guest_path)
         return False
     parts = [p for p in os.path.relpath(path, root).split("/") if p not in ("", ".")]
     if ".." in parts:
         return False
+    if dict(shares)[root]:
+        root = rw_path(root)
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
         for part in parts:
@@ -168,7 +172,7 @@ class HostChanges:
         except (ValueError, TypeError):
             log.warning("bad message from the host: %r", line[:200])
             return
-        roots = [root for root, ro in self.shares() if not ro]
+        shares = self.shares()
         for path, mode in items:
-            if replay(path, mode, roots):
+            if replay(path, mode, shares):
                 self.replayed += 1

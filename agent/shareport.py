@@ -13,6 +13,10 @@ starts with a handshake, as the agent port's does: stale bytes from the host are
 a previous sshfs on this share is stopped, the mount point lazily unmounted, and sshfs is
 started in a session of its own with the port as its stdin and stdout, so it outlives the
 agent connection that asked for it.
+
+A read-only share is mounted read-write where only the agent looks (``rw_path``) and bound
+read-only at its guest path: containers get EROFS, and the host refuses changes anyway
+(vmkit/sftp_share.py), but the agent can still replay host changes as inotify events.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 
 PORTS = Path("/sys/class/virtio-ports")
 RUN = Path("/run/pydesk")
+RW_ROOT = "/run/pydesk/share-rw"
 HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -84,6 +89,18 @@ def handshake(fd: int, nonce: str, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         buf = (buf + byte)[-len(want):]
 
 
+def rw_path(mountpoint: str) -> str:
+    """Where a read-only share's sshfs is mounted read-write, for the agent's eyes only:
+    agent/hostchanges.py replays host changes there (a chmod on the read-only bind would
+    fail with EROFS); containers see the read-only bind at ``mountpoint``."""
+    return RW_ROOT + os.path.normpath(mountpoint)
+
+
+def _umount(path: str) -> None:
+    subprocess.run(["umount", "-l", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
+
+
 def stop_previous(pidfile: Path, mountpoint: str, timeout: float = 5.0) -> None:
     """Stop this share's previous sshfs (it holds the port: a second open fails with EBUSY)."""
     with contextlib.suppress(OSError, ValueError):
@@ -95,8 +112,24 @@ def stop_previous(pidfile: Path, mountpoint: str, timeout: float = 5.0) -> None:
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
-    subprocess.run(["umount", "-l", mountpoint], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=False)
+    _umount(mountpoint)
+    _umount(rw_path(mountpoint))
+
+
+def mounted(path: str, mounts: str = "/proc/mounts") -> bool:
+    escaped = path.replace(" ", "\\040")
+    with open(mounts) as f:
+        return any(line.split()[1] == escaped for line in f if len(line.split()) > 2)
+
+
+def wait_mounted(path: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not mounted(path):
+        if proc.poll() is not None:
+            raise ShareError(f"sshfs exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise ShareError("sshfs did not mount in time")
+        time.sleep(0.05)
 
 
 def main(argv: list[str]) -> int:
@@ -106,6 +139,8 @@ def main(argv: list[str]) -> int:
     name, nonce, mountpoint, options = argv
     index = name.rsplit(".", 1)[-1]
     pidfile = RUN / f"share-{index}.pid"
+    opts = options.split(",")
+    read_only = "ro" in opts
     stop_previous(pidfile, mountpoint)
     try:
         fd = os.open(find_port(name), os.O_RDWR | os.O_CLOEXEC)
@@ -113,11 +148,23 @@ def main(argv: list[str]) -> int:
     except (ShareError, OSError) as exc:
         print(f"share {mountpoint}: {exc}", file=sys.stderr)
         return 1
+    target = rw_path(mountpoint) if read_only else mountpoint
     os.makedirs(mountpoint, exist_ok=True)
+    os.makedirs(target, exist_ok=True)
     log = open(RUN / f"share-{index}.log", "ab")  # noqa: SIM115 - handed to sshfs
-    proc = subprocess.Popen(["sshfs", "-f", "-o", options, "pydesk:/", mountpoint], stdin=fd, stdout=fd, stderr=log,
+    sshfs_opts = ",".join(o for o in opts if o != "ro")  # read-only: the bind below, and the host
+    proc = subprocess.Popen(["sshfs", "-f", "-o", sshfs_opts, "pydesk:/", target], stdin=fd, stdout=fd, stderr=log,
                             start_new_session=True, close_fds=True)
     pidfile.write_text(str(proc.pid))
+    if read_only:
+        try:
+            wait_mounted(target, proc)
+            for cmd in (["mount", "--bind", target, mountpoint], ["mount", "-o", "remount,bind,ro", mountpoint]):
+                subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=True)
+        except (ShareError, subprocess.CalledProcessError) as exc:
+            err = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+            print(f"share {mountpoint}: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

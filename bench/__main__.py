@@ -96,7 +96,7 @@ SHARES_END = "<!-- /shares -->"
 
 def bench_shares(work: Path, reg_port: int) -> dict[str, dict[str, float]]:
     """fsload natively on the host, in a container on a bind mount over each share transport
-    this host has (virtiofs: Linux as root; sftp over the agent channel: everywhere), and in
+    this host has (virtiofs: Linux as root; sftp on its own virtio-serial port: everywhere), and in
     the container's own file system (the VM's disk: what any share is up against)."""
     from bench.fsload import FILES as files
     from bench.fsload import SEQ_MIB as seq_mib
@@ -145,7 +145,7 @@ def shares_report(r: dict[str, dict[str, float]]) -> str:
         return f"{100 * native / other:.0f} %" if other > 0 else "n/a"
 
     cols = [c for c in ("virtiofs", "sftp", "vmdisk") if c in r]
-    names = {"virtiofs": "bind mount, virtiofs", "sftp": "bind mount, sftp (agent channel)",
+    names = {"virtiofs": "bind mount, virtiofs", "sftp": "bind mount, sftp (own virtio-serial port)",
              "vmdisk": "container's own fs"}
     rows = [("sequential write", "seq_write", f"{SEQ_MIB} MiB + fsync"),
             ("sequential read", "seq_read", f"{SEQ_MIB} MiB"),
@@ -164,8 +164,9 @@ def shares_report(r: dict[str, dict[str, float]]) -> str:
         lines.append(f"| {label} | {size} | {n:.3f} s | " + " | ".join(cells) + " |")
     lines += ["", "Reading the figures: \"container's own fs\" is the floor any share is up against in this VM (under",
               "TCG the guest CPU is emulated, so even the VM's own disk is a few per cent of native). virtiofs moves",
-              "data through shared memory; sftp encrypts every byte in the guest's sshd and serves each request",
-              "from Python, so it is the portable fallback, not the fast path.", "", SHARES_END, ""]
+              "data through shared memory; sftp carries every request over a virtio-serial port (no encryption)",
+              "to a Python server on the host that answers one request at a time, so it is the portable",
+              "fallback, not the fast path.", "", SHARES_END, ""]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ inotify event when the user saves a file in the host's editor. This is the host 
 remedy (agent/hostchanges.py is the guest half):
 
 1. The engine tells the daemon which guest folders running containers bind-mount from a
-   read-write share (``{"op": "watch", "paths": [...]}`` on ``/run/pydesk/changes.sock``,
+   share (``{"op": "watch", "paths": [...]}`` on ``/run/pydesk/changes.sock``,
    sent again whenever a container starts or stops).
 2. The daemon watches the host folders behind them with watchdog (inotify on Linux,
    FSEvents on macOS, ReadDirectoryChangesW on Windows), batches what it sees for
@@ -113,8 +113,7 @@ class ChangeForwarder(GuestLink):
         super().__init__(GUEST_SOCKET, open_stream, "change-forwarder")
         # real paths: watchdog reports paths under the folder it was given, and the sftp
         # server records real paths too
-        self.shares = tuple(dataclasses.replace(s, host_path=os.path.realpath(s.host_path))
-                            for s in shares if not s.read_only)
+        self.shares = tuple(dataclasses.replace(s, host_path=os.path.realpath(s.host_path)) for s in shares)
         self.os = os_
         self.guest_writes = guest_writes
         self.observer: Any = None

@@ -68,11 +68,11 @@ def test_a_replay_is_an_inotify_event_and_changes_nothing(share: Path) -> None:
     try:
         ino.add(share / "app")  # a folder watcher, as hot-reload tools use
         ino.add(main)
-        assert replay(str(main), 0o640, [str(share)])
+        assert replay(str(main), 0o640, [(str(share), False)])
         events = ino.events()
         assert (str(share / "app"), IN_ATTRIB, "main.py") in events
         assert (str(main), IN_ATTRIB, "") in events
-        assert replay(str(share / "app"), 0o755, [str(share)])  # a deletion is told as its folder's change
+        assert replay(str(share / "app"), 0o755, [(str(share), False)])  # a deletion is told as its folder's change
         assert (str(share / "app"), IN_ATTRIB | IN_ISDIR, "") in ino.events()
     finally:
         ino.close()
@@ -89,7 +89,7 @@ def test_a_replay_follows_no_symlink_and_stays_in_the_share(share: Path, tmp_pat
     os.chmod(secret, 0o600)
     os.symlink(outside, share / "app" / "link")  # as a container could plant it
     os.symlink(secret, share / "app" / "flink")
-    roots = [str(share)]
+    roots = [(str(share), False)]
     assert not replay(str(share / "app" / "link" / "secret"), 0o777, roots)
     assert not replay(str(share / "app" / "flink"), 0o777, roots)
     assert not replay(str(share / "app" / ".." / ".." / "outside" / "secret"), 0o777, roots)
@@ -99,10 +99,32 @@ def test_a_replay_follows_no_symlink_and_stays_in_the_share(share: Path, tmp_pat
     assert os.stat(outside).st_mode & 0o777 != 0o777
 
 
-def test_only_binds_in_read_write_shares_are_watched() -> None:
+def test_only_binds_in_shares_are_watched() -> None:
     shares = [("/home/me", False), ("/data", True)]
     binds = ["/home/me/src", "/home/me/src/sub", "/data/x", "/etc", "/home/meme", "/home/me/b/"]
-    assert watched_paths(binds, shares) == ["/home/me/b", "/home/me/src"]
+    assert watched_paths(binds, shares) == ["/data/x", "/home/me/b", "/home/me/src"]
+
+
+def test_a_read_only_share_is_touched_through_its_read_write_mount(share: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """Containers see a read-only bind (a chmod there is EROFS); agent/shareport.py mounts the
+    same sshfs read-write under RW_ROOT, where only the agent looks."""
+    import agent.shareport
+
+    rw_root = tmp_path / "rw"
+    monkeypatch.setattr(agent.shareport, "RW_ROOT", str(rw_root))
+    visible = "/data/ro-share"
+    backing = Path(agent.shareport.rw_path(visible))
+    assert backing == rw_root / "data" / "ro-share"
+    backing.parent.mkdir(parents=True)
+    os.symlink(share, backing)  # stands in for the read-write mount of the same files
+    ino = Inotify()
+    try:
+        ino.add(share / "app")
+        assert replay(f"{visible}/app/main.py", 0o640, [(visible, True)])
+        assert (str(share / "app"), IN_ATTRIB, "main.py") in ino.events()
+    finally:
+        ino.close()
 
 
 def test_the_socket_tells_the_host_what_to_watch_and_replays_its_answer(share: Path, tmp_path: Path) -> None:

@@ -137,16 +137,17 @@ def test_replayed_chmods_and_the_guests_own_writes_are_not_echoed(tree: Path) ->
         assert str(main) in guest.changes()
 
 
-def test_watch_set_follows_the_guest_and_read_only_shares_are_left_alone(tree: Path, tmp_path: Path) -> None:
+def test_watch_set_follows_the_guest(tree: Path, tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     shares = (Share(str(tree), "/work"), Share(str(ro), "/ro", read_only=True))
     for fwd, guest in _forwarder(shares):
         guest.watch("/work/app", "/ro", "/etc", "/work/app/main.py")
-        _watching(fwd, tree / "app")  # the file's folder is watched already; /ro is read-only, /etc no share
-        (ro / "f").write_text("x")
+        _watching(fwd, tree / "app", ro)  # the file's folder is watched already; /etc is no share
+        (ro / "f").write_text("x")  # the host may change a read-only share; the guest hears of it
         (tree / "app" / "main.py").write_text("print(2)\n")
-        assert guest.changes() == {"/work/app/main.py": os.stat(tree / "app" / "main.py").st_mode & 0o7777}
+        assert guest.changes() == {"/work/app/main.py": os.stat(tree / "app" / "main.py").st_mode & 0o7777,
+                                   "/ro/f": os.stat(ro / "f").st_mode & 0o7777}
         guest.watch("/work/other")  # the container with /work/app stopped, another started
         _watching(fwd, tree / "other")
         (tree / "app" / "main.py").write_text("print(3)\n")

@@ -197,9 +197,19 @@ IN_ATTRIB, IN_ISDIR = 0x4, 0x40000000
 
 
 def test_host_edits_raise_inotify_events_in_a_container(tvm: Pydesk, work: Path) -> None:
-    vm = tvm
     """Hot reload: a save, a new file and a deletion on the host each reach an inotify watcher
     in the container, and the replay changes nothing on the host (vmkit/filewatch.py)."""
+    _inotify_in_a_container(tvm, work)
+
+
+def test_host_edits_in_a_read_only_share_raise_inotify_events(vm: Pydesk) -> None:
+    """The container's bind is read-only; the replay goes through the agent's read-write mount."""
+    work = vm.share_ro / f"w{uuid.uuid4().hex[:8]}"  # type: ignore[attr-defined]
+    work.mkdir()
+    _inotify_in_a_container(vm, work)
+
+
+def _inotify_in_a_container(vm: Pydesk, work: Path) -> None:
     app, old = work / "app.py", work / "old.py"
     app.write_text("print(1)\n")
     old.write_text("old\n")
