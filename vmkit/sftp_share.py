@@ -43,8 +43,8 @@ from paramiko.sftp_handle import SFTPHandle
 from paramiko.sftp_server import SFTPServer
 from paramiko.sftp_si import SFTPServerInterface
 
-from vmkit.filewatch import GuestWrites
 from vmkit.argv import share_port_name
+from vmkit.filewatch import GuestWrites
 from vmkit.spec import Endpoint, Share
 from vmkit.transport import connect_endpoint
 

@@ -195,7 +195,7 @@ class VM:
     def _forward_changes(self) -> None:
         """Host edits in shared folders become inotify events in the VM (vmkit/filewatch.py)."""
         assert self.agent is not None
-        if not any(not s.read_only for s in self.spec.shares):
+        if not self.spec.shares:
             return
         agent = self.agent
         self.changes = ChangeForwarder(self.spec.shares, host_os(), lambda path: agent.open_unix(path, timeout=5),
