@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
-import gzip
 import hashlib
 import io
 import json
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self, cast
 
+from .gunzip import GunzipReader
 from .layers import LayerError, LayerStats, unpack_layer
 
 log = logging.getLogger(__name__)
@@ -350,8 +350,7 @@ class Store:
         feeder: threading.Thread | None = None
         try:
             if kind == "gzip":
-                gz = gzip.GzipFile(fileobj=cast(BinaryIO, blob), mode="rb")
-                yield cast(BinaryIO, gz), blob
+                yield cast(BinaryIO, GunzipReader(cast(BinaryIO, blob))), blob
                 blob.drain()
             elif kind == "zstd":
                 proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE,
