@@ -35,7 +35,7 @@ import tarfile
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self, cast
@@ -152,6 +152,25 @@ class _HashReader:
     @property
     def digest(self) -> str:
         return "sha256:" + self.h.hexdigest()
+
+
+class _Tee:
+    """Reads through from a download, writing every byte read to ``out`` (unbuffered) and
+    refusing more than ``size`` bytes."""
+
+    def __init__(self, src: BinaryIO, out: BinaryIO, size: int, what: str) -> None:
+        self.src, self.out, self.size, self.what = src, out, size, what
+        self.n = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.n += len(data)
+        if self.n > self.size:
+            raise DigestMismatch(f"{self.what} is larger than its declared size {self.size}")
+        view = memoryview(data)
+        while view:
+            view = view[self.out.write(view):]
+        return data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -306,6 +325,11 @@ class Store:
             if owned:
                 src.unlink(missing_ok=True)
             raise
+        return self._install_blob(staged, digest)
+
+    def _install_blob(self, staged: Path, digest: str) -> Path:
+        """Move a verified file into blobs/ (or drop it if the blob is there already)."""
+        dest = self.blob_path(digest)
         with self._locked():
             if dest.exists():
                 staged.unlink(missing_ok=True)
@@ -341,9 +365,9 @@ class Store:
             raise StoreError(f"layer {chain} is not in the store") from None
 
     @contextlib.contextmanager
-    def _decompressed(self, digest: str, media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader]]:
-        """Yield (uncompressed tar stream, reader hashing the compressed blob)."""
-        f = self.open_blob(digest)
+    def _decompressed(self, f: BinaryIO, digest: str,
+                      media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader]]:
+        """Yield (uncompressed tar stream, reader hashing the compressed blob ``f``)."""
         blob = _HashReader(f, what=f"blob {digest}")
         kind = _compression(media_type, f)
         proc: subprocess.Popen[bytes] | None = None
@@ -378,7 +402,6 @@ class Store:
                             s.close()
                 if feeder:
                     feeder.join(timeout=5)
-            f.close()
 
     def unpack(self, layer_digest: str, media_type: str | None, parent_chain: str | None,
                diff_id: str | None = None) -> str:
@@ -393,18 +416,75 @@ class Store:
             return chain_id(parent_chain, diff_id)
         if not self.has_blob(layer_digest):
             raise StoreError(f"layer blob {layer_digest} is not in the store")
+        with self.open_blob(layer_digest) as f:
+            work, chain = self._unpack_into_tmp(f, layer_digest, media_type, parent_chain, diff_id)
+        return self._install_layer(work, chain)
+
+    @staticmethod
+    def streamable(media_type: str | None) -> bool:
+        """Whether ``ingest_layer`` takes this layer type (zstd goes through a child process
+        and a downloaded blob instead)."""
+        return media_type in _GZIP_TYPES or media_type in _TAR_TYPES
+
+    def ingest_layer(self, src: BinaryIO, digest: str, size: int, media_type: str, parent_chain: str | None,
+                     diff_id: str) -> Path:
+        """Write a layer blob from ``src`` (a download) to ingest/ and unpack it in the same pass.
+
+        The store hashes what it writes: the blob goes to blobs/ only if its digest and size
+        match, and the unpacked tree (returned, in tmp/, for ``add_image(prepared=...)``) is
+        there only if its diff_id matches too. If ``src`` raises, the partial ingest file stays
+        for a resumed download; a bad digest or a bad layer deletes it."""
+        hex_of(digest)
+        hex_of(diff_id)
+        if not self.streamable(media_type):
+            raise StoreError(f"layer {digest}: {media_type} layers are not unpacked while downloading")
+        path = self.ingest_path(digest)
+        with open(path, "wb", buffering=0) as out:
+            tee = _Tee(src, out, size, what=f"blob {digest}")
+            try:
+                work, chain = self._unpack_into_tmp(cast(BinaryIO, tee), digest, media_type, parent_chain,
+                                                    diff_id)
+                if tee.n != size:
+                    raise DigestMismatch(f"blob {digest}: size {tee.n} != expected {size}")
+            except (DigestMismatch, LayerError):
+                path.unlink(missing_ok=True)
+                raise
+        try:
+            self._install_blob(path, digest)  # written and hashed in this pass, flushed by the syncfs
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        log.debug("layer %s unpacked while downloading (chain %s)", digest, chain)
+        return work
+
+    def _unpack_into_tmp(self, raw: BinaryIO, layer_digest: str, media_type: str | None,
+                         parent_chain: str | None, diff_id: str | None) -> tuple[Path, str]:
+        """Unpack the blob read from ``raw`` into a new tmp dir, checking the blob's digest and
+        (if given) the diff_id; returns (tmp dir, chain id). The tmp dir is removed on failure."""
         work = self._tmpdir("unpack")
         try:
             diff = work / "diff"
             diff.mkdir(mode=0o755)
-            with self._decompressed(layer_digest, media_type) as (tar, blob):
+            with self._decompressed(raw, layer_digest, media_type) as (tar, blob):
                 tar_reader = _HashReader(tar, self.max_layer_bytes, what=f"layer {layer_digest}")
                 try:
                     stats: LayerStats = unpack_layer(
                         tar_reader, diff, max_entries=self.max_layer_entries,  # type: ignore[arg-type]
                         max_bytes=self.max_layer_bytes)
                     tar_reader.drain(_MAX_TRAILING)  # diff_id covers the whole tar incl. padding
-                except (OSError, EOFError, ValueError, zlib.error) as e:
+                except (OSError, EOFError, ValueError, zlib.error, LayerError) as e:
+                    if isinstance(raw, _Tee):
+                        # a download not verified yet: if it is not the announced content, say so
+                        # rather than what it broke in the unpacker (bounded: _Tee stops at its size)
+                        drained = False
+                        with contextlib.suppress(Exception):
+                            blob.drain()
+                            drained = True
+                        if drained and blob.digest != layer_digest:
+                            raise DigestMismatch(f"layer {layer_digest}: blob content has digest "
+                                                 f"{blob.digest}") from None
+                    if isinstance(e, LayerError):
+                        raise
                     raise LayerError(f"layer {layer_digest}: corrupt compressed stream: {e}") from None
             if blob.digest != layer_digest:
                 raise DigestMismatch(f"layer {layer_digest}: blob content has digest {blob.digest}")
@@ -417,6 +497,15 @@ class Store:
                     "entries": stats.entries, "blob": layer_digest, "media_type": media_type}
             (work / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             _syncfs(work)
+            log.info("unpacked layer %s -> %s (%d entries)", layer_digest, chain, stats.entries)
+            return work, chain
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _install_layer(self, work: Path, chain: str) -> str:
+        """Rename an unpacked tmp dir into layers/ (or drop it if the layer is there already)."""
+        try:
             with self._locked():
                 dest = self.layer_dir(chain)
                 if dest.exists():
@@ -424,10 +513,27 @@ class Store:
                 else:
                     os.rename(work, dest)
                     _fsync_dir(dest.parent)
-            log.info("unpacked layer %s -> %s (%d entries)", layer_digest, chain, stats.entries)
             return chain
         finally:
             if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _install_prepared(self, work: Path, chain: str) -> str:
+        """Install a tree from ``ingest_layer``; it must be the layer ``chain`` names."""
+        try:
+            meta = json.loads((work / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("chain_id") != chain:
+            shutil.rmtree(work, ignore_errors=True)
+            raise StoreError(f"prepared layer {work.name} is not layer {chain}")
+        return self._install_layer(work, chain)
+
+    def discard_prepared(self, works: Iterable[Path]) -> None:
+        """Remove trees from ``ingest_layer`` that ``add_image`` did not take."""
+        tmp = (self.root / "tmp").resolve()
+        for work in works:
+            if work.resolve().parent == tmp:
                 shutil.rmtree(work, ignore_errors=True)
 
     # -- images ---------------------------------------------------------------------------
@@ -469,9 +575,12 @@ class Store:
                 raise
 
     def add_image(self, config_bytes: bytes, manifest_digest: str | None,
-                  layers: list[tuple[str, str]], tags: list[str]) -> str:
+                  layers: list[tuple[str, str]], tags: list[str],
+                  prepared: Mapping[str, Path] | None = None) -> str:
         """Unpack the image's (committed) layer blobs, verify them against the config's
-        diff_ids, record the image and point ``tags`` at it; returns the image id."""
+        diff_ids, record the image and point ``tags`` at it; returns the image id.
+        ``prepared`` maps chain ids to trees ``ingest_layer`` already unpacked and verified;
+        they are moved into place instead of unpacking their blobs again."""
         try:
             config = json.loads(config_bytes)
             diff_ids = config["rootfs"]["diff_ids"]
@@ -487,7 +596,12 @@ class Store:
             chain: str | None = None
             chains = []
             for (digest, media_type), diff_id in zip(layers, diff_ids):
-                chain = self.unpack(digest, media_type, chain, diff_id)
+                hex_of(diff_id)
+                work = (prepared or {}).get(chain_id(chain, diff_id))
+                if work is not None and work.exists() and not self.has_layer(chain_id(chain, diff_id)):
+                    chain = self._install_prepared(work, chain_id(chain, diff_id))
+                else:
+                    chain = self.unpack(digest, media_type, chain, diff_id)
                 chains.append(chain)
             hexid = hex_of(image_id)
             meta_path = self.root / "images" / f"{hexid}.meta.json"
@@ -728,7 +842,7 @@ class Store:
     @contextlib.contextmanager
     def layer_tar(self, digest: str, media_type: str | None) -> Iterator[BinaryIO]:
         """The uncompressed tar of a committed layer blob, streamed."""
-        with self._decompressed(digest, media_type) as (tar, _blob):
+        with self.open_blob(digest) as f, self._decompressed(f, digest, media_type) as (tar, _blob):
             yield tar
 
 
