@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from . import digest as digest_impl
 from .reference import Reference, validate_digest
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _hasher(digest: str) -> hashlib._Hash:
     algorithm = digest.partition(":")[0]
     if algorithm not in ("sha256", "sha384", "sha512"):
         raise DigestMismatch(f"unsupported digest algorithm {algorithm!r} in {digest}")
-    return hashlib.new(algorithm)
+    return digest_impl.new(algorithm)
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:

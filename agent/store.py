@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self, cast
 
+from .digest import sha256 as fast_sha256
 from .gunzip import GunzipReader
 from .layers import LayerError, LayerStats, unpack_layer
 
@@ -131,7 +132,7 @@ class _HashReader:
 
     def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream") -> None:
         self.raw, self.limit, self.what = raw, limit, what
-        self.h = hashlib.sha256()
+        self.h = fast_sha256()
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -312,7 +313,7 @@ class Store:
                 shutil.copyfile(src, staged)
             else:
                 staged = src
-            h = hashlib.sha256()
+            h = fast_sha256()
             with open(staged, "rb") as f:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
@@ -1128,7 +1129,7 @@ def _descriptors(doc: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    h = fast_sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
