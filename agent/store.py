@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -182,12 +183,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """syncfs(2) from the C library the interpreter runs on. (ctypes.util.find_library needs
+    ldconfig or a compiler, which the guest has neither of: it cost 40 ms and found nothing.)"""
+    def names() -> Iterator[str | None]:
+        yield None  # the interpreter's own symbols, libc's among them
+        yield "libc.so.6"
+        yield ctypes.util.find_library("c")
+
+    for name in names():
+        try:
+            return cast(Callable[[int], int], ctypes.CDLL(name, use_errno=True).syncfs)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def _syncfs(path: Path) -> None:
     """Flush a whole unpacked tree cheaply (syncfs(2)); falls back to sync(2)."""
-    libc_name = ctypes.util.find_library("c")
+    syncfs = _libc_syncfs()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if libc_name and ctypes.CDLL(libc_name, use_errno=True).syncfs(fd) == 0:
+        if syncfs is not None and syncfs(fd) == 0:
             return
         os.sync()
     finally:
