@@ -5,6 +5,7 @@ breaks. Against the real docker-registry; faults come from the real TCP proxy.""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 from collections.abc import Iterator
@@ -100,10 +101,9 @@ def test_wrong_diff_id_leaves_the_store_unchanged(registry: RunningRegistry, sto
     assert os.listdir(store.root / "tmp") == []
 
 
-@pytest.mark.parametrize("tar,message", [(t, m) for _, t, m in HOSTILE_TARS[:6]],
-                         ids=[n for n, _, _ in HOSTILE_TARS[:6]])
+@pytest.mark.parametrize("tar,message", [(t, m) for _, t, m in HOSTILE_TARS],
+                         ids=[n for n, _, _ in HOSTILE_TARS])
 def test_hostile_layer_stream_leaves_the_store_unchanged(store: Store, tar: bytes, message: str) -> None:
-    import hashlib
     blob = gzip.compress(tar)
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     before = snapshot(store.root)
