@@ -447,34 +447,52 @@ class Store:
 
     def ingest_layer(self, src: BinaryIO, digest: str, size: int, media_type: str, parent_chain: str | None,
                      diff_id: str) -> Path:
-        """Write a layer blob from ``src`` (a download) to ingest/ and unpack it in the same pass.
+        """Write a layer blob from ``src`` (a download) into the store and unpack it in the same pass.
 
         The store hashes what it writes: the blob goes to blobs/ only if its digest and size
         match, and the unpacked tree (returned, in tmp/, for ``add_image(prepared=...)``) is
-        there only if its diff_id matches too. If ``src`` raises, the partial ingest file stays
-        for a resumed download; a bad digest or a bad layer deletes it."""
+        there only if its diff_id matches too. If ``src`` raises, what it got becomes the partial
+        file in ingest/ for a resumed download (unless one is there); a bad digest or a bad layer
+        leaves nothing."""
         hex_of(digest)
         hex_of(diff_id)
         if not self.streamable(media_type):
             raise StoreError(f"layer {digest}: {media_type} layers are not unpacked while downloading")
-        path = self.ingest_path(digest)
-        with open(path, "wb", buffering=0) as out:
-            tee = _Tee(src, out, size, what=f"blob {digest}")
+        # A file of this call's own: a concurrent pull of the same layer writes its own copy
+        # (the bytes hashed are then exactly the bytes on disk), and the first to finish wins.
+        staged = self.root / "tmp" / f"blob-{uuid.uuid4().hex}"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            tee = _Tee(src, cast(BinaryIO, out), size, what=f"blob {digest}")
             try:
                 work, chain = self._unpack_into_tmp(cast(BinaryIO, tee), digest, media_type, parent_chain,
                                                     diff_id)
-                if tee.n != size:
-                    raise DigestMismatch(f"blob {digest}: size {tee.n} != expected {size}")
             except (DigestMismatch, LayerError):
-                path.unlink(missing_ok=True)
+                staged.unlink(missing_ok=True)
+                raise
+            except BaseException:
+                self._keep_partial(staged, digest)
                 raise
         try:
-            self._install_blob(path, digest)  # written and hashed in this pass, flushed by the syncfs
+            if tee.n != size:
+                raise DigestMismatch(f"blob {digest}: size {tee.n} != expected {size}")
+            self._install_blob(staged, digest)  # written and hashed in this pass, flushed by the syncfs
         except BaseException:
+            staged.unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True)
             raise
         log.debug("layer %s unpacked while downloading (chain %s)", digest, chain)
         return work
+
+    def _keep_partial(self, staged: Path, digest: str) -> None:
+        """Keep what a broken download got as ingest/'s partial file, for a resumed download,
+        unless there is one already."""
+        try:
+            os.link(staged, self.ingest_path(digest))
+        except OSError:
+            pass
+        finally:
+            staged.unlink(missing_ok=True)
 
     def _unpack_into_tmp(self, raw: BinaryIO, layer_digest: str, media_type: str | None,
                          parent_chain: str | None, diff_id: str | None) -> tuple[Path, str]:

@@ -62,7 +62,7 @@ def test_layer_unpacked_while_downloading_equals_the_unpacked_blob(registry: Run
     with client().open_blob(parse(f"{registry.address}/busybox"), desc) as stream:
         work = store.ingest_layer(stream, desc.digest, desc.size, desc.media_type, None, diff_id)
     assert store.blob_path(desc.digest).read_bytes() == data
-    assert not store.ingest_path(desc.digest).exists()
+    assert not store.ingest_path(desc.digest).exists() and os.listdir(store.root / "ingest") == []
     config = registry.images["busybox"].blob(registry.images["busybox"].manifest.config_digest).read_bytes()
     image_id = store.add_image(config, None, [(desc.digest, desc.media_type)], ["b:1"], {diff_id: work})
     assert not work.exists() and os.listdir(store.root / "tmp") == []
@@ -77,6 +77,20 @@ def test_layer_unpacked_while_downloading_equals_the_unpacked_blob(registry: Run
     other.add_image(config, None, [(desc.digest, desc.media_type)], ["b:1"])
     assert snapshot(other.layer_dir(diff_id)) == snapshot(streamed)
     other.close()
+
+
+def test_a_concurrent_download_of_the_same_blob_cannot_mix_in(registry: RunningRegistry, store: Store) -> None:
+    # another pull's partial download of the same layer sits in ingest/ (and could be written
+    # to while we stream): the streamed copy is a file of its own, so what is committed is
+    # exactly what was hashed
+    desc, diff_id, data = _layer(registry)
+    other = store.ingest_path(desc.digest)
+    other.write_bytes(b"another writer's bytes")
+    with client().open_blob(parse(f"{registry.address}/busybox"), desc) as stream:
+        work = store.ingest_layer(stream, desc.digest, desc.size, desc.media_type, None, diff_id)
+    assert store.blob_path(desc.digest).read_bytes() == data
+    assert other.read_bytes() == b"another writer's bytes"
+    store.discard_prepared([work])
 
 
 def test_tampered_download_leaves_the_store_unchanged(registry: RunningRegistry, store: Store) -> None:
