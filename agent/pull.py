@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import reference
-from agent.registry import (BlobStream, Descriptor, Platform, RegistryClient, RegistryConfig, RegistryError,
-                            TransportError)
+from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
+                            RegistryError, TransportError)
 from agent.layers import LayerError
 from agent.store import StoreError, chain_id
 
@@ -131,6 +131,9 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
                     return
                 except TransportError as exc:
                     log.info("layer %s: %s; resuming it as a download", d.digest, exc)
+                except DigestMismatch:  # more bytes than declared: nothing of it is worth resuming
+                    store.ingest_path(d.digest).unlink(missing_ok=True)
+                    raise
             client.fetch_blob(ref, d, store.ingest_path(d.digest), lambda n: progress(d, n))
             store.commit_blob(store.ingest_path(d.digest), d.digest, d.size)
             with lock:

@@ -193,3 +193,18 @@ def test_pull_streams_layers_and_falls_back_to_a_resumed_download(registry: Runn
                           (f"/v2/nginx/blobs/{big.digest}", "bytes=500000-")] if cut
                          else [(f"/v2/nginx/blobs/{big.digest}", None)])
     assert sorted(streamed) == sorted(l.digest for l in image.manifest.layers)
+
+
+def test_pull_of_an_oversized_blob_fails_and_keeps_nothing(registry: RunningRegistry, store: Store,
+                                                           tmp_path: Path) -> None:
+    image = registry.images["nginx"]
+    big = max(image.manifest.layers, key=lambda l: l.size)
+    before = snapshot(store.root)
+    messages: list[dict[str, Any]] = []
+    with tampered(registry.blob_path(big.digest), lambda b: b + b"extra"):
+        assert pull.pull(_Engine(store, tmp_path), f"{registry.address}/nginx:latest", None, None,
+                         messages.append) is None
+    errors = [m["error"] for m in messages if "error" in m]
+    assert len(errors) == 1 and "larger than its declared size" in errors[0], errors
+    assert snapshot(store.root) == before
+    assert os.listdir(store.root / "tmp") == []
