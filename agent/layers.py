@@ -12,6 +12,7 @@ OCI whiteouts become overlayfs whiteouts: ``.wh.NAME`` -> a 0:0 character device
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import decimal
 import errno
@@ -64,19 +65,26 @@ class _TailReader:
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
         self.pos = 0
-        self.tail = b""
+        self.chunks: collections.deque[bytes] = collections.deque()  # the last reads, >= _TAIL bytes
+        self.kept = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
-        self.pos += len(data)
-        self.tail = (self.tail + data)[-_TAIL:]
+        if data:
+            self.pos += len(data)
+            # keep references, not copies: concatenating a 64 KiB tail on every read cost
+            # more than the unpacking itself under emulation
+            self.chunks.append(data)
+            self.kept += len(data)
+            while self.kept - len(self.chunks[0]) >= _TAIL:
+                self.kept -= len(self.chunks.popleft())
         return data
 
     def block_at(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes | None:
-        start = offset - (self.pos - len(self.tail))
+        start = offset - (self.pos - self.kept)
         if start < 0:
             return None
-        return self.tail[start:start + size]
+        return b"".join(self.chunks)[start:start + size]
 
 
 class _SafeTarInfo(tarfile.TarInfo):

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from agent import reference
-from agent.registry import Descriptor, Platform, RegistryClient, RegistryConfig, RegistryError
+from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
+                            RegistryError, TransportError)
 from agent.layers import LayerError
-from agent.store import StoreError
+from agent.store import StoreError, chain_id
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
     client = RegistryClient(registry_config(auth, ref, stored_auths=engine_auths(engine)))
     emit({"status": f"Pulling from {ref.repository}", "id": ref.tag or ref.digest or "latest"})
     committed: list[str] = []
+    prepared: dict[str, Path] = {}  # chain id -> layer unpacked while it downloaded
     try:
         resolved = client.resolve(ref, Platform.of(platform) if platform else None)
         descs: list[Descriptor] = [resolved.config, *resolved.layers]
@@ -92,8 +95,6 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             else:
                 emit({"status": "Pulling fs layer", "progressDetail": {}, "id": short})
                 todo.append(d)
-        if not store.has_blob(resolved.config.digest):
-            todo.append(resolved.config)
         done: dict[str, int] = {}
         lock = threading.Lock()
 
@@ -106,20 +107,47 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             emit({"status": "Downloading", "progressDetail": {"current": cur, "total": d.size},
                   "progress": _bar(cur, d.size), "id": d.digest.split(":")[1][:12]})
 
-        client.fetch_blobs(ref, [(d, store.ingest_path(d.digest)) for d in todo], progress)
-        for d in todo:
-            store.commit_blob(store.ingest_path(d.digest), d.digest, d.size)
-            committed.append(d.digest)
-            if d is not resolved.config:
-                emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+        if not store.has_blob(resolved.config.digest):
+            client.fetch_blob(ref, resolved.config, store.ingest_path(resolved.config.digest))
+            store.commit_blob(store.ingest_path(resolved.config.digest), resolved.config.digest,
+                              resolved.config.size)
+            committed.append(resolved.config.digest)
         config_bytes = store.open_blob(resolved.config.digest).read()
+        plan = _layer_plan(config_bytes, resolved.layers)
+
+        def get(d: Descriptor) -> None:
+            """Download a layer, unpacking it as it arrives when the store can; a stream that
+            breaks is resumed as a plain download, unpacked later by add_image."""
+            parent, diff_id, chain = plan.get(d.digest, (None, "", ""))
+            if chain and store.streamable(d.media_type):
+                try:
+                    with client.open_blob(ref, d) as stream:
+                        work = store.ingest_layer(_Counting(stream, lambda n: progress(d, n)), d.digest, d.size,
+                                                  d.media_type, parent, diff_id)
+                    with lock:
+                        prepared[chain] = work
+                        committed.append(d.digest)
+                    emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+                    return
+                except TransportError as exc:
+                    log.info("layer %s: %s; resuming it as a download", d.digest, exc)
+                except DigestMismatch:  # more bytes than declared: nothing of it is worth resuming
+                    store.ingest_path(d.digest).unlink(missing_ok=True)
+                    raise
+            client.fetch_blob(ref, d, store.ingest_path(d.digest), lambda n: progress(d, n))
+            store.commit_blob(store.ingest_path(d.digest), d.digest, d.size)
+            with lock:
+                committed.append(d.digest)
+            emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
+
+        _run_all(get, list({d.digest: d for d in todo}.values()))
         fresh = [d for d in resolved.layers if any(t.digest == d.digest for t in todo)]  # not "Already exists"
         for d in fresh:
             emit({"status": "Extracting", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
         tags = [str(ref)] if ref.tag and not ref.digest else []
         before = _exists(store, str(ref))
         image_id = store.add_image(config_bytes, resolved.index_digest or resolved.digest,
-                                   [(d.digest, d.media_type) for d in resolved.layers], tags)
+                                   [(d.digest, d.media_type) for d in resolved.layers], tags, prepared)
         if ref.digest:
             store.tag(image_id, str(ref))
         for d in fresh:
@@ -135,11 +163,61 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         _discard(store, committed)
         fail(f"internal error: {exc}")
         return None
+    finally:
+        store.discard_prepared(prepared.values())
     emit({"status": f"Digest: {resolved.index_digest or resolved.digest}"})
     status = "Image is up to date" if before == image_id else "Downloaded newer image"
     emit({"status": f"Status: {status} for {ref.familiar}"})
     engine.events.emit("image", "pull", image_id, {"name": ref.familiar})
     return image_id
+
+
+class _Counting:
+    """Reads through, reporting how many bytes each read returned."""
+
+    def __init__(self, src: BlobStream, report: Callable[[int], None]) -> None:
+        self.src, self.report = src, report
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        if data:
+            self.report(len(data))
+        return data
+
+
+def _layer_plan(config_bytes: bytes, layers: Sequence[Descriptor]) -> dict[str, tuple[str | None, str, str]]:
+    """Layer digest -> (parent chain id, diff_id, chain id) from the image config, so layers can
+    be unpacked (and verified) as they arrive, in any order. Empty if the config does not say;
+    add_image then reports what is wrong with it."""
+    try:
+        diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(diff_ids, list) or len(diff_ids) != len(layers) \
+            or not all(isinstance(x, str) for x in diff_ids):
+        return {}
+    plan: dict[str, tuple[str | None, str, str]] = {}
+    parent: str | None = None
+    for d, diff_id in zip(layers, diff_ids):
+        chain = chain_id(parent, diff_id)
+        plan.setdefault(d.digest, (parent, diff_id, chain))
+        parent = chain
+    return plan
+
+
+def _run_all(fn: Callable[[Descriptor], None], items: list[Descriptor], workers: int = 3) -> None:
+    """``fn`` on every item, ``workers`` at a time; the first failure cancels the items not yet
+    started and is raised once the running ones end."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
+        futures = [pool.submit(fn, d) for d in items]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+    for f in futures:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
 
 
 def _discard(store: Any, digests: list[str]) -> None:

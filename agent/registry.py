@@ -16,6 +16,7 @@ Standard library only: this module runs inside the guest.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import ipaddress
@@ -28,19 +29,20 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from . import digest as digest_impl
 from .reference import Reference, validate_digest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 __all__ = [
-    "AuthError", "Descriptor", "DigestMismatch", "ManifestError", "NotFound", "Platform",
+    "AuthError", "BlobStream", "Descriptor", "DigestMismatch", "ManifestError", "NotFound", "Platform",
     "RegistryClient", "RegistryConfig", "RegistryError", "Resolved", "TransportError",
     "MEDIA_TYPES", "MANIFEST_ACCEPT",
 ]
@@ -221,7 +223,7 @@ def _hasher(digest: str) -> hashlib._Hash:
     algorithm = digest.partition(":")[0]
     if algorithm not in ("sha256", "sha384", "sha512"):
         raise DigestMismatch(f"unsupported digest algorithm {algorithm!r} in {digest}")
-    return hashlib.new(algorithm)
+    return digest_impl.new(algorithm)
 
 
 def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
@@ -696,6 +698,20 @@ class RegistryClient:
         if received != descriptor.size or actual != descriptor.digest:
             raise DigestMismatch(f"blob {descriptor.digest} of {ref.familiar_name}: content has digest {actual}")
 
+    @contextlib.contextmanager
+    def open_blob(self, ref: Reference, descriptor: Descriptor) -> Iterator[BlobStream]:
+        """GET ``descriptor`` and read its body as it arrives (to unpack a layer while it
+        downloads). The stream checks the size; the digest is for the reader to verify, over
+        exactly the bytes it read. Errors opening are retried and go through the endpoints as
+        for ``fetch_blob``; a failure mid-body raises TransportError with no retry (the caller
+        resumes with ``fetch_blob`` from what it has written)."""
+        path = f"/v2/{ref.repository}/blobs/{descriptor.digest}"
+        resp = self._get(ref, path, {"Accept": "*/*"}, f"blob {descriptor.digest}")
+        try:
+            yield BlobStream(resp, descriptor, ref)
+        finally:
+            resp.close()
+
     def fetch_blobs(self, ref: Reference, items: Iterable[tuple[Descriptor, Path]],
                     progress: Callable[[Descriptor, int], None] | None = None, max_workers: int = 3) -> None:
         """Download several blobs concurrently (at most ``max_workers`` at a time). The first
@@ -713,6 +729,36 @@ class RegistryClient:
         for f in futures:
             if not f.cancelled() and f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
+
+
+class BlobStream:
+    """The body of one blob GET; ``read`` never returns more than the descriptor's size, and
+    an early end is an error rather than a short read."""
+
+    def __init__(self, resp: _Response, descriptor: Descriptor, ref: Reference) -> None:
+        self._resp, self.descriptor, self._ref = resp, descriptor, ref
+        self.received = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return b"".join(iter(lambda: self.read(_CHUNK), b""))
+        d = self.descriptor
+        try:
+            chunk = self._resp.read(min(size, _CHUNK))
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(f"blob {d.digest} of {self._ref.familiar_name}: connection lost after "
+                                 f"{self.received} bytes: {exc or type(exc).__name__}") from None
+        self.received += len(chunk)
+        if self.received > d.size:
+            raise DigestMismatch(f"blob {d.digest} of {self._ref.familiar_name} is larger than its "
+                                 f"declared size {d.size}")
+        if not chunk and size and self.received < d.size:
+            raise TransportError(f"blob {d.digest} of {self._ref.familiar_name}: connection closed after "
+                                 f"{self.received} of {d.size} bytes")
+        return chunk
 
 
 # --- module helpers ---------------------------------------------------------------------------

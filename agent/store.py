@@ -22,7 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import fcntl
-import gzip
+import functools
 import hashlib
 import io
 import json
@@ -36,11 +36,13 @@ import tarfile
 import threading
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self, cast
 
+from .digest import sha256 as fast_sha256
+from .gunzip import GunzipReader
 from .layers import LayerError, LayerStats, unpack_layer
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ class _HashReader:
 
     def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream") -> None:
         self.raw, self.limit, self.what = raw, limit, what
-        self.h = hashlib.sha256()
+        self.h = fast_sha256()
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -154,6 +156,25 @@ class _HashReader:
         return "sha256:" + self.h.hexdigest()
 
 
+class _Tee:
+    """Reads through from a download, writing every byte read to ``out`` (unbuffered) and
+    refusing more than ``size`` bytes."""
+
+    def __init__(self, src: BinaryIO, out: BinaryIO, size: int, what: str) -> None:
+        self.src, self.out, self.size, self.what = src, out, size, what
+        self.n = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.src.read(size)
+        self.n += len(data)
+        if self.n > self.size:
+            raise DigestMismatch(f"{self.what} is larger than its declared size {self.size}")
+        view = memoryview(data)
+        while view:
+            view = view[self.out.write(view):]
+        return data
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -162,12 +183,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """syncfs(2) from the C library the interpreter runs on. (ctypes.util.find_library needs
+    ldconfig or a compiler, which the guest has neither of: it cost 40 ms and found nothing.)"""
+    def names() -> Iterator[str | None]:
+        yield None  # the interpreter's own symbols, libc's among them
+        yield "libc.so.6"
+        yield ctypes.util.find_library("c")
+
+    for name in names():
+        try:
+            return cast(Callable[[int], int], ctypes.CDLL(name, use_errno=True).syncfs)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 def _syncfs(path: Path) -> None:
     """Flush a whole unpacked tree cheaply (syncfs(2)); falls back to sync(2)."""
-    libc_name = ctypes.util.find_library("c")
+    syncfs = _libc_syncfs()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if libc_name and ctypes.CDLL(libc_name, use_errno=True).syncfs(fd) == 0:
+        if syncfs is not None and syncfs(fd) == 0:
             return
         os.sync()
     finally:
@@ -293,7 +331,7 @@ class Store:
                 shutil.copyfile(src, staged)
             else:
                 staged = src
-            h = hashlib.sha256()
+            h = fast_sha256()
             with open(staged, "rb") as f:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
@@ -306,6 +344,11 @@ class Store:
             if owned:
                 src.unlink(missing_ok=True)
             raise
+        return self._install_blob(staged, digest)
+
+    def _install_blob(self, staged: Path, digest: str) -> Path:
+        """Move a verified file into blobs/ (or drop it if the blob is there already)."""
+        dest = self.blob_path(digest)
         with self._locked():
             if dest.exists():
                 staged.unlink(missing_ok=True)
@@ -341,17 +384,16 @@ class Store:
             raise StoreError(f"layer {chain} is not in the store") from None
 
     @contextlib.contextmanager
-    def _decompressed(self, digest: str, media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader]]:
-        """Yield (uncompressed tar stream, reader hashing the compressed blob)."""
-        f = self.open_blob(digest)
+    def _decompressed(self, f: BinaryIO, digest: str,
+                      media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader]]:
+        """Yield (uncompressed tar stream, reader hashing the compressed blob ``f``)."""
         blob = _HashReader(f, what=f"blob {digest}")
         kind = _compression(media_type, f)
         proc: subprocess.Popen[bytes] | None = None
         feeder: threading.Thread | None = None
         try:
             if kind == "gzip":
-                gz = gzip.GzipFile(fileobj=cast(BinaryIO, blob), mode="rb")
-                yield cast(BinaryIO, gz), blob
+                yield cast(BinaryIO, GunzipReader(cast(BinaryIO, blob))), blob
                 blob.drain()
             elif kind == "zstd":
                 proc = subprocess.Popen(["zstd", "-dcq"], stdin=subprocess.PIPE,
@@ -379,7 +421,6 @@ class Store:
                             s.close()
                 if feeder:
                     feeder.join(timeout=5)
-            f.close()
 
     def unpack(self, layer_digest: str, media_type: str | None, parent_chain: str | None,
                diff_id: str | None = None) -> str:
@@ -394,18 +435,93 @@ class Store:
             return chain_id(parent_chain, diff_id)
         if not self.has_blob(layer_digest):
             raise StoreError(f"layer blob {layer_digest} is not in the store")
+        with self.open_blob(layer_digest) as f:
+            work, chain = self._unpack_into_tmp(f, layer_digest, media_type, parent_chain, diff_id)
+        return self._install_layer(work, chain)
+
+    @staticmethod
+    def streamable(media_type: str | None) -> bool:
+        """Whether ``ingest_layer`` takes this layer type (zstd goes through a child process
+        and a downloaded blob instead)."""
+        return media_type in _GZIP_TYPES or media_type in _TAR_TYPES
+
+    def ingest_layer(self, src: BinaryIO, digest: str, size: int, media_type: str, parent_chain: str | None,
+                     diff_id: str) -> Path:
+        """Write a layer blob from ``src`` (a download) into the store and unpack it in the same pass.
+
+        The store hashes what it writes: the blob goes to blobs/ only if its digest and size
+        match, and the unpacked tree (returned, in tmp/, for ``add_image(prepared=...)``) is
+        there only if its diff_id matches too. If ``src`` raises, what it got becomes the partial
+        file in ingest/ for a resumed download (unless one is there); a bad digest or a bad layer
+        leaves nothing."""
+        hex_of(digest)
+        hex_of(diff_id)
+        if not self.streamable(media_type):
+            raise StoreError(f"layer {digest}: {media_type} layers are not unpacked while downloading")
+        # A file of this call's own: a concurrent pull of the same layer writes its own copy
+        # (the bytes hashed are then exactly the bytes on disk), and the first to finish wins.
+        staged = self.root / "tmp" / f"blob-{uuid.uuid4().hex}"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            tee = _Tee(src, cast(BinaryIO, out), size, what=f"blob {digest}")
+            try:
+                work, chain = self._unpack_into_tmp(cast(BinaryIO, tee), digest, media_type, parent_chain,
+                                                    diff_id)
+            except (DigestMismatch, LayerError):
+                staged.unlink(missing_ok=True)
+                raise
+            except BaseException:
+                self._keep_partial(staged, digest)
+                raise
+        try:
+            if tee.n != size:
+                raise DigestMismatch(f"blob {digest}: size {tee.n} != expected {size}")
+            self._install_blob(staged, digest)  # written and hashed in this pass, flushed by the syncfs
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        log.debug("layer %s unpacked while downloading (chain %s)", digest, chain)
+        return work
+
+    def _keep_partial(self, staged: Path, digest: str) -> None:
+        """Keep what a broken download got as ingest/'s partial file, for a resumed download,
+        unless there is one already."""
+        try:
+            os.link(staged, self.ingest_path(digest))
+        except OSError:
+            pass
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def _unpack_into_tmp(self, raw: BinaryIO, layer_digest: str, media_type: str | None,
+                         parent_chain: str | None, diff_id: str | None) -> tuple[Path, str]:
+        """Unpack the blob read from ``raw`` into a new tmp dir, checking the blob's digest and
+        (if given) the diff_id; returns (tmp dir, chain id). The tmp dir is removed on failure."""
         work = self._tmpdir("unpack")
         try:
             diff = work / "diff"
             diff.mkdir(mode=0o755)
-            with self._decompressed(layer_digest, media_type) as (tar, blob):
+            with self._decompressed(raw, layer_digest, media_type) as (tar, blob):
                 tar_reader = _HashReader(tar, self.max_layer_bytes, what=f"layer {layer_digest}")
                 try:
                     stats: LayerStats = unpack_layer(
                         tar_reader, diff, max_entries=self.max_layer_entries,  # type: ignore[arg-type]
                         max_bytes=self.max_layer_bytes)
                     tar_reader.drain(_MAX_TRAILING)  # diff_id covers the whole tar incl. padding
-                except (OSError, EOFError, ValueError, zlib.error) as e:
+                except (OSError, EOFError, ValueError, zlib.error, LayerError) as e:
+                    if isinstance(raw, _Tee):
+                        # a download not verified yet: if it is not the announced content, say so
+                        # rather than what it broke in the unpacker (bounded: _Tee stops at its size)
+                        drained = False
+                        with contextlib.suppress(Exception):
+                            blob.drain()
+                            drained = True
+                        if drained and blob.digest != layer_digest:
+                            raise DigestMismatch(f"layer {layer_digest}: blob content has digest "
+                                                 f"{blob.digest}") from None
+                    if isinstance(e, LayerError):
+                        raise
                     raise LayerError(f"layer {layer_digest}: corrupt compressed stream: {e}") from None
             if blob.digest != layer_digest:
                 raise DigestMismatch(f"layer {layer_digest}: blob content has digest {blob.digest}")
@@ -418,6 +534,15 @@ class Store:
                     "entries": stats.entries, "blob": layer_digest, "media_type": media_type}
             (work / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             _syncfs(work)
+            log.info("unpacked layer %s -> %s (%d entries)", layer_digest, chain, stats.entries)
+            return work, chain
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _install_layer(self, work: Path, chain: str) -> str:
+        """Rename an unpacked tmp dir into layers/ (or drop it if the layer is there already)."""
+        try:
             with self._locked():
                 dest = self.layer_dir(chain)
                 if dest.exists():
@@ -425,10 +550,27 @@ class Store:
                 else:
                     os.rename(work, dest)
                     _fsync_dir(dest.parent)
-            log.info("unpacked layer %s -> %s (%d entries)", layer_digest, chain, stats.entries)
             return chain
         finally:
             if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+
+    def _install_prepared(self, work: Path, chain: str) -> str:
+        """Install a tree from ``ingest_layer``; it must be the layer ``chain`` names."""
+        try:
+            meta = json.loads((work / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("chain_id") != chain:
+            shutil.rmtree(work, ignore_errors=True)
+            raise StoreError(f"prepared layer {work.name} is not layer {chain}")
+        return self._install_layer(work, chain)
+
+    def discard_prepared(self, works: Iterable[Path]) -> None:
+        """Remove trees from ``ingest_layer`` that ``add_image`` did not take."""
+        tmp = (self.root / "tmp").resolve()
+        for work in works:
+            if work.resolve().parent == tmp:
                 shutil.rmtree(work, ignore_errors=True)
 
     # -- images ---------------------------------------------------------------------------
@@ -470,9 +612,12 @@ class Store:
                 raise
 
     def add_image(self, config_bytes: bytes, manifest_digest: str | None,
-                  layers: list[tuple[str, str]], tags: list[str]) -> str:
+                  layers: list[tuple[str, str]], tags: list[str],
+                  prepared: Mapping[str, Path] | None = None) -> str:
         """Unpack the image's (committed) layer blobs, verify them against the config's
-        diff_ids, record the image and point ``tags`` at it; returns the image id."""
+        diff_ids, record the image and point ``tags`` at it; returns the image id.
+        ``prepared`` maps chain ids to trees ``ingest_layer`` already unpacked and verified;
+        they are moved into place instead of unpacking their blobs again."""
         try:
             config = json.loads(config_bytes)
             diff_ids = config["rootfs"]["diff_ids"]
@@ -488,7 +633,12 @@ class Store:
             chain: str | None = None
             chains = []
             for (digest, media_type), diff_id in zip(layers, diff_ids):
-                chain = self.unpack(digest, media_type, chain, diff_id)
+                hex_of(diff_id)
+                work = (prepared or {}).get(chain_id(chain, diff_id))
+                if work is not None and work.exists() and not self.has_layer(chain_id(chain, diff_id)):
+                    chain = self._install_prepared(work, chain_id(chain, diff_id))
+                else:
+                    chain = self.unpack(digest, media_type, chain, diff_id)
                 chains.append(chain)
             hexid = hex_of(image_id)
             meta_path = self.root / "images" / f"{hexid}.meta.json"
@@ -729,7 +879,7 @@ class Store:
     @contextlib.contextmanager
     def layer_tar(self, digest: str, media_type: str | None) -> Iterator[BinaryIO]:
         """The uncompressed tar of a committed layer blob, streamed."""
-        with self._decompressed(digest, media_type) as (tar, _blob):
+        with self.open_blob(digest) as f, self._decompressed(f, digest, media_type) as (tar, _blob):
             yield tar
 
 
@@ -1015,7 +1165,7 @@ def _descriptors(doc: Any, where: str) -> list[dict[str, Any]]:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
+    h = fast_sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
