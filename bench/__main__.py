@@ -156,7 +156,8 @@ def shares_report(r: dict[str, dict[str, float]]) -> str:
              "`bench/fsload.py` natively on the host, then in a container (`python` image) on a bind mount of",
              "a shared folder over each share transport, and in the same container's own file system (overlay",
              "on the VM's disk, which shows what the VM itself costs under TCG). Each cell is time and speed",
-             f"relative to native (native time / time; 100 % = native). Medians of {RUNS} run(s).", "",
+             f"relative to native (native time / time; 100 % = native). Medians of {RUNS} run(s), measured",
+             f"by `python -m bench shares` on {time.strftime('%Y-%m-%d')}.", "",
              "| workload | size | native | " + " | ".join(names[c] for c in cols) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for label, key, size in rows:
