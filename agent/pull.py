@@ -7,13 +7,12 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from agent import reference
 from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
-                            RegistryError, TransportError)
+                            RegistryError, TransportError, run_all)
 from agent.layers import LayerError
 from agent.store import StoreError, chain_id
 
@@ -140,7 +139,7 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
                 committed.append(d.digest)
             emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
 
-        _run_all(get, list({d.digest: d for d in todo}.values()))
+        run_all(get, list({d.digest: d for d in todo}.values()), name="layer")
         fresh = [d for d in resolved.layers if any(t.digest == d.digest for t in todo)]  # not "Already exists"
         for d in fresh:
             emit({"status": "Extracting", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
@@ -203,21 +202,6 @@ def _layer_plan(config_bytes: bytes, layers: Sequence[Descriptor]) -> dict[str, 
         plan.setdefault(d.digest, (parent, diff_id, chain))
         parent = chain
     return plan
-
-
-def _run_all(fn: Callable[[Descriptor], None], items: list[Descriptor], workers: int = 3) -> None:
-    """``fn`` on every item, ``workers`` at a time; the first failure cancels the items not yet
-    started and is raised once the running ones end."""
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="layer") as pool:
-        futures = [pool.submit(fn, d) for d in items]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-    for f in futures:
-        if not f.cancelled() and f.exception() is not None:
-            raise f.exception()  # type: ignore[misc]
 
 
 def _discard(store: Any, digests: list[str]) -> None:

@@ -716,19 +716,26 @@ class RegistryClient:
                     progress: Callable[[Descriptor, int], None] | None = None, max_workers: int = 3) -> None:
         """Download several blobs concurrently (at most ``max_workers`` at a time). The first
         failure cancels the blobs not yet started and is raised after the running ones end."""
-        work = list(items)
-        if not work:
-            return
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, 3)), thread_name_prefix="blob") as pool:
-            futures = [pool.submit(self.fetch_blob, ref, desc, dest,
-                                   (lambda n, d=desc: progress(d, n)) if progress else None)
-                       for desc, dest in work]
-            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for f in pending:
-                f.cancel()
-        for f in futures:
-            if not f.cancelled() and f.exception() is not None:
-                raise f.exception()  # type: ignore[misc]
+        def one(item: tuple[Descriptor, Path]) -> None:
+            desc, dest = item
+            self.fetch_blob(ref, desc, dest, (lambda n: progress(desc, n)) if progress else None)
+
+        run_all(one, list(items), max(1, min(max_workers, 3)), "blob")
+
+
+def run_all(fn: Callable[[_T], None], items: list[_T], workers: int = 3, name: str = "blob") -> None:
+    """``fn`` on every item, ``workers`` at a time; the first failure cancels the items not yet
+    started and is raised once the running ones end."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in pending:
+            f.cancel()
+    for f in futures:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
 
 
 class BlobStream:

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--share-home", action=argparse.BooleanOptionalAction, default=None,
                         help="share the home folder into the VM (default: on; saved)")
         sp.add_argument("--share-transport", choices=["auto", "sftp", "virtiofs"],
-                        help="how shares reach the VM: virtiofs (Linux, root) or sftp over the agent channel (saved)")
+                        help="how shares reach the VM: virtiofs (Linux, root) or sftp on its own virtio-serial port (saved)")
         sp.add_argument("--mirror-only", action=argparse.BooleanOptionalAction, default=None,
                         help="never fall back from a mirror to the registry itself (saved)")
 

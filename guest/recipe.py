@@ -35,7 +35,7 @@ PACKAGES = (
     "zstd",  # zstd-compressed layers
     "tini",  # `--init` (tini-static is bind-mounted into containers)
     "mount",  # overlay mounts with long lowerdir lists (busybox mount is limited)
-    "sshfs",  # host folder shares over the agent channel (vmkit/sftp_share.py)
+    "sshfs",  # host folder shares: SFTP on a virtio-serial port (vmkit/sftp_share.py)
 )
 
 #: Kernel modules the guest loads (their dependencies are added from modules.dep).

@@ -51,7 +51,7 @@ class Settings:
     #: Share the user's home folder (at the same path in the VM).
     share_home: bool = True
     #: How shares reach the VM: "auto" (virtiofs where it works: Linux host, daemon as root,
-    #: virtiofsd installed, read-write share; else the agent channel), "sftp" or "virtiofs".
+    #: virtiofsd installed, read-write share; else sftp on its own port), "sftp" or "virtiofs".
     share_transport: str = "auto"
     dns: tuple[str, ...] = ()
     restrict_network: bool = False

@@ -251,7 +251,7 @@ class ConfinedSFTP(SFTPServerInterface):
     def _do(self, op: Callable[[], None], *paths: str) -> int:
         try:
             self._writable()
-            marked = [self.host_path(p) for p in paths]
+            marked = [self.host_path(p) for p in paths] if self.writes is not None else []
             self._mark(*marked)
             op()
             self._mark(*marked)

@@ -194,5 +194,5 @@ class VMSpec:
     dns: tuple[str, ...] = ()
     host_services: tuple[tuple[int, int], ...] = ()  # (guest port, host port) over the agent channel
     #: The shares served by virtiofsd (Linux fast path, vmkit/virtiofs.py); the rest of
-    #: ``shares`` go over the agent channel (vmkit/sftp_share.py).
+    #: ``shares`` are SFTP on a virtio-serial port of their own (vmkit/sftp_share.py).
     virtiofs: tuple[Share, ...] = ()

@@ -8,7 +8,7 @@ tens of MB/s (docs/benchmarks.md).
 
 Only where it can work: a Linux host, the daemon running as root (virtiofsd's sandbox needs
 it: namespaces and pivot_root into the folder), a virtiofsd binary, and a read-write share
-(this virtiofsd has no read-only mode; read-only shares stay on the agent channel, which
+(this virtiofsd has no read-only mode; read-only shares stay on sftp, which
 refuses changes on the host side). The sandbox confines virtiofsd to the shared folder, so the
 guest cannot reach anything outside it by ``..``, symlinks or hard links.
 
@@ -81,7 +81,7 @@ class Virtiofsd:
         binary = find_virtiofsd()
         if binary is None:
             raise LaunchError("virtiofsd not found",
-                              hint="apt-get install qemu-system-common, or share over the agent channel")
+                              hint="apt-get install qemu-system-common, or share over sftp (--share-transport sftp)")
         for i, share in enumerate(self.spec.virtiofs):
             sock = self.socket(i)
             sock.unlink(missing_ok=True)

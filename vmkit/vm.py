@@ -53,7 +53,7 @@ def vm_shares(settings: Settings, os_: HostOS, home: str | None = None) -> tuple
 
 
 def virtiofs_shares(settings: Settings, shares: tuple[Share, ...], os_: HostOS) -> tuple[Share, ...]:
-    """The shares virtiofsd serves (see vmkit/virtiofs.py); the others use the agent channel."""
+    """The shares virtiofsd serves (see vmkit/virtiofs.py); the others are SFTP on ports of their own."""
     if settings.share_transport == "sftp" or not shares:
         return ()
     ok, why = virtiofs.available(os_)

@@ -126,6 +126,10 @@ def wait_daemon_gone(p: Pydesk) -> None:
 
 def test_agent_reconnects_after_the_guest_side_restarts(shared_vm: Pydesk) -> None:
     before = json.loads(shared_vm("vm", "status", "--format", "json").stdout)["agent_connects"]
+    ro = shared_vm.share_ro  # type: ignore[attr-defined]  # an sftp share: its sshfs rides its own port
+    (ro / "reconnect.txt").write_text("still here\n")
+    sshfs = "cat /run/pydesk/share-1.pid"
+    sshfs_before = shared_vm.sh(sshfs).stdout
     # Kill every sshd in the guest, the daemon's own connection included.
     shared_vm.sh("kill -9 $(pidof sshd)")
     for _ in range(3):
@@ -134,6 +138,9 @@ def test_agent_reconnects_after_the_guest_side_restarts(shared_vm: Pydesk) -> No
         assert out.stdout == "back\n"
     after = json.loads(shared_vm("vm", "status", "--format", "json").stdout)["agent_connects"]
     assert after > before
+    # the share's session outlived the agent connection: same sshfs, same mount, still serving
+    assert sshfs_before.strip() and shared_vm.sh(sshfs).stdout == sshfs_before
+    assert shared_vm.sh(f"cat {ro}/reconnect.txt").stdout == "still here\n"
 
 
 def test_twenty_start_stop_cycles(pydesk: Pydesk) -> None:

@@ -252,7 +252,7 @@ def _inotify_in_a_container(vm: Pydesk, work: Path) -> None:
         vm("rm", "-f", name)
 
 
-@pytest.mark.parametrize("which", ["share", "share_ro"])  # virtiofs (as root on Linux) and the agent channel
+@pytest.mark.parametrize("which", ["share", "share_ro"])  # virtiofs (as root on Linux) and sftp
 def test_symlinks_do_not_reach_outside_the_share(vm: Pydesk, which: str, tmp_path: Path) -> None:
     work = getattr(vm, which) / f"w{uuid.uuid4().hex[:8]}"
     work.mkdir()
