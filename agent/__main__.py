@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     changes = HostChanges(engine.running_binds)
     changes.follow(engine.events)
     changes.serve()
+    # What start-up made (the store's and the containers' records, the modules) stays: the
+    # collector need not walk it again on every request (each walk is slow under TCG).
+    gc.collect()
+    gc.freeze()
     serve(engine, args.socket)
     return 0
 

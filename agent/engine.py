@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import reference, runtime
+from agent import reference, runtime, seccomp
 from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.logs import LogFile
@@ -113,6 +114,9 @@ class Engine:
         self.execs: dict[str, ExecInstance] = {}
         self.procs: dict[str, Process] = {}
         self.started = time.time()
+        if (root / "trash").is_dir():  # what an earlier engine had not finished deleting
+            threading.Thread(target=shutil.rmtree, args=(root / "trash",), kwargs={"ignore_errors": True},
+                             name="discard", daemon=True).start()
         for d in sorted((root / "containers").iterdir()):
             try:
                 c = Container.load(d)
@@ -415,17 +419,24 @@ class Engine:
             resolv += "options " + " ".join(options) + "\n"
         (c.root / "resolv.conf").write_text(resolv)
 
-    def _setup_network(self, c: Container) -> str | None:
+    def _setup_network(self, c: Container) -> tuple[str | None, Network | None]:
+        """The container's namespace path and, when it took over a spare namespace, the
+        network that needs a new spare."""
         mode = c.r["HostConfig"]["NetworkMode"]
         if mode == "host":
-            return "host"
+            return "host", None
         settings = c.r["NetworkSettings"]
         wanted = [] if mode == "none" else list(settings["Networks"].items())
         leases = []
-        for name, ep in wanted:
+        taken = refill = None
+        for i, (name, ep) in enumerate(wanted):
             net = self.networks.get(name)
-            leases.append((net, self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))))
-        path, first = self.networks.create_netns(c.id, leases[0] if leases else None)
+            fixed = (ep.get("IPAMConfig") or {}).get("IPv4Address")
+            if i == 0 and not fixed:  # the spare namespace with this network's next address
+                taken = self.networks.take_spare(net, c.id)
+                refill = net
+            leases.append((net, taken[1]["IPAddress"] if i == 0 and taken else self.networks.allocate(net, c.id, fixed)))
+        path, first = taken or self.networks.create_netns(c.id, leases[0] if leases else None)
         for i, ((name, ep), (net, addr)) in enumerate(zip(wanted, leases)):
             info = first if i == 0 and first is not None else self.networks.attach(net, c.id, addr, f"eth{i}")
             ep.update(info, EndpointID=new_id(), Gateway=info["Gateway"], IPPrefixLen=info["IPPrefixLen"])
@@ -440,7 +451,7 @@ class Engine:
                                 MacAddress=info["MacAddress"], SandboxKey=path)
                 if not net.user_defined:
                     settings["Bridge"] = net.bridge
-        return path
+        return path, refill
 
     def _publish_ports(self, c: Container) -> None:
         """Host ports for ``-p``/``-P`` (before the process starts: a taken port fails the start)."""
@@ -495,6 +506,7 @@ class Engine:
             cap_add=tuple(host.get("CapAdd") or ()), cap_drop=tuple(host.get("CapDrop") or ()),
             sysctls=tuple((host.get("Sysctls") or {}).items()),
             shm_size=host.get("ShmSize") or 64 * 1024 * 1024,
+            seccomp_bpf=None if host.get("Privileged") else seccomp.default_program(),
         )
 
     def running_binds(self) -> list[str]:
@@ -544,7 +556,7 @@ class Engine:
                 steps = _Steps()
                 self._mount_rootfs(c)
                 steps("mount")
-                netns = self._setup_network(c)
+                netns, refill = self._setup_network(c)
                 steps("network")
                 self._publish_ports(c)
                 steps("ports")
@@ -574,6 +586,9 @@ class Engine:
                     time.sleep(0.005)
                 rc = proc.proc.poll()
                 steps("crun")
+                if refill is not None:  # a new spare; not earlier, where it would compete with crun
+                    threading.Thread(target=self.networks.fill_spare, args=(refill,), name="netns-spare",
+                                     daemon=True).start()
                 log.info("started %s: %s", c.name, steps)
                 error = _crun_error(crun_log) if rc not in (None, 0) else ""
                 if error:  # crun could not create or start it; a quick normal exit is not an error
@@ -776,11 +791,25 @@ class Engine:
             self._umount_rootfs(c)
             with self.lock:
                 self.containers.pop(c.id, None)
-            shutil.rmtree(c.root, ignore_errors=True)
+            self._discard(c.root)
             c.exited.notify_all()
         self.events.emit("container", "destroy", c.id, {"name": c.name})
         if volumes or c.r["HostConfig"].get("AutoRemove"):
             self._remove_anonymous_volumes(c)
+
+    def _discard(self, path: Path) -> None:
+        """Remove a directory tree: renamed into trash/ at once, deleted in the background
+        (a container's tree is many small files, slow to delete under TCG)."""
+        trash = self.root / "trash"
+        try:
+            trash.mkdir(exist_ok=True)
+            gone = trash / f"{path.name}-{secrets.token_hex(4)}"
+            os.rename(path, gone)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        threading.Thread(target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True},
+                         name="discard", daemon=True).start()
 
     @contextlib.contextmanager
     def container_root(self, c: Container):  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
+MNT_DETACH = 2
 
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
 NLMSG_ERROR = 2
@@ -178,6 +179,19 @@ def create_netns(path: Path) -> None:
     except OSError:
         path.unlink(missing_ok=True)
         raise
+
+
+def move_netns(source: Path, target: Path) -> None:
+    """Give the namespace kept alive at ``source`` the path ``target`` (a new bind mount, then
+    the old one removed; /run/netns is not a shared mount, so this is what MS_MOVE would do)."""
+    fd = os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444)
+    os.close(fd)
+    if _libc.mount(str(source).encode(), str(target).encode(), None, MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        target.unlink(missing_ok=True)
+        raise NetlinkError(err, f"bind-mounting {source} at {target}: {os.strerror(err)}")
+    if _libc.umount2(str(source).encode(), MNT_DETACH) == 0:
+        source.unlink(missing_ok=True)
 
 
 def in_netns(path: Path, fn: Callable[[Route], T]) -> T:

@@ -3,6 +3,11 @@
 The default network is ``bridge`` (Docker's semantics: no name resolution between
 containers); user-defined networks get their own bridge and subnet. Each container with a
 network gets a named network namespace (``/run/netns/pydesk-<id12>``) that crun joins.
+
+A namespace costs tens of milliseconds to make under TCG, so each network in use keeps one
+spare, made in the background with the network's next address on its eth0: the next
+container on that network without a fixed address takes it over (renamed to its own path),
+and a new spare is made while that container starts.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from agent import netlink
 from agent.runtime import umount
@@ -26,6 +31,13 @@ log = logging.getLogger(__name__)
 DEFAULT_SUBNET = "172.17.0.0/16"
 USER_POOL = ipaddress.ip_network("172.18.0.0/15")  # 172.18.0.0/16 … 172.19.0.0/16, then /24s
 NETNS_DIR = Path("/run/netns")
+SPARE_PREFIX = "pydesk-spare-"
+
+
+class _Spare(NamedTuple):
+    path: Path
+    address: str
+    info: dict[str, Any]
 
 
 class NetworkError(Exception):
@@ -86,6 +98,8 @@ class Networks:
         self.leases: dict[str, dict[str, str]] = {}  # network id -> {ip: container id}
         self.on_up: list[Callable[[Network], None]] = []    # a user-defined network's bridge is up
         self.on_down: list[Callable[[Network], None]] = []  # ... and is being removed
+        self.spares: dict[str, _Spare] = {}  # network id -> a namespace ready for the next container
+        self._filling: set[str] = set()
         for p in sorted(root.glob("*.json")):
             net = Network(json.loads(p.read_text()))
             self.nets[net.id] = net
@@ -151,6 +165,7 @@ class Networks:
         with self.lock:
             if not net.user_defined:
                 raise PermissionError(f"{net.name} is a pre-defined network and cannot be removed")
+            self.drop_spare(net)
             if self.leases.get(net.id):
                 raise RuntimeError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
             for cb in self.on_down:
@@ -167,8 +182,12 @@ class Networks:
     def setup(self) -> None:
         """At engine start: bridges, forwarding, NAT."""
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+        for stale in NETNS_DIR.glob(SPARE_PREFIX + "*"):  # an earlier engine's spares
+            _remove_netns_file(stale)
         for net in self.nets.values():
             self.ensure_bridge(net)
+        bridge = self.get("bridge")
+        threading.Thread(target=self.fill_spare, args=(bridge,), name="netns-spare", daemon=True).start()
 
     def ensure_bridge(self, net: Network) -> None:
         if not Path(f"/sys/class/net/{net.bridge}").exists():
@@ -204,7 +223,10 @@ class Networks:
     def allocate(self, net: Network, container_id: str, want: str | None = None) -> str:
         with self.lock:
             leases = self.leases.setdefault(net.id, {})
+            spare = self.spares.get(net.id)
             if want:
+                if spare is not None and spare.address == want:
+                    self.drop_spare(net)
                 if want in leases and leases[want] != container_id:
                     raise ValueError(f"Address already in use: {want}")
                 leases[want] = container_id
@@ -215,6 +237,10 @@ class Networks:
                     continue
                 leases[a] = container_id
                 return a
+            if spare is not None and container_id != _spare_owner(net):  # the last address
+                self.drop_spare(net)
+                leases[spare.address] = container_id
+                return spare.address
         raise ValueError(f"no available IPv4 addresses on network {net.name}")
 
     def release(self, container_id: str, net: Network | None = None) -> None:
@@ -299,15 +325,83 @@ class Networks:
         except NetworkError:
             pass
 
+    # --- spare namespaces -------------------------------------------------------------
+    def fill_spare(self, net: Network) -> None:
+        """Make ``net``'s spare namespace if it has none (slow: call it off the request path)."""
+        owner = _spare_owner(net)
+        with self.lock:
+            if net.id in self.spares or net.id in self._filling or net.id not in self.nets:
+                return
+            try:
+                address = self.allocate(net, owner)
+            except ValueError:
+                return  # the network is full: containers make their own namespaces
+            self._filling.add(net.id)
+        path = NETNS_DIR / f"{SPARE_PREFIX}{net.id[:12]}"
+        spare = None
+        try:
+            if path.exists():
+                _remove_netns_file(path)
+            netlink.create_netns(path)
+            mac, info = self._endpoint(net, address)
+            netlink.add_veth(path, net.bridge, "veth" + secrets.token_hex(4), "eth0", mac, address,
+                             net.subnet.prefixlen, str(net.gateway))
+            spare = _Spare(path, address, info)
+        except OSError as exc:
+            log.warning("no spare network namespace for %s: %s", net.name, exc)
+        with self.lock:
+            self._filling.discard(net.id)
+            if spare is not None and net.id in self.nets and self.leases.get(net.id, {}).get(address) == owner:
+                self.spares[net.id] = spare
+                return
+            self.release(owner, net)
+        _remove_netns_file(path)
+
+    def take_spare(self, net: Network, container_id: str) -> tuple[str, dict[str, Any]] | None:
+        """``net``'s spare namespace, now the container's (its path and eth0's endpoint), or
+        None when there is none ready."""
+        with self.lock:
+            spare = self.spares.pop(net.id, None)
+            if spare is None:
+                return None
+            self.leases[net.id][spare.address] = container_id
+        target = NETNS_DIR / self.netns_name(container_id)
+        try:
+            if target.exists():
+                self.delete_netns(container_id)
+            netlink.move_netns(spare.path, target)
+        except OSError as exc:
+            log.warning("could not take over the spare namespace of %s: %s", net.name, exc)
+            self.release(container_id, net)
+            _remove_netns_file(spare.path)
+            return None
+        return str(target), dict(spare.info)
+
+    def drop_spare(self, net: Network) -> None:
+        with self.lock:
+            spare = self.spares.pop(net.id, None)
+            if spare is None:
+                return
+            self.release(_spare_owner(net), net)
+        _remove_netns_file(spare.path)
+
     def delete_netns(self, container_id: str) -> None:
         """What `ip netns del` does, without its process (tens of milliseconds under TCG):
         unmount the namespace's bind mount and remove the file. The kernel frees the namespace
         and its end of each veth pair once nothing holds it."""
-        path = NETNS_DIR / self.netns_name(container_id)
-        if not path.exists():
-            return
-        try:
-            umount(str(path))
-            path.unlink()
-        except OSError as exc:
-            log.warning("removing network namespace %s: %s", path.name, exc)
+        _remove_netns_file(NETNS_DIR / self.netns_name(container_id))
+
+
+def _spare_owner(net: Network) -> str:
+    """Who holds a spare namespace's address in the leases (never a container id)."""
+    return f"spare:{net.id[:12]}"
+
+
+def _remove_netns_file(path: Path) -> None:
+    if not path.exists():
+        return
+    try:
+        umount(str(path))
+        path.unlink()
+    except OSError as exc:
+        log.warning("removing network namespace %s: %s", path.name, exc)

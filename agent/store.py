@@ -69,6 +69,15 @@ _CHUNK = 1 << 20
 _MAX_TRAILING = 1 << 20  # zero padding after a tar's end marker (blocking factor) is fine
 
 
+
+def _file_key(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file from an unchanged one (None: there is no file)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
 class StoreError(Exception):
     """Any store failure; the message is one line fit for a user."""
 
@@ -85,7 +94,7 @@ class ImageInUse(StoreError):
     pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageRecord:
     id: str                       # "sha256:<hex>" of the config
     config: dict[str, Any]
@@ -232,6 +241,12 @@ class Store:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._mutex = threading.RLock()
         self._depth = 0
+        # Parsed JSON kept while its file is unchanged (same inode, mtime and size: every
+        # write is a rename into place) and dropped after each of our own changes. Another
+        # process may share the store, so the file is always asked; reading and parsing it
+        # again is what costs under TCG.
+        self._repos_cache: tuple[tuple[int, int, int] | None, dict[str, dict[str, str]]] | None = None
+        self._image_cache: dict[str, tuple[tuple[Any, ...], ImageRecord]] = {}
         self._ops_fd = os.open(self.root / "ops.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._live_fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -272,6 +287,8 @@ class Store:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
+                    self._repos_cache = None  # our own changes never depend on timestamps
+                    self._image_cache.clear()
                     fcntl.flock(self._ops_fd, fcntl.LOCK_UN)
 
     def _tmpdir(self, prefix: str) -> Path:
@@ -576,11 +593,17 @@ class Store:
     # -- images ---------------------------------------------------------------------------
 
     def _repos(self) -> dict[str, dict[str, str]]:
-        try:
-            data = json.loads((self.root / "repositories.json").read_text())
-        except FileNotFoundError:
-            data = {}
-        return {"tags": dict(data.get("tags", {})), "digests": dict(data.get("digests", {}))}
+        path = self.root / "repositories.json"
+        key = _file_key(path)
+        cached = self._repos_cache
+        if cached is None or cached[0] != key or key is None:
+            try:
+                data = json.loads(path.read_text())
+            except FileNotFoundError:
+                data = {}
+            cached = (key, {"tags": dict(data.get("tags", {})), "digests": dict(data.get("digests", {}))})
+            self._repos_cache = cached
+        return {"tags": dict(cached[1]["tags"]), "digests": dict(cached[1]["digests"])}
 
     def _save_repos(self, repos: dict[str, dict[str, str]]) -> None:
         self._write_json(self.root / "repositories.json", repos)
@@ -677,8 +700,14 @@ class Store:
         raise ImageNotFound(f"no such image: {ref}")
 
     def image(self, ref: str) -> ImageRecord:
+        """The image's record (shared between callers while the image is unchanged: do not
+        modify its config)."""
         image_id = self.resolve(ref)
         hexid = hex_of(image_id)
+        key = (_file_key(self.root / "images" / f"{hexid}.meta.json"), _file_key(self.root / "repositories.json"))
+        cached = self._image_cache.get(image_id)
+        if cached is not None and cached[0] == key and None not in key:
+            return cached[1]
         try:
             config_bytes = (self.root / "images" / f"{hexid}.json").read_bytes()
             meta = json.loads((self.root / "images" / f"{hexid}.meta.json").read_text())
@@ -687,7 +716,7 @@ class Store:
         config = json.loads(config_bytes)
         repos = self._repos()
         chains = list(meta["chain_ids"])
-        return ImageRecord(
+        record = ImageRecord(
             id=image_id, config=config,
             tags=sorted(t for t, i in repos["tags"].items() if i == image_id),
             digests=sorted(d for d, i in repos["digests"].items() if i == image_id),
@@ -697,6 +726,8 @@ class Store:
             layers=[(d, m) for d, m in meta["layers"]],
             diff_ids=list(config["rootfs"]["diff_ids"]), chain_ids=chains,
             lower_dirs=[self.layer_dir(c) / "diff" for c in reversed(chains)])
+        self._image_cache[image_id] = (key, record)
+        return record
 
     def config_bytes(self, image_id: str) -> bytes:
         return (self.root / "images" / f"{hex_of(image_id)}.json").read_bytes()

@@ -390,6 +390,8 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         host["AutoRemove"] = True
     if args.read_only:
         host["ReadonlyRootfs"] = True
+    if args.privileged:
+        host["Privileged"] = True
     if args.init:
         host["Init"] = True
     if args.network:
@@ -983,6 +985,8 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--label", action="append", metavar="KEY[=VALUE]", help="set metadata")
     p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
     p.add_argument("--init", action="store_true", help="run an init inside the container")
+    p.add_argument("--privileged", action="store_true",
+                   help="all capabilities and devices, no seccomp profile, writable /sys")
     p.add_argument("-m", "--memory", help="memory limit, e.g. 32m")
     p.add_argument("--cpus", help="number of CPUs, e.g. 1.5")
     p.add_argument("--pids-limit", help="limit the number of processes")

@@ -29,6 +29,7 @@ import filelock
 import psutil
 
 from vmkit import accel, standby
+from vmkit.engine_channels import EngineChannels
 from vmkit.engine_endpoint import EngineListener, engine_listener
 from vmkit.errors import AlreadyRunning, DaemonError, NotRunning, VMKitError
 from vmkit.host import detect
@@ -96,6 +97,7 @@ class Daemon:
         self.vm: VM | None = None
         self.listener: Listener | None = None
         self.engine_listener: EngineListener | None = None
+        self.engine_channels: EngineChannels | None = None
         self.stopping = threading.Event()
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
@@ -144,6 +146,10 @@ class Daemon:
             # daemon spawned after our first stop() must go before we can listen
             standby.stop(self.paths)
         self.engine_listener = engine_listener(self.paths, wait=ENDPOINT_WAIT)
+        agent = self.vm.agent
+        assert agent is not None
+        self.engine_channels = EngineChannels(lambda timeout: agent.open_unix(GUEST_ENGINE_SOCKET, timeout=timeout))
+        self.engine_channels.fill()
         threading.Thread(target=self._serve_engine, name="engine-accept", daemon=True).start()
         self.leave_standby = True
         write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
@@ -166,12 +172,12 @@ class Daemon:
             threading.Thread(target=self._forward_engine, args=(conn,), daemon=True).start()
 
     def _forward_engine(self, conn: Any) -> None:
-        assert self.vm is not None and self.vm.agent is not None
+        assert self.engine_channels is not None
         deadline = time.monotonic() + ENGINE_WAIT
         chan = None
         while chan is None:
             try:
-                chan = self.vm.agent.open_unix(GUEST_ENGINE_SOCKET, timeout=10)
+                chan = self.engine_channels.get(timeout=10)
             except Exception as exc:  # the engine may still be starting after a boot
                 if time.monotonic() > deadline or self.done.is_set():
                     log.warning("engine connection failed: %s", exc)
@@ -280,6 +286,8 @@ class Daemon:
             self.listener.close()
         if self.engine_listener is not None:
             self.engine_listener.close()
+        if self.engine_channels is not None:
+            self.engine_channels.close()
         if self.vm is not None:
             self.vm.close()
         if self.lock.is_locked:

@@ -198,6 +198,28 @@ def test_lookup_by_id_prefix_digest_and_tags(store: Store) -> None:
     assert [r.id for r in store.images()] == [image_id]
 
 
+def test_records_follow_changes_made_by_another_store_on_the_same_root(tmp_path: Path) -> None:
+    """Image records are kept parsed while their files are unchanged; a second Store (another
+    process, as at guest build time) that tags or removes an image is seen at once."""
+    ours, theirs = Store(tmp_path / "s"), Store(tmp_path / "s")
+    try:
+        image_id = add(ours, [BASE], ["docker.io/library/a:1"])
+        assert ours.image("docker.io/library/a:1").tags == ["docker.io/library/a:1"]
+        theirs.tag("docker.io/library/a:1", "docker.io/library/a:2")
+        assert ours.image(image_id).tags == ["docker.io/library/a:1", "docker.io/library/a:2"]
+        assert ours.image("docker.io/library/a:2").id == image_id
+        theirs.untag("docker.io/library/a:1")
+        with pytest.raises(ImageNotFound):
+            ours.image("docker.io/library/a:1")
+        theirs.untag("docker.io/library/a:2")
+        theirs.remove_image(image_id)
+        with pytest.raises(ImageNotFound):
+            ours.image(image_id)
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_layers_are_shared_and_reused(store: Store) -> None:
     a = add(store, [BASE], ["a:1"])
     b = add(store, [BASE, TOP], ["b:1"], ZST)  # same diff_id, other compression: reuses chain

@@ -471,6 +471,7 @@ def test_daemon_forwards_pipe_clients_to_the_guest_engine(monkeypatch: pytest.Mo
     from types import SimpleNamespace
 
     from vmkit.daemon import GUEST_ENGINE_SOCKET, Daemon
+    from vmkit.engine_channels import EngineChannels
 
     monkeypatch.setenv("PYDESK_HOME", str(tmp_path))
     daemon = Daemon("default")
@@ -482,6 +483,8 @@ def test_daemon_forwards_pipe_clients_to_the_guest_engine(monkeypatch: pytest.Mo
         return guest
 
     daemon.vm = SimpleNamespace(agent=SimpleNamespace(open_unix=open_unix))  # type: ignore[assignment]
+    # no spare channel: this is about the pipe (tests/unit/test_engine_channels.py has the spares)
+    daemon.engine_channels = EngineChannels(lambda timeout: open_unix(GUEST_ENGINE_SOCKET, timeout), spares=0)
     fake = FakePipes()
     daemon.engine_listener = engine_endpoint.engine_listener(daemon.paths, "win32", api=fake)
     serving = threading.Thread(target=daemon._serve_engine, daemon=True)

@@ -108,6 +108,25 @@ def test_isolation(docker_client) -> None:  # type: ignore[no-untyped-def]
         other.remove(force=True)
 
 
+ADD_KEY = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.syscall(248, 0, 0, 0, 0, 0), ctypes.get_errno())"
+
+
+def test_seccomp_profile_refuses_what_docker_refuses(shared_vm: Pydesk) -> None:
+    """The default profile (compiled once by the engine, agent/seccomp.py) is loaded: add_key
+    needs no capability, so only seccomp makes it fail with EPERM; --privileged runs without
+    a profile, where the kernel answers the null arguments itself (EFAULT/EINVAL)."""
+    if shared_vm.sh("uname -m").stdout.strip() != "x86_64":
+        pytest.skip("add_key is syscall 248 on x86_64 only")
+    r = shared_vm("run", "--rm", "python", "sh", "-c", f"grep Seccomp: /proc/self/status; python3 -c '{ADD_KEY}'")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["Seccomp:", "2", "-1", "1"]
+    r = shared_vm("run", "--rm", "--privileged", "python", "sh", "-c",
+                  f"grep Seccomp: /proc/self/status; python3 -c '{ADD_KEY}'")
+    assert r.returncode == 0, r.stderr
+    status, rc, err = r.stdout.split()[1:]
+    assert status == "0" and rc == "-1" and err != "1"
+
+
 def test_memory_limit_oom_kills(docker_client) -> None:  # type: ignore[no-untyped-def]
     c = docker_client.containers.create("busybox", ["sh", "-c", "head -c 200m /dev/zero | tail"], mem_limit="32m")
     try:

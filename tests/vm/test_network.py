@@ -285,6 +285,36 @@ def test_connect_and_disconnect_a_running_container(vm: Pydesk, cleanup: list[st
         vm("network", "rm", net, home)
 
 
+def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list[str]) -> None:
+    """Each network in use keeps a spare namespace holding its next address (agent/network.py):
+    a container that asks for that address gets it, addresses stay unique, the spare never
+    shows as an endpoint, and the network can still be removed."""
+    net, a, b, c = name(), name(), name(), name()
+    cleanup += [a, b, c]
+    vm("network", "create", "--subnet", "10.77.0.0/24", net, check=True)
+    try:
+        vm("run", "-d", "--name", a, "--network", net, "busybox", "sleep", "600", check=True)
+        # the spare made after a's start holds 10.77.0.3; b asks for exactly that
+        vm("run", "-d", "--name", b, "--network", net, "--ip", "10.77.0.3", "busybox", "sleep", "600", check=True)
+        vm("run", "-d", "--name", c, "--network", net, "busybox", "sleep", "600", check=True)
+        ips = {}
+        for n in (a, b, c):
+            info = json.loads(vm("inspect", n, check=True).stdout)[0]
+            ips[n] = info["NetworkSettings"]["Networks"][net]["IPAddress"]
+            r = vm("exec", n, "ip", "-o", "-4", "addr", "show", "eth0", check=True)
+            assert f"inet {ips[n]}/24" in r.stdout
+        assert ips[a] == "10.77.0.2" and ips[b] == "10.77.0.3" and len(set(ips.values())) == 3
+        r = vm("exec", a, "ping", "-c1", "-W5", ips[c])
+        assert r.returncode == 0, r.stdout + r.stderr
+        endpoints = json.loads(vm("network", "inspect", net, check=True).stdout)[0]["Containers"]
+        assert sorted(e["Name"] for e in endpoints.values()) == sorted([a, b, c])
+    finally:
+        vm("rm", "-f", a, b, c)
+        r = vm("network", "rm", net)
+    assert r.returncode == 0, r.stderr
+    assert net not in vm("network", "ls", "--format", "{{.Name}}", check=True).stdout.split()
+
+
 def test_network_none_has_only_loopback(vm: Pydesk) -> None:
     r = vm("run", "--rm", "--network", "none", "busybox", "sh", "-c", "ls /sys/class/net")
     assert r.returncode == 0 and r.stdout.split() == ["lo"]
