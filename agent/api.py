@@ -107,9 +107,12 @@ class Handler(BaseHTTPRequestHandler):
         if data or status not in (204, 304):
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
+        # headers and body in one write: each write wakes the client, and under TCG every
+        # extra switch back and forth costs milliseconds
+        self._headers_buffer.append(b"\r\n")
         if self.command != "HEAD" and data:
-            self.wfile.write(data)
+            self._headers_buffer.append(data)
+        self.flush_headers()
 
     def error(self, status: int, message: str) -> None:
         self.reply(status, {"message": message})
@@ -122,10 +125,13 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
 
-    def chunk(self, data: bytes) -> None:
+    def chunk(self, data: bytes, last: bool = False) -> None:
+        """One chunk of a chunked response; with ``last``, the response's end in the same write."""
         if data:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n" + (b"0\r\n\r\n" if last else b""))
             self.wfile.flush()
+        elif last:
+            self.end_stream()
 
     def end_stream(self) -> None:
         with contextlib.suppress(OSError):
@@ -151,7 +157,9 @@ class Handler(BaseHTTPRequestHandler):
 
     @property
     def query(self) -> dict[str, str]:
-        return {k: v[-1] for k, v in urllib.parse.parse_qs(self._query, keep_blank_values=True).items()}
+        if self._parsed_query is None:
+            self._parsed_query = {k: v[-1] for k, v in urllib.parse.parse_qs(self._query, keep_blank_values=True).items()}
+        return self._parsed_query
 
     def qbool(self, name: str, default: bool = False) -> bool:
         v = self.query.get(name)
@@ -214,6 +222,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         url = urllib.parse.urlsplit(self.path)
         self._query = url.query
+        self._parsed_query: dict[str, str] | None = None
         path = url.path
         m = VERSION_RE.match(path)
         if m:
@@ -528,8 +537,7 @@ def container_wait(h: Handler, ref: str) -> None:
     with _waiters.waiting(c.id):
         h.start_stream()
         code = h.engine.wait(c, condition, seq)
-        h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n")
-        h.end_stream()
+        h.chunk(json.dumps({"StatusCode": code, "Error": None}).encode() + b"\n", last=True)
 
 
 class _Waiters:
@@ -1276,9 +1284,49 @@ def archive_put(h: Handler, ref: str) -> None:
 
 
 # --- server -------------------------------------------------------------------------------------
-class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
+class Server(socketserver.UnixStreamServer):
+    """A thread per connection, as ``socketserver.ThreadingMixIn`` does, except that a thread
+    whose connection ended waits a while for the next one instead of exiting: a thread start
+    costs milliseconds under TCG, and many clients (docker-py among them) open a connection
+    for most requests."""
+
     allow_reuse_address = True
+    idle_seconds = 30.0
+
+    def __init__(self, path: str, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(path, handler)
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._handoff: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._handoff.put((request, client_address))
+                return
+        threading.Thread(target=self._work, args=(request, client_address), daemon=True).start()
+
+    def _work(self, request: Any, client_address: Any) -> None:
+        while True:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._lock:
+                self._idle += 1
+            try:
+                request, client_address = self._handoff.get(timeout=self.idle_seconds)
+                continue
+            except queue.Empty:
+                pass
+            with self._lock:
+                if self._idle:  # still counted as idle: nobody is handing us a connection
+                    self._idle -= 1
+                    return
+            request, client_address = self._handoff.get()  # handed over as we timed out
 
 
 def serve(engine: Engine, path: str) -> None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import selectors
 import signal
 import socket
 import subprocess
@@ -214,7 +215,7 @@ class Process:
                 raise runtime.RuntimeError_(_last_line(err) or "crun did not hand over a terminal")
             self.master = box["fd"]
             self.stdin_w = self.master
-            self._start_reader(self.master, "stdout", is_master=True)
+            self._start_reader({self.master: "stdout"}, is_master=True)
         else:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -225,23 +226,34 @@ class Process:
                 for fd in (out_w, err_w, in_r):
                     os.close(fd)
             self.stdin_w = in_w
-            self._start_reader(out_r, "stdout")
-            self._start_reader(err_r, "stderr")
+            self._start_reader({out_r: "stdout", err_r: "stderr"})
 
-    def _start_reader(self, fd: int, stream: str, is_master: bool = False) -> None:
+    def _start_reader(self, streams: dict[int, str], is_master: bool = False) -> None:
+        """One thread reads every stream until its end (a thread start is slow under TCG)."""
         def reader() -> None:
+            open_fds = dict(streams)
             try:
-                while True:
-                    try:
-                        data = os.read(fd, 65536)
-                    except OSError:  # EIO on a pty master once the slave side is gone
-                        break
-                    if not data:
-                        break
-                    self.on_output(stream, data)
+                with selectors.DefaultSelector() as sel:
+                    for fd in open_fds:
+                        sel.register(fd, selectors.EVENT_READ)
+                    while open_fds:
+                        for key, _ in sel.select():
+                            fd = int(key.fd)
+                            try:
+                                data = os.read(fd, 65536)
+                            except OSError:  # EIO on a pty master once the slave side is gone
+                                data = b""
+                            if data:
+                                self.on_output(open_fds[fd], data)
+                                continue
+                            sel.unregister(fd)
+                            del open_fds[fd]
+                            if not is_master:
+                                os.close(fd)
             finally:
                 if not is_master:
-                    os.close(fd)
+                    for fd in open_fds:
+                        os.close(fd)
 
         t = threading.Thread(target=reader, daemon=True)
         t.start()

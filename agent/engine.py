@@ -111,12 +111,12 @@ class Engine:
         self.events = Events()
         self.lock = threading.RLock()
         self.containers: dict[str, Container] = {}
+        self.removing: dict[str, Container] = {}  # removed, their clean-up not finished (_finish_removal)
         self.execs: dict[str, ExecInstance] = {}
         self.procs: dict[str, Process] = {}
         self.started = time.time()
         if (root / "trash").is_dir():  # what an earlier engine had not finished deleting
-            threading.Thread(target=shutil.rmtree, args=(root / "trash",), kwargs={"ignore_errors": True},
-                             name="discard", daemon=True).start()
+            threading.Thread(target=self._empty_trash, name="trash", daemon=True).start()
         for d in sorted((root / "containers").iterdir()):
             try:
                 c = Container.load(d)
@@ -233,7 +233,9 @@ class Engine:
         raise not_found(f"No such image: {ref if ref.startswith('sha256:') else familiar(ref)}")
 
     def _image_in_use(self, image_id: str) -> bool:
-        return any(c.r["Image"] == image_id for c in self.containers.values())
+        """Whether a container (or one still being removed: its rootfs may be mounted) uses it."""
+        with self.lock:
+            return any(c.r["Image"] == image_id for c in (*self.containers.values(), *self.removing.values()))
 
     # --- create -----------------------------------------------------------------------
     def _unique_name(self, name: str | None) -> str:
@@ -269,6 +271,8 @@ class Engine:
             host["RestartPolicy"]["Name"] = "no"
         if host["RestartPolicy"]["Name"] not in ("no", "always", "unless-stopped", "on-failure"):
             raise EngineError(400, f"invalid restart policy '{host['RestartPolicy']['Name']}'")
+        if host.get("AutoRemove") and host["RestartPolicy"]["Name"] != "no":
+            raise EngineError(400, "can't create 'AutoRemove' container with restart policy")
         env: dict[str, str] = {}
         for e in list(icfg.get("Env") or []) + list(body.get("Env") or []):
             k, _, v = e.partition("=")
@@ -625,10 +629,12 @@ class Engine:
 
     def _reap(self, c: Container, proc: Process, pid: int) -> None:
         rc = proc.proc.wait()
+        steps = _Steps()
         code = 128 - rc if rc < 0 else rc  # crun reports a signal death as 128+N already
         proc.drain(5)
         oom = runtime.oom_killed(c.id)
         self.ports.unpublish(c.id)  # the host ports are closed before anyone hears of the exit
+        steps("drain")
         with c.lock:
             self.procs.pop(c.id, None)
             if c.logfile is not None:
@@ -638,25 +644,33 @@ class Engine:
             c.state.update(Status="exited", Running=False, Paused=False, Pid=0, ExitCode=code, OOMKilled=oom,
                            FinishedAt=utc_now())
             c.exit_seq += 1
-            c.save()
-            c.exited.notify_all()
+            c.exited.notify_all()  # `wait` answers as soon as the lock is free: before the record is written
+        with c.lock:
+            c.save()  # (a crash before this is a crash while running, which start-up records as such)
+        steps("state")
+        if oom:
+            self.events.emit("container", "oom", c.id, {"name": c.name})
         self.events.emit("container", "die", c.id, {"name": c.name, "exitCode": str(code)})
-        # `wait` has its answer; what is left (crun's state, the cgroup, the network namespace,
-        # the rootfs mount) is cleared after it, and start/rm/cp wait for `cleaned` first
+        if c.r["HostConfig"].get("AutoRemove"):  # (never with a restart policy): gone before the clean-up
+            with contextlib.suppress(EngineError):
+                self.remove(c, force=True)
+        # `wait` has its answer; what is left (the network namespace, crun's state, the cgroup,
+        # the rootfs mount) is cleared after it, and start/cp wait for `cleaned` first
         try:
-            runtime.delete(c.id)
-            runtime.release_cgroup(c.id)
             with c.lock:
                 self._teardown_network(c)
-                self._umount_rootfs(c)
+            steps("network")
+            runtime.delete(c.id)
+            runtime.release_cgroup(c.id)
+            steps("cgroup")
+            self._umount_rootfs(c)  # not under the lock: start and cp wait for `cleaned` instead
+            steps("umount")
+            with c.lock:
                 c.save()
         finally:
             c.cleaned.set()
-        if oom:
-            self.events.emit("container", "oom", c.id, {"name": c.name})
-        if not self._maybe_restart(c, code) and c.r["HostConfig"].get("AutoRemove"):
-            with contextlib.suppress(EngineError):
-                self.remove(c, force=True)
+        log.info("exited %s (%d): %s", c.name, code, steps)
+        self._maybe_restart(c, code)
 
     def _maybe_restart(self, c: Container, code: int) -> bool:
         if c.stopping or c.removed:
@@ -781,35 +795,55 @@ class Engine:
             seq = c.exit_seq
             runtime.kill(c.id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
-        c.cleaned.wait(CLEANUP_WAIT)
         with c.lock:
             if c.removed:
                 return
             if c.restart_timer:
                 c.restart_timer.cancel()
             c.removed = True
-            self._umount_rootfs(c)
+            # Gone from every list now, its addresses free (a `network rm` may follow); an exit
+            # clean-up still running (the rootfs unmount syncs the disk) finishes in the
+            # background, with the container's directory already out of containers/.
+            self._teardown_network(c)
             with self.lock:
                 self.containers.pop(c.id, None)
-            self._discard(c.root)
+                self.removing[c.id] = c
+            c.root = self._to_trash(c.root)
             c.exited.notify_all()
+        threading.Thread(target=self._finish_removal, args=(c,), name="remove", daemon=True).start()
         self.events.emit("container", "destroy", c.id, {"name": c.name})
         if volumes or c.r["HostConfig"].get("AutoRemove"):
             self._remove_anonymous_volumes(c)
 
-    def _discard(self, path: Path) -> None:
-        """Remove a directory tree: renamed into trash/ at once, deleted in the background
-        (a container's tree is many small files, slow to delete under TCG)."""
+    def _to_trash(self, path: Path) -> Path:
+        """Move a container's directory into trash/ (one rename: it is no longer loaded at
+        the next start, and what deletes it may take its time), or leave it where it is."""
         trash = self.root / "trash"
         try:
             trash.mkdir(exist_ok=True)
             gone = trash / f"{path.name}-{secrets.token_hex(4)}"
             os.rename(path, gone)
-        except OSError:
-            shutil.rmtree(path, ignore_errors=True)
-            return
-        threading.Thread(target=shutil.rmtree, args=(gone,), kwargs={"ignore_errors": True},
-                         name="discard", daemon=True).start()
+        except OSError as exc:
+            log.warning("could not move %s to the trash: %s", path, exc)
+            return path
+        return gone
+
+    def _empty_trash(self) -> None:
+        for entry in (self.root / "trash").iterdir():
+            if os.path.ismount(entry / "rootfs"):  # an engine restart while the VM ran
+                with contextlib.suppress(OSError):
+                    runtime.umount(str(entry / "rootfs"))
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def _finish_removal(self, c: Container) -> None:
+        """After the exit clean-up: unmount the removed container's rootfs, delete its tree."""
+        try:
+            c.cleaned.wait(CLEANUP_WAIT)
+            self._umount_rootfs(c)
+            shutil.rmtree(c.root, ignore_errors=True)
+        finally:
+            with self.lock:
+                self.removing.pop(c.id, None)
 
     @contextlib.contextmanager
     def container_root(self, c: Container):  # type: ignore[no-untyped-def]

@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from desktop import dockerpy
 from desktop import engine_opts as opts
 from desktop import engine_stream as streams
 from vmkit.errors import DaemonError, NotRunning, VMKitError
@@ -56,6 +57,7 @@ def handles_errors(code: int = EXIT_ERROR) -> Callable[[Callable[[argparse.Names
     def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(fn)
         def wrapper(args: argparse.Namespace) -> int:
+            dockerpy.load()
             import docker.errors
             import requests.exceptions
 

@@ -1,0 +1,95 @@
+"""The engine API's server (agent/api.py ``Server``): a thread per connection, and threads
+kept for the next connection rather than started anew."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from agent.api import Server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    threads: set[int] = set()
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        _Handler.threads.add(threading.get_ident())
+        if self.path == "/hold":
+            _Handler.release.wait(10)
+        body = str(threading.get_ident()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[Server, str]]:
+    path = str(tmp_path / "engine.sock")
+    srv = Server(path, _Handler)
+    srv.idle_seconds = 0.5
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    _Handler.threads.clear()
+    _Handler.release.clear()
+    try:
+        yield srv, path
+    finally:
+        _Handler.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def get(path: str, url: str = "/") -> int:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    return int(body)
+
+
+def test_connections_one_after_another_reuse_one_thread(server: tuple[Server, str]) -> None:
+    _srv, path = server
+    idents = {get(path) for _ in range(10)}
+    assert len(idents) == 1
+
+
+def test_concurrent_connections_each_get_a_thread_and_idle_ones_retire(server: tuple[Server, str]) -> None:
+    srv, path = server
+    before = threading.active_count()
+    results: list[int] = []
+    held = [threading.Thread(target=lambda: results.append(get(path, "/hold"))) for _ in range(4)]
+    for t in held:
+        t.start()
+    deadline = time.monotonic() + 10
+    while len(_Handler.threads) < 4:  # all four are being served at once
+        assert time.monotonic() < deadline, "connections were not served concurrently"
+        time.sleep(0.01)
+    busy = set(_Handler.threads)
+    assert get(path) not in busy  # a fifth connection is answered meanwhile, by another thread
+    _Handler.release.set()
+    for t in held:
+        t.join(10)
+    assert len(set(results)) == 4
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before:  # after idle_seconds the spare threads exit
+        assert time.monotonic() < deadline, "idle threads did not exit"
+        time.sleep(0.05)
+    assert srv._idle == 0
+    assert get(path) > 0  # and a new connection still gets a thread
