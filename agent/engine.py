@@ -382,10 +382,13 @@ class Engine:
             raise EngineError(500, f"mounting the container file system failed: {exc.strerror}") from exc
 
     def _umount_rootfs(self, c: Container) -> None:
-        if os.path.ismount(c.rootfs):
+        path = c.rootfs
+        if os.path.ismount(path):
             try:
-                runtime.umount(str(c.rootfs))
+                runtime.umount(str(path))
             except OSError as exc:
+                if c.removed and not os.path.exists(path):
+                    return  # moved to the trash meanwhile; _finish_removal unmounts it there
                 log.warning("%s", exc)
 
     def _write_etc(self, c: Container, addresses: list[str]) -> None:
