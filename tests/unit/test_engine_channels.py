@@ -3,42 +3,20 @@ connection: the guest's sshd is played by a paramiko server in this process."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import paramiko
 import pytest
 
+from tests.support.ssh_pair import ssh_pair
 from vmkit.engine_channels import EngineChannels
-
-
-class _Server(paramiko.ServerInterface):
-    def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "none"
-
-    def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
 
 
 @pytest.fixture
 def ssh() -> Iterator[tuple[paramiko.Transport, paramiko.Transport]]:
-    a, b = socket.socketpair()
-    server = paramiko.Transport(a)
-    server.add_server_key(paramiko.RSAKey.generate(1024))
-    threading.Thread(target=server.start_server, kwargs={"server": _Server()}, daemon=True).start()
-    client = paramiko.Transport(b)
-    client.start_client()
-    client.auth_none("u")
-    try:
-        yield client, server
-    finally:
-        client.close()
-        server.close()
+    with ssh_pair() as pair:
+        yield pair
 
 
 def until(cond: Callable[[], bool], timeout: float = 10) -> None:

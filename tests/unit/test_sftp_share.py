@@ -12,38 +12,22 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from tests.support.ssh_pair import ssh_pair
 from vmkit.filewatch import GuestWrites
 from vmkit.sftp_share import ConfinedSFTP, _Server
 
 
-class _Auth(paramiko.ServerInterface):
-    def check_auth_none(self, username: str) -> int:
-        return paramiko.AUTH_SUCCESSFUL
-
-    def get_allowed_auths(self, username: str) -> str:
-        return "none"
-
-    def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_SUCCEEDED
-
-
 def _client(root: Path, read_only: bool = False, writes: GuestWrites | None = None) -> Iterator[paramiko.SFTPClient]:
-    a, b = socket.socketpair()
-    server = paramiko.Transport(a)
-    server.add_server_key(paramiko.RSAKey.generate(1024))
-    server.set_subsystem_handler("sftp", _Server, ConfinedSFTP, str(root), read_only, writes)
-    threading.Thread(target=server.start_server, kwargs={"server": _Auth()}, daemon=True).start()
-    client = paramiko.Transport(b)
-    client.start_client()
-    client.auth_none("u")
-    sftp = paramiko.SFTPClient.from_transport(client)
-    assert sftp is not None
-    try:
-        yield sftp
-    finally:
-        sftp.close()
-        client.close()
-        server.close()
+    def configure(server: paramiko.Transport) -> None:
+        server.set_subsystem_handler("sftp", _Server, ConfinedSFTP, str(root), read_only, writes)
+
+    with ssh_pair(configure) as (client, _server):
+        sftp = paramiko.SFTPClient.from_transport(client)
+        assert sftp is not None
+        try:
+            yield sftp
+        finally:
+            sftp.close()
 
 
 @pytest.fixture
