@@ -7,7 +7,7 @@ network gets a named network namespace (``/run/netns/pydesk-<id12>``) that crun 
 A namespace costs tens of milliseconds to make under TCG, so each network in use keeps one
 spare, made in the background with the network's next address on its eth0: the next
 container on that network without a fixed address takes it over (renamed to its own path),
-and a new spare is made while that container starts.
+and a new spare is made once that container runs.
 """
 
 from __future__ import annotations
@@ -227,8 +227,8 @@ class Networks:
             if want:
                 if spare is not None and spare.address == want:
                     self.drop_spare(net)
-                if want in leases and leases[want] != container_id:
-                    raise ValueError(f"Address already in use: {want}")
+                if want in leases and leases[want] not in (container_id, _spare_owner(net)):
+                    raise ValueError(f"Address already in use: {want}")  # (a spare being made gives way)
                 leases[want] = container_id
                 return want
             for host in net.subnet.hosts():
