@@ -433,7 +433,7 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "sshd and the SSH handshake. The run figure includes the host→guest hop (docker-py → daemon →",
         "SSH stream → engine; docker-py's seven requests, most on a new connection), bundle creation,",
         "overlay mount, taking over a spare network namespace, crun with Docker's isolation (the peer's",
-        "bundle is `crun spec`'s: no seccomp profile, no device rules, no cgroup limits) and the exit.",
+        "bundle is `crun spec`'s: no seccomp profile, no cgroup limits, fewer device rules) and the exit.",
         "The CLI row adds the pydesk process: Python start-up and imports (~0.25 s here) and teardown.",
         "Native `docker run --rm` / `podman run --rm` on the host are the brief's reference (0.25–0.42 s /",
         "0.33–0.52 s measured when the brief was written). The docker CLI rows time the real Debian",
