@@ -30,9 +30,6 @@ from desktop import engine_stream as streams
 from vmkit.errors import DaemonError, NotRunning, VMKitError
 
 EXIT_ERROR = 1
-#: The Engine API version of the engine this CLI ships with (agent/api.py API_VERSION; a test
-#: keeps them equal). Named rather than negotiated: "auto" costs a /version round trip per command.
-ENGINE_API_VERSION = "1.44"
 HUB = "https://index.docker.io/v1/"
 
 
@@ -105,7 +102,7 @@ def auth_file() -> Path:
 def _connect(base_url: str) -> Any:
     import docker
 
-    client = docker.DockerClient(base_url=base_url, version=ENGINE_API_VERSION, timeout=600)
+    client = docker.DockerClient(base_url=base_url, version="auto", timeout=600)
     if auth_file().exists():
         client.api.reload_config(dockercfg_path=str(auth_file()))
     return client

@@ -305,11 +305,3 @@ def test_pull_fancy_display_returns_errors() -> None:
                    {"status": "Pull complete", "id": "abc"},
                    {"error": "boom"}])
     assert engine_stream._pull_fancy(events, console) == "boom"
-
-
-def test_the_cli_speaks_the_api_version_of_the_engine_it_ships_with() -> None:
-    """The CLI names its API version instead of asking /version first (one round trip less per
-    command), so it must be the engine's own."""
-    from agent.api import API_VERSION
-
-    assert engine_cli.ENGINE_API_VERSION == API_VERSION
