@@ -898,8 +898,8 @@ def image_tag(h: Handler, name: str) -> None:
 def image_remove(h: Handler, name: str) -> None:
     img = h.engine.image(name)
     ref = name if name.startswith("sha256:") or img.id.split(":")[1].startswith(name) else normalize(name)
-    if h.engine._image_in_use(img.id) and not h.qbool("force"):
-        users = [c for c in h.engine.containers.values() if c.r["Image"] == img.id]
+    users = [] if h.qbool("force") else h.engine.image_users(img.id)
+    if users:
         if ref == img.id or name == img.id or img.id.split(":")[1].startswith(name) or len(img.tags) <= 1:
             raise EngineError(409, f"conflict: unable to remove repository reference \"{name}\" (must force) - "
                                    f"container {users[0].id[:12]} is using its referenced image {img.short_id}")

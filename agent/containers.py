@@ -69,6 +69,7 @@ class Container:
         self.removed = False
         self.cleaned = threading.Event()  # cleared while an exit's clean-up runs (engine._reap)
         self.cleaned.set()
+        self.gone = threading.Event()  # set once a removal has unmounted and deleted its tree
 
     # --- identity -------------------------------------------------------------------
     @property

@@ -43,6 +43,7 @@ BUILTIN_IMAGES = Path("/usr/lib/pydesk/images")
 INIT_BINARY = "/usr/bin/tini-static"
 #: How long start/rm/cp wait for an exited container's clean-up (seconds).
 CLEANUP_WAIT = 60.0
+REMOVAL_WAIT = 30.0  # a removed container's unmount and delete, after its exit clean-up
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 ADJECTIVES = ("brave", "calm", "eager", "fond", "happy", "jolly", "keen", "lucid", "nifty", "quirky", "sharp", "witty")
 NOUNS = ("turing", "hopper", "lovelace", "ritchie", "thompson", "torvalds", "knuth", "liskov", "hamilton", "curie")
@@ -232,10 +233,18 @@ class Engine:
                 return self.store.image(cand)
         raise not_found(f"No such image: {ref if ref.startswith('sha256:') else familiar(ref)}")
 
-    def _image_in_use(self, image_id: str) -> bool:
-        """Whether a container (or one still being removed: its rootfs may be mounted) uses it."""
+    def image_users(self, image_id: str) -> list[Container]:
+        """The containers using an image. A removed container whose tree is still being
+        deleted in the background is waited for: to the client, `rm` has already answered,
+        so `rmi` right after it must not see it (nor delete layers under its mounted rootfs).
+        One whose clean-up is stuck still counts."""
         with self.lock:
-            return any(c.r["Image"] == image_id for c in (*self.containers.values(), *self.removing.values()))
+            users = [c for c in self.containers.values() if c.r["Image"] == image_id]
+            pending = [c for c in self.removing.values() if c.r["Image"] == image_id]
+        return users + [c for c in pending if not c.gone.wait(CLEANUP_WAIT + REMOVAL_WAIT)]
+
+    def _image_in_use(self, image_id: str) -> bool:
+        return bool(self.image_users(image_id))
 
     # --- create -----------------------------------------------------------------------
     def _unique_name(self, name: str | None) -> str:
@@ -847,6 +856,7 @@ class Engine:
         finally:
             with self.lock:
                 self.removing.pop(c.id, None)
+            c.gone.set()
 
     @contextlib.contextmanager
     def container_root(self, c: Container):  # type: ignore[no-untyped-def]
