@@ -39,6 +39,9 @@ $(STAMP): pyproject.toml | deps
 	touch $@
 
 venv: deps $(STAMP)
+	@# what an installed wheel has: our modules' bytecode (where PYTHONDONTWRITEBYTECODE is
+	@# set, the CLI would otherwise compile them at every start)
+	$(PY) -m compileall -q desktop vmkit agent guest bench
 
 image: venv
 	$(PYDESK) guest build

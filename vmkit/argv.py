@@ -6,10 +6,12 @@ Linux/kvm and tcg without running QEMU.
 
 from __future__ import annotations
 
+from agent.engine_port import PORT_NAME as ENGINE_PORT_NAME
 from vmkit.host import Host
 from vmkit.spec import Accel, Arch, NicModel, Protocol, VMSpec, qemu_escape
 
 AGENT_PORT_NAME = "org.pydesk.agent"
+
 SHARE_PORT_PREFIX = "org.pydesk.share."
 FW_CFG_PREFIX = "opt/org.pydesk"
 
@@ -101,6 +103,10 @@ def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
         "-device", f"{nic_model(spec.arch, spec.accel)},netdev=net0",
         "-device", "virtio-rng-pci",
     ]
+    if f.engine_port is not None:
+        # The Docker API's own port: one stream per client connection, no SSH on the way.
+        argv += ["-chardev", f"socket,id=engine,{f.engine_port.chardev_opts()},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vser.0,chardev=engine,name={ENGINE_PORT_NAME}"]
     argv += share_port_args(spec)
     argv += virtiofs_args(spec)
     return argv

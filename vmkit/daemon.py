@@ -29,8 +29,8 @@ import filelock
 import psutil
 
 from vmkit import accel, standby
-from vmkit.engine_channels import EngineChannels
 from vmkit.engine_endpoint import EngineListener, engine_listener
+from vmkit.engine_link import EngineLink
 from vmkit.errors import AlreadyRunning, DaemonError, NotRunning, VMKitError
 from vmkit.host import detect
 from vmkit.paths import VMPaths, cache_dir
@@ -42,21 +42,28 @@ from vmkit.vm import VM, build_spec, guest_config
 
 log = logging.getLogger("vmkit.daemon")
 
-GUEST_ENGINE_SOCKET = "/run/pydesk/engine.sock"
 ENGINE_WAIT = 60.0  # how long a client may wait for the engine after a boot
 ENDPOINT_WAIT = 5.0  # Windows: how long an exiting standby may still hold the engine pipe's name
 
 
-def _http_error(conn: Any, status: int, message: str) -> None:
+def _http_error(conn: Any, status: int, message: str, *, read_request: bool = True) -> None:
     """Answer an Engine API client in Docker's error shape, so it prints our message."""
     body = json.dumps({"message": message}).encode()
     with contextlib.suppress(OSError):
-        conn.settimeout(2)
-        with contextlib.suppress(OSError):
-            conn.recv(65536)
+        if read_request:
+            conn.settimeout(2)
+            with contextlib.suppress(OSError):
+                conn.recv(65536)
         conn.sendall(f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         conn.close()
+
+
+def _engine_refused(conn: Any) -> None:
+    """The relay in the guest gave up on a stream before the engine answered (its socket
+    never appeared): the request was already read, so answer and close."""
+    _http_error(conn, 503, "the pydesk engine in the VM is not answering (see `pydesk vm logs`)",
+                read_request=False)
 
 
 class Progress:
@@ -97,7 +104,7 @@ class Daemon:
         self.vm: VM | None = None
         self.listener: Listener | None = None
         self.engine_listener: EngineListener | None = None
-        self.engine_channels: EngineChannels | None = None
+        self.engine_link: EngineLink | None = None
         self.stopping = threading.Event()
         self.done = threading.Event()
         self.lock = filelock.FileLock(str(self.paths.lock), thread_local=False)
@@ -146,10 +153,8 @@ class Daemon:
             # daemon spawned after our first stop() must go before we can listen
             standby.stop(self.paths)
         self.engine_listener = engine_listener(self.paths, wait=ENDPOINT_WAIT)
-        agent = self.vm.agent
-        assert agent is not None
-        self.engine_channels = EngineChannels(lambda timeout: agent.open_unix(GUEST_ENGINE_SOCKET, timeout=timeout))
-        self.engine_channels.fill()
+        assert self.vm.spec.files.engine_port is not None
+        self.engine_link = EngineLink(self.vm.spec.files.engine_port, refused=_engine_refused).start()
         threading.Thread(target=self._serve_engine, name="engine-accept", daemon=True).start()
         self.leave_standby = True
         write_status(self.paths, {"state": "running", "daemon_pid": os.getpid(),
@@ -160,7 +165,7 @@ class Daemon:
     def _serve_engine(self) -> None:
         """Docker Engine API clients on the host (the unix socket, or the named pipe on
         Windows): each connection becomes a stream to the engine's unix socket in the guest,
-        carried over the agent's SSH connection."""
+        carried over the engine's own virtio-serial port (vmkit/engine_link.py)."""
         assert self.engine_listener is not None
         while not self.done.is_set():
             try:
@@ -172,26 +177,12 @@ class Daemon:
             threading.Thread(target=self._forward_engine, args=(conn,), daemon=True).start()
 
     def _forward_engine(self, conn: Any) -> None:
-        assert self.engine_channels is not None
-        deadline = time.monotonic() + ENGINE_WAIT
-        chan = None
-        while chan is None:
-            try:
-                chan = self.engine_channels.get(timeout=10)
-            except Exception as exc:  # the engine may still be starting after a boot
-                if time.monotonic() > deadline or self.done.is_set():
-                    log.warning("engine connection failed: %s", exc)
-                    _http_error(conn, 503, f"the pydesk engine in the VM is not answering: {exc}")
-                    return
-                time.sleep(0.1)
-        back = threading.Thread(target=pump, args=(chan, conn), daemon=True)
-        back.start()
-        pump(conn, chan)
-        back.join()  # both directions are done: release the connection now, not when collected
-        with contextlib.suppress(OSError):
-            conn.close()
-        with contextlib.suppress(OSError):
-            chan.close()
+        assert self.engine_link is not None
+        try:
+            self.engine_link.forward(conn, wait=ENGINE_WAIT)
+        except VMKitError as exc:
+            log.warning("engine connection failed: %s", exc)
+            _http_error(conn, 503, f"the pydesk engine in the VM is not answering: {exc}")
 
     def _running_qemu_pid(self) -> int | None:
         try:
@@ -286,8 +277,8 @@ class Daemon:
             self.listener.close()
         if self.engine_listener is not None:
             self.engine_listener.close()
-        if self.engine_channels is not None:
-            self.engine_channels.close()
+        if self.engine_link is not None:
+            self.engine_link.close()
         if self.vm is not None:
             self.vm.close()
         if self.lock.is_locked:

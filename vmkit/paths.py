@@ -147,6 +147,10 @@ class VMPaths:
     def agent(self) -> Path:
         return self.run / "agent.sock"
 
+    @property
+    def engine_port(self) -> Path:
+        return self.run / "engine-port.sock"
+
     def share_port(self, index: int) -> Path:
         return self.run / f"share{index}.sock"
 

@@ -113,8 +113,8 @@ class QemuProcess:
     def _pre_launch(self) -> None:
         check_ports_free(self.spec)
         f = self.spec.files
-        for ep in (f.qmp, f.agent):
-            if ep.path:
+        for ep in (f.qmp, f.agent, f.engine_port):
+            if ep is not None and ep.path:
                 Path(ep.path).unlink(missing_ok=True)
         Path(f.pidfile).unlink(missing_ok=True)
         log_path = Path(f.console_log)
@@ -249,8 +249,8 @@ class QemuProcess:
             self.monitor = None
         if not self.alive():
             f = self.spec.files
-            for ep in (f.qmp, f.agent):
-                if ep.path:
+            for ep in (f.qmp, f.agent, f.engine_port):
+                if ep is not None and ep.path:
                     Path(ep.path).unlink(missing_ok=True)
             Path(f.pidfile).unlink(missing_ok=True)
 

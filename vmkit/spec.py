@@ -176,6 +176,7 @@ class RuntimeFiles:
     pidfile: PurePath
     virtiofs_dir: PurePath | None = None  # where the virtiofsd sockets are
     share_ports: tuple[Endpoint, ...] = ()  # one per share (VMSpec.shares); sftp shares use theirs
+    engine_port: Endpoint | None = None  # the engine's own port (vmkit/engine_link.py); None: no engine
 
 
 @dataclasses.dataclass(frozen=True)

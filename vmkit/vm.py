@@ -78,6 +78,7 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
         pidfile=paths.pidfile,
         virtiofs_dir=paths.run,
         share_ports=tuple(qemu_endpoint(paths.share_port(i)) for i in range(len(shares))),
+        engine_port=qemu_endpoint(paths.engine_port),
     )
     return VMSpec(
         name=name, arch=image.arch, cpus=settings.cpus, memory_mib=settings.memory_mib,

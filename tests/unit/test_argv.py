@@ -17,7 +17,7 @@ def files_posix(base: str = "/s") -> RuntimeFiles:
         qmp=Endpoint(path="/r/qmp.sock"), agent=Endpoint(path="/r/agent.sock"),
         console_log=P(f"{base}/console.log"), data_disk=P(f"{base}/data.qcow2"),
         host_key=P(f"{base}/hk"), authorized_keys=P(f"{base}/ak"), guest_config=P(f"{base}/guest.conf"),
-        pidfile=P(f"{base}/qemu.pid"))
+        pidfile=P(f"{base}/qemu.pid"), engine_port=Endpoint(path="/r/engine-port.sock"))
 
 
 def spec_for(arch: Arch, accel: Accel, files: RuntimeFiles, img_base: str = "/img", ports=()) -> VMSpec:
@@ -49,6 +49,8 @@ def tail(console: str, files: RuntimeFiles, img: str, sep: str = "/", nic: str =
         "-netdev", "user,id=net0,ipv6=off",
         "-device", f"{nic},netdev=net0",
         "-device", "virtio-rng-pci",
+        *(["-chardev", f"socket,id=engine,{f.engine_port.chardev_opts()},server=on,wait=off",
+           "-device", "virtserialport,bus=vser.0,chardev=engine,name=org.pydesk.engine"] if f.engine_port else []),
     ]
 
 
@@ -100,7 +102,7 @@ def test_windows_whpx() -> None:
         data_disk=W(r"C:\Users\me\AppData\Local\pydesk\data.qcow2"),
         host_key=W(r"C:\Users\me\AppData\Local\pydesk\hk"), authorized_keys=W(r"C:\Users\me\AppData\Local\pydesk\ak"),
         guest_config=W(r"C:\Users\me\AppData\Local\pydesk\guest.conf"),
-        pidfile=W(r"C:\Users\me\AppData\Local\pydesk\qemu.pid"))
+        pidfile=W(r"C:\Users\me\AppData\Local\pydesk\qemu.pid"), engine_port=Endpoint(port=50003))
     image = GuestImage(Arch.X86_64, "0.1+abc", W(r"C:\pd\img\vmlinuz"), W(r"C:\pd\img\boot.img"), W(r"C:\pd\img\root.erofs"))
     spec = VMSpec(name="default", arch=Arch.X86_64, cpus=2, memory_mib=2048, disk_gib=20, accel=Accel.WHPX,
                   image=image, files=f)
@@ -111,6 +113,7 @@ def test_windows_whpx() -> None:
     # TCP loopback chardevs instead of unix sockets
     assert "socket,id=qmp,host=127.0.0.1,port=50001,server=on,wait=off" in argv
     assert "socket,id=agent,host=127.0.0.1,port=50002,server=on,wait=off" in argv
+    assert "socket,id=engine,host=127.0.0.1,port=50003,server=on,wait=off" in argv
 
 
 def test_commas_in_paths_are_escaped() -> None:

@@ -466,33 +466,31 @@ def test_pump_carries_both_directions_at_once_with_half_close() -> None:
 
 
 def test_daemon_forwards_pipe_clients_to_the_guest_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """vmkit/daemon.py's engine loop on a (fake) pipe: bytes both ways, EOFs passed on, and
-    the pipe handle closed once both directions are done."""
-    from types import SimpleNamespace
-
-    from vmkit.daemon import GUEST_ENGINE_SOCKET, Daemon
-    from vmkit.engine_channels import EngineChannels
+    """vmkit/daemon.py's engine loop on a (fake) pipe, through the real engine link and the
+    guest's relay: bytes both ways, EOFs passed on, and the pipe handle closed once both
+    directions are done."""
+    from tests.support.engine_link import Link
+    from vmkit.daemon import Daemon
 
     monkeypatch.setenv("PYDESK_HOME", str(tmp_path))
     daemon = Daemon("default")
-    guest, far = socket.socketpair()  # the SSH channel to the engine's socket in the guest
-    opened: list[str] = []
-
-    def open_unix(path: str, timeout: float) -> socket.socket:
-        opened.append(path)
-        return guest
-
-    daemon.vm = SimpleNamespace(agent=SimpleNamespace(open_unix=open_unix))  # type: ignore[assignment]
-    # no spare channel: this is about the pipe (tests/unit/test_engine_channels.py has the spares)
-    daemon.engine_channels = EngineChannels(lambda timeout: open_unix(GUEST_ENGINE_SOCKET, timeout), spares=0)
+    engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # the engine's socket in the guest
+    engine.bind(str(tmp_path / "engine.sock"))
+    engine.listen(1)
+    lk = Link(tmp_path, tmp_path / "engine.sock")
+    daemon.engine_link = lk.link
     fake = FakePipes()
     daemon.engine_listener = engine_endpoint.engine_listener(daemon.paths, "win32", api=fake)
     serving = threading.Thread(target=daemon._serve_engine, daemon=True)
     serving.start()
+    far = None
     try:
         client = fake.client(daemon.paths.engine_pipe)
         handle = [c[1] for c in fake.calls if c[0] == "connect"][0]
         client.send(b"GET /_ping HTTP/1.1\r\n\r\n")
+        engine.settimeout(10)
+        far, _ = engine.accept()
+        far.settimeout(10)
         assert far.recv(100) == b"GET /_ping HTTP/1.1\r\n\r\n"
         far.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK")
         far.shutdown(socket.SHUT_WR)
@@ -500,12 +498,14 @@ def test_daemon_forwards_pipe_clients_to_the_guest_engine(monkeypatch: pytest.Mo
         client.close()
         assert far.recv(100) == b""  # the client's end reaches the guest
         _until(lambda: handle in fake.closed)
-        assert opened == [GUEST_ENGINE_SOCKET]
     finally:
         daemon.done.set()
         daemon.engine_listener.close()
         serving.join(5)
-        far.close()
+        lk.close()
+        engine.close()
+        if far is not None:
+            far.close()
     assert not serving.is_alive()
     assert fake.open_handles() == set()
 
