@@ -1311,6 +1311,8 @@ class Server(socketserver.UnixStreamServer):
         while True:
             try:
                 self.finish_request(request, client_address)
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # the client went away mid-request: nothing to answer, nothing to report
             except Exception:
                 self.handle_error(request, client_address)
             finally:

@@ -93,3 +93,19 @@ def test_concurrent_connections_each_get_a_thread_and_idle_ones_retire(server: t
         time.sleep(0.05)
     assert srv._idle == 0
     assert get(path) > 0  # and a new connection still gets a thread
+
+
+def test_a_client_that_goes_away_is_not_reported_as_an_error(server: tuple[Server, str],
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    srv, path = server
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+    deadline = time.monotonic() + 10
+    while not _Handler.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.close()  # gone before the answer: its write fails with EPIPE
+    _Handler.release.set()
+    time.sleep(0.3)
+    assert get(path) in _Handler.threads  # answered: a thread was free for the next connection
+    assert "Traceback" not in capfd.readouterr().err

@@ -172,3 +172,32 @@ def test_testcontainers_reads_the_port(engine_socket: str, docker_client) -> Non
     host, port, page = proc.stdout.split()
     assert host == "localhost" and 0 < int(port) < 65536 and page == "nginx"
     assert docker_client.containers.list(filters={"ancestor": "nginx", "publish": "80"}) == []  # removed on exit
+
+
+def test_the_engine_port_relay_restarts_under_a_linked_host(shared_vm, docker_client) -> None:  # type: ignore[no-untyped-def]
+    """The host's Docker API connections ride the engine's own virtio-serial port
+    (vmkit/engine_link.py to agent/engine_port.py). Kill the guest's relay: init respawns it,
+    its reset line makes the daemon link again, and the API is served as before."""
+    def relay_pids() -> set[str]:
+        r = shared_vm.sh("pgrep -f 'python3 -m agent.engine_port'", check=True)
+        return set(r.stdout.split())
+
+    big = docker_client.containers.run("busybox", ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"],
+                                       remove=True)
+    assert big == b"x" * 3_000_000  # more than a window's worth through one stream
+    before = relay_pids()
+    assert len(before) == 1
+    shared_vm.sh("pkill -f 'python3 -m agent.engine_port'", check=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if relay_pids() - before and docker_client.ping():
+                break
+        except (docker.errors.DockerException, OSError, AssertionError):
+            pass  # a request that met the restart: its stream was closed, the next one links again
+        assert time.monotonic() < deadline, "the engine port never came back"
+        time.sleep(0.5)
+    for _ in range(5):
+        assert docker_client.containers.run("busybox", ["echo", "again"], remove=True) == b"again\n"
+    log = shared_vm.sh("cat /run/pydesk/engine-port.log", check=True).stdout
+    assert log.count("engine port: linked") >= 2
