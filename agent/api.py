@@ -654,8 +654,12 @@ def container_logs(h: Handler, ref: str) -> None:
     until = float(h.query.get("until") or 0)
     ts = h.qbool("timestamps")
     tty = c.tty
-    offset = c.log_path.stat().st_size if c.log_path.exists() else 0
-    recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until)
+    # running when the log was read: whatever it writes after that is followed, even if it
+    # has exited by the time those records are sent
+    running = c.running or bool(c.state.get("Restarting"))
+    end: list[int] = []
+    recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until, end=end)
+    offset = end[0] if end else 0
     h.start_stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
 
     def send(rec: dict[str, Any]) -> None:
@@ -667,7 +671,7 @@ def container_logs(h: Handler, ref: str) -> None:
     try:
         for rec in recs:
             send(rec)
-        if h.qbool("follow") and (c.running or c.state.get("Restarting")):
+        if h.qbool("follow") and running:
             changed = c.logfile.changed if c.logfile else None
             for rec in logmod.follow(c.log_path, offset, lambda: c.running or bool(c.state.get("Restarting")),
                                      changed, stdout, stderr):

@@ -88,28 +88,38 @@ class LogFile:
             self.changed.notify_all()
 
 
-def _records(path: Path, max_files: int = MAX_FILES) -> Iterator[dict]:
+def _records(path: Path, max_files: int = MAX_FILES, end: list[int] | None = None) -> Iterator[dict]:
+    """Every record, oldest first; ``end`` (when given) gets the byte offset in ``path`` just
+    past the last complete record read, where following must go on from."""
     for i in range(max_files - 1, 0, -1):
         rotated = path.with_name(f"{path.name}.{i}")
         if rotated.exists():
             yield from _read(rotated)
     if path.exists():
-        yield from _read(path)
+        yield from _read(path, end)
 
 
-def _read(path: Path) -> Iterator[dict]:
+def _read(path: Path, end: list[int] | None = None) -> Iterator[dict]:
+    pos = 0
     with open(path, "rb") as f:
         for line in f:
+            if not line.endswith(b"\n"):
+                break  # a record being written right now: the follower reads it whole
+            pos += len(line)
             try:
                 yield json.loads(line)
             except ValueError:
                 continue
+    if end is not None:
+        end.append(pos)
 
 
 def read_logs(path: Path, *, stdout: bool = True, stderr: bool = True, tail: int | None = None,
-              since: float = 0.0, until: float = 0.0) -> list[dict]:
+              since: float = 0.0, until: float = 0.0, end: list[int] | None = None) -> list[dict]:
+    """The records logged so far. A follower passes ``end`` and continues from the offset
+    put there: nothing written meanwhile is sent twice or skipped."""
     wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
-    recs = [r for r in _records(path) if r.get("stream") in wanted
+    recs = [r for r in _records(path, end=end) if r.get("stream") in wanted
             and (not since or parse_time(r["time"]) >= since) and (not until or parse_time(r["time"]) <= until)]
     if tail is not None and tail >= 0:
         recs = recs[-tail:] if tail else []
@@ -124,6 +134,7 @@ def follow(path: Path, offset: int, is_running, changed: threading.Condition | N
     try:
         f.seek(offset)
         buf = b""
+        last_look = False
         while True:
             chunk = f.read(65536)
             if chunk:
@@ -142,7 +153,10 @@ def follow(path: Path, offset: int, is_running, changed: threading.Condition | N
                 f = open(path, "rb")
                 continue
             if not is_running():
-                return
+                if last_look:
+                    return
+                last_look = True  # what was written before the exit was recorded is read first
+                continue
             if changed is not None:
                 with changed:
                     changed.wait(0.5)

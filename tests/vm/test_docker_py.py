@@ -179,7 +179,7 @@ def test_the_engine_port_relay_restarts_under_a_linked_host(shared_vm, docker_cl
     (vmkit/engine_link.py to agent/engine_port.py). Kill the guest's relay: init respawns it,
     its reset line makes the daemon link again, and the API is served as before."""
     def relay_pids() -> set[str]:
-        r = shared_vm.sh("pgrep -f 'python3 -m agent.engine_port'", check=True)
+        r = shared_vm.sh("pgrep -f 'python3 -m agent[.]engine_port'", check=True)
         return set(r.stdout.split())
 
     big = docker_client.containers.run("busybox", ["sh", "-c", "head -c 3000000 /dev/zero | tr '\\0' x"],
@@ -187,7 +187,7 @@ def test_the_engine_port_relay_restarts_under_a_linked_host(shared_vm, docker_cl
     assert big == b"x" * 3_000_000  # more than a window's worth through one stream
     before = relay_pids()
     assert len(before) == 1
-    shared_vm.sh("pkill -f 'python3 -m agent.engine_port'", check=True)
+    shared_vm.sh("pkill -f 'python3 -m agent[.]engine_port'", check=True)
     deadline = time.monotonic() + 60
     while True:
         try:
