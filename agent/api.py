@@ -672,9 +672,8 @@ def container_logs(h: Handler, ref: str) -> None:
         for rec in recs:
             send(rec)
         if h.qbool("follow") and running:
-            changed = c.logfile.changed if c.logfile else None
             for rec in logmod.follow(c.log_path, offset, lambda: c.running or bool(c.state.get("Restarting")),
-                                     changed, stdout, stderr):
+                                     c.logfile, stdout, stderr):
                 send(rec)
         h.end_stream()
     except OSError:

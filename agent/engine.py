@@ -649,12 +649,12 @@ class Engine:
         steps("drain")
         with c.lock:
             self.procs.pop(c.id, None)
-            if c.logfile is not None:
-                c.logfile.close()
-                c.logfile = None
             c.cleaned.clear()
             c.state.update(Status="exited", Running=False, Paused=False, Pid=0, ExitCode=code, OOMKilled=oom,
                            FinishedAt=utc_now())
+            if c.logfile is not None:  # after the state: its close wakes `logs -f`, which must see the exit
+                c.logfile.close()
+                c.logfile = None
             c.exit_seq += 1
             c.exited.notify_all()  # `wait` answers as soon as the lock is free: before the record is written
         with c.lock:

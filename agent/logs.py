@@ -17,6 +17,7 @@ from pathlib import Path
 
 MAX_SIZE = 10 * 1024 * 1024
 MAX_FILES = 3
+FOLLOW_WAIT = 0.5  # a follower's longest sleep between looks (a missed wake-up costs this)
 
 
 def now_rfc3339() -> str:
@@ -43,6 +44,7 @@ class LogFile:
         self._f = open(path, "ab")
         self._subscribers: list[queue.Queue[tuple[str, bytes] | None]] = []
         self.changed = threading.Condition()
+        self.seq = 0  # bumped (under ``changed``) at every write and at close: followers wait on it
 
     def subscribe(self) -> queue.Queue[tuple[str, bytes] | None]:
         q: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
@@ -68,6 +70,7 @@ class LogFile:
                 self._f.write(rec)
             self._f.flush()
         with self.changed:
+            self.seq += 1
             self.changed.notify_all()
 
     def _rotate(self) -> None:
@@ -85,6 +88,7 @@ class LogFile:
             self._subscribers.clear()
             self._f.close()
         with self.changed:
+            self.seq += 1
             self.changed.notify_all()
 
 
@@ -126,9 +130,12 @@ def read_logs(path: Path, *, stdout: bool = True, stderr: bool = True, tail: int
     return recs
 
 
-def follow(path: Path, offset: int, is_running, changed: threading.Condition | None,  # type: ignore[no-untyped-def]
+def follow(path: Path, offset: int, is_running, source: LogFile | None,  # type: ignore[no-untyped-def]
            stdout: bool = True, stderr: bool = True) -> Iterator[dict]:
-    """Records appended to ``path`` after byte ``offset`` until the container stops."""
+    """Records appended to ``path`` after byte ``offset`` until the container stops.
+
+    ``source`` is the container's LogFile while it runs: we sleep until its next write (or
+    its close, which comes after the exit is recorded), never past one. Without it we poll."""
     wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
     f = open(path, "rb")
     try:
@@ -136,6 +143,7 @@ def follow(path: Path, offset: int, is_running, changed: threading.Condition | N
         buf = b""
         last_look = False
         while True:
+            seen = source.seq if source is not None else 0
             chunk = f.read(65536)
             if chunk:
                 buf += chunk
@@ -157,9 +165,10 @@ def follow(path: Path, offset: int, is_running, changed: threading.Condition | N
                     return
                 last_look = True  # what was written before the exit was recorded is read first
                 continue
-            if changed is not None:
-                with changed:
-                    changed.wait(0.5)
+            if source is not None:
+                with source.changed:
+                    if source.seq == seen:
+                        source.changed.wait(FOLLOW_WAIT)
             else:
                 time.sleep(0.2)
     finally:

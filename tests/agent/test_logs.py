@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from agent import logs
 
@@ -23,15 +26,15 @@ def test_reading_then_following_a_log_being_written_sends_each_record_once(tmp_p
             log.write("stdout", data)
             if i == 20:
                 half.set()
+        running.clear()  # as the engine does: the exit is recorded, then the log closed
         log.close()
-        running.clear()
 
     writer = threading.Thread(target=write)
     writer.start()
     half.wait(10)  # the reader starts in the middle of the output, as a client would
     end: list[int] = []
     got = [r["log"].encode() for r in logs.read_logs(path, end=end)]
-    got += [r["log"].encode() for r in logs.follow(path, end[0], running.is_set, log.changed)]
+    got += [r["log"].encode() for r in logs.follow(path, end[0], running.is_set, log)]
     writer.join()
     assert b"".join(got) == b"".join(chunks)
 
@@ -62,3 +65,25 @@ def test_following_an_exited_container_still_reads_what_it_wrote_last(tmp_path: 
         return False
 
     assert [r["log"] for r in logs.follow(path, 0, is_running, None)] == ["last\n"]
+
+
+def test_a_follower_wakes_for_each_write_and_for_the_exit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "FOLLOW_WAIT", 60.0)  # a missed wake-up would stall the test for a minute
+    path = tmp_path / "c-json.log"
+    log = logs.LogFile(path)
+    running = threading.Event()
+    running.set()
+    got: list[str] = []
+    follower = threading.Thread(target=lambda: got.extend(
+        r["log"] for r in logs.follow(path, 0, running.is_set, log)))
+    t0 = time.monotonic()
+    follower.start()
+    for i in range(20):
+        log.write("stdout", f"line {i}\n".encode())
+        time.sleep(0.01)
+    running.clear()
+    log.close()
+    follower.join(30)
+    assert not follower.is_alive()
+    assert got == [f"line {i}\n" for i in range(20)]
+    assert time.monotonic() - t0 < 30
