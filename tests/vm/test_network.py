@@ -182,9 +182,24 @@ def test_udp_echo_through_a_published_port(vm: Pydesk, cleanup: list[str]) -> No
                 break
             except TimeoutError:
                 assert time.monotonic() < deadline, "no UDP answer"
+        resent = 0
         for i in range(20):
             s.sendto(b"n%d" % i, ("127.0.0.1", port))
-            assert s.recv(100) == b"echo:n%d" % i
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    got = s.recv(100)
+                except TimeoutError:
+                    # UDP promises no delivery, and a TCG guest can stall past the timeout while
+                    # other VMs boot: send it again, but only a few may need that
+                    assert time.monotonic() < deadline, f"no answer to datagram {i}"
+                    resent += 1
+                    s.sendto(b"n%d" % i, ("127.0.0.1", port))
+                    continue
+                if got == b"echo:n%d" % i:
+                    break
+                assert got in {b"echo:n%d" % j for j in range(i)}, got  # only a late answer to an earlier one
+        assert resent <= 3
     vm("stop", "-t", "1", echo, check=True)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # the host port is released
         s.bind(("127.0.0.1", port))
