@@ -166,8 +166,11 @@ class Networks:
             if not net.user_defined:
                 raise PermissionError(f"{net.name} is a pre-defined network and cannot be removed")
             self.drop_spare(net)
-            if self.leases.get(net.id):
+            # a spare still being made holds an address too: it gives way (fill_spare drops it
+            # once it finds the network gone)
+            if any(owner != _spare_owner(net) for owner in self.leases.get(net.id, {}).values()):
                 raise RuntimeError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
+            self.leases.pop(net.id, None)
             for cb in self.on_down:
                 cb(net)
             try:
