@@ -49,8 +49,6 @@ import struct
 import sys
 import time
 
-from agent.shareport import ShareError, find_port
-
 log = logging.getLogger("pydesk.engine_port")
 
 PORT_NAME = "org.pydesk.engine"
@@ -401,6 +399,8 @@ class Relay:
 
 
 def main() -> int:
+    from agent.shareport import ShareError, find_port  # POSIX-only imports: the host imports this module
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         fd = os.open(find_port(PORT_NAME), os.O_RDWR | os.O_CLOEXEC)

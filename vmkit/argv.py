@@ -11,7 +11,6 @@ from vmkit.host import Host
 from vmkit.spec import Accel, Arch, NicModel, Protocol, VMSpec, qemu_escape
 
 AGENT_PORT_NAME = "org.pydesk.agent"
-
 SHARE_PORT_PREFIX = "org.pydesk.share."
 FW_CFG_PREFIX = "opt/org.pydesk"
 
