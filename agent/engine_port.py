@@ -289,17 +289,12 @@ class Relay:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.connect(self.engine_socket)
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            sock.close()
-            if time.monotonic() < s.deadline:
-                return False
-            log.warning("engine port: the engine is not answering: %s", exc)
-            self._send(frame(Kind.CLOSE, s.sid))
-            self.streams.pop(s.sid, None)
-            return True
         except OSError as exc:
             sock.close()
-            log.warning("engine port: connect failed: %s", exc)
+            starting = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+            if starting and time.monotonic() < s.deadline:
+                return False
+            log.warning("engine port: the engine is not answering: %s", exc)
             self._send(frame(Kind.CLOSE, s.sid))
             self.streams.pop(s.sid, None)
             return True
