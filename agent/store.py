@@ -689,8 +689,10 @@ class Store:
             return repos["tags"][ref]
         if ref in repos["digests"]:
             return repos["digests"][ref]
-        ids = self._image_ids()
         h = ref.removeprefix("sha256:")
+        if re.fullmatch(r"[0-9a-f]{64}", h) and (self.root / "images" / f"{h}.meta.json").exists():
+            return "sha256:" + h  # a full id (a container's image): no listing of images/
+        ids = self._image_ids()
         if re.fullmatch(r"[0-9a-f]{1,64}", h):
             matches = [i for i in ids if i[len("sha256:"):].startswith(h)]
             if len(matches) == 1:
