@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -34,8 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     # collector need not walk it again on every request (each walk is slow under TCG).
     gc.collect()
     gc.freeze()
-    serve(engine, args.socket)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        serve(engine, args.socket)
+    finally:
+        # exited containers' clean-ups still waiting for a quiet moment: done now, so the
+        # data disk has no rootfs of theirs mounted when the VM shuts down
+        engine.housekeeper.expedite()
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

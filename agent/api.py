@@ -220,6 +220,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- dispatch -----------------------------------------------------------------------
     def _dispatch(self) -> None:
+        self.engine.housekeeper.request_started()
         url = urllib.parse.urlsplit(self.path)
         self._query = url.query
         self._parsed_query: dict[str, str] | None = None
@@ -534,6 +535,9 @@ def container_wait(h: Handler, ref: str) -> None:
     if condition not in ("not-running", "next-exit", "removed"):
         raise EngineError(400, f"invalid condition: {condition}")
     seq = c.exit_seq  # registered before the headers go out, so a fast exit is not missed
+    if condition == "not-running" and not (c.running or c.state.get("Restarting")):
+        # (already exited: the answer in one write, each of which costs a round through the relay)
+        return h.reply(200, {"StatusCode": int(c.state.get("ExitCode") or 0), "Error": None})
     with _waiters.waiting(c.id):
         h.start_stream()
         code = h.engine.wait(c, condition, seq)
@@ -1105,6 +1109,7 @@ def network_remove(h: Handler, ref: str) -> None:
         net = h.engine.networks.get(ref)
     except KeyError:
         raise EngineError(404, f"network {ref} not found") from None
+    h.engine.housekeeper.expedite()  # exited containers' addresses on it are released first
     users = [c.name for c in h.engine.containers.values() if net.name in c.r["NetworkSettings"]["Networks"] and c.running]
     if users:
         raise EngineError(403, f"error while removing network: network {net.name} id {net.id} has active endpoints")
@@ -1118,6 +1123,7 @@ def network_remove(h: Handler, ref: str) -> None:
 
 @routes.add("POST", "/networks/prune")
 def network_prune(h: Handler) -> None:
+    h.engine.housekeeper.expedite()
     removed = []
     for net in list(h.engine.networks.nets.values()):
         if net.user_defined and not any(net.name in c.r["NetworkSettings"]["Networks"] for c in h.engine.containers.values()):
@@ -1344,4 +1350,9 @@ def serve(engine: Engine, path: str) -> None:
     finally:
         os.umask(old)
     log.info("engine API on %s", path)
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -67,8 +67,9 @@ class Container:
         self.stopping = False  # stopped by request: no restart
         self.restart_timer: threading.Timer | None = None
         self.removed = False
-        self.cleaned = threading.Event()  # cleared while an exit's clean-up runs (engine._reap)
+        self.cleaned = threading.Event()  # cleared from an exit until its clean-up is done (engine._reap)
         self.cleaned.set()
+        self.cleanup_lock = threading.Lock()  # held by whoever does that clean-up
         self.gone = threading.Event()  # set once a removal has unmounted and deleted its tree
 
     # --- identity -------------------------------------------------------------------

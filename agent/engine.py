@@ -26,6 +26,7 @@ from typing import Any
 from agent import reference, runtime, seccomp
 from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
+from agent.housekeeping import Housekeeper
 from agent.logs import LogFile
 from agent.network import Network, NetworkError, Networks
 from agent.dns import NameServer, resolv_conf_servers
@@ -113,6 +114,7 @@ class Engine:
         self.lock = threading.RLock()
         self.containers: dict[str, Container] = {}
         self.removing: dict[str, Container] = {}  # removed, their clean-up not finished (_finish_removal)
+        self.housekeeper = Housekeeper()  # exit clean-ups and removals, at a quiet moment
         self.execs: dict[str, ExecInstance] = {}
         self.procs: dict[str, Process] = {}
         self.started = time.time()
@@ -146,6 +148,9 @@ class Engine:
                 c.state.update(Running=False, Paused=False, Restarting=False, Pid=0, Status="exited",
                                ExitCode=c.state.get("ExitCode") or 255, FinishedAt=utc_now())
                 c.save()
+            elif os.path.ismount(c.rootfs):  # an engine restart before an exit's clean-up was done
+                c.cleaned.clear()
+                self._exit_cleanup(c)
         for c in list(self.containers.values()):
             policy = (c.r["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
             if policy == "always" or (policy == "unless-stopped" and not c.r.get("ManuallyStopped")):
@@ -241,6 +246,8 @@ class Engine:
         with self.lock:
             users = [c for c in self.containers.values() if c.r["Image"] == image_id]
             pending = [c for c in self.removing.values() if c.r["Image"] == image_id]
+        for c in pending:
+            self.housekeeper.expedite(c.id)
         return users + [c for c in pending if not c.gone.wait(CLEANUP_WAIT + REMOVAL_WAIT)]
 
     def _image_in_use(self, image_id: str) -> bool:
@@ -486,10 +493,7 @@ class Engine:
         self.ports.unpublish(c.id)
         self.networks.delete_netns(c.id)
         self.networks.release(c.id)
-        s = c.r["NetworkSettings"]
-        s.update(IPAddress="", Gateway="", MacAddress="", SandboxKey="", IPPrefixLen=0)
-        for ep in s["Networks"].values():
-            ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
+        _clear_endpoints(c)
 
     def _spec(self, c: Container, netns: str | None) -> runtime.ContainerSpec:
         cfg, host = c.r["Config"], c.r["HostConfig"]
@@ -557,7 +561,17 @@ class Engine:
         return mounts
 
     def start(self, c: Container) -> None:
-        c.cleaned.wait(CLEANUP_WAIT)  # the previous run's namespace and mount are gone first
+        self.housekeeper.expedite(c.id)  # the previous run's namespace and mount are gone first
+        c.cleaned.wait(CLEANUP_WAIT)
+        go = _Go()
+        try:
+            self._start(c, go)
+        finally:
+            go.release()
+        if go.ok:
+            self.events.emit("container", "start", c.id, {"name": c.name})
+
+    def _start(self, c: Container, go: _Go) -> None:
         with c.lock:
             if c.running:
                 return
@@ -597,14 +611,16 @@ class Engine:
                 held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
                 proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
                                on_output=held.write)
+                # the reaper now: its thread start (milliseconds under TCG) overlaps crun's work;
+                # it acts on crun's exit once this start has gone through (`go`)
+                threading.Thread(target=self._reap, args=(c, proc, go), name=f"reap-{c.id[:12]}", daemon=True).start()
                 deadline = time.monotonic() + 60
                 while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
                 rc = proc.proc.poll()
                 steps("crun")
                 if refill is not None:  # a new spare; not earlier, where it would compete with crun
-                    threading.Thread(target=self.networks.fill_spare, args=(refill,), name="netns-spare",
-                                     daemon=True).start()
+                    self.networks.refill(refill)
                 log.info("started %s: %s", c.name, steps)
                 error = _crun_error(crun_log) if rc not in (None, 0) else ""
                 if error:  # crun could not create or start it; a quick normal exit is not an error
@@ -624,8 +640,7 @@ class Engine:
             c.state.update(Status="running", Running=True, Paused=False, Restarting=False, OOMKilled=False,
                            Dead=False, Pid=pid, ExitCode=0, Error="", StartedAt=utc_now())
             c.save()
-        self.events.emit("container", "start", c.id, {"name": c.name})
-        threading.Thread(target=self._reap, args=(c, proc, pid), name=f"reap-{c.id[:12]}", daemon=True).start()
+            go.ok = True
 
     def _start_failed(self, c: Container, message: str) -> None:
         runtime.delete(c.id)
@@ -639,8 +654,10 @@ class Engine:
         if c.r["HostConfig"].get("AutoRemove"):  # as Docker: a --rm container that cannot start is removed
             threading.Thread(target=self.remove, args=(c,), kwargs={"force": True}, daemon=True).start()
 
-    def _reap(self, c: Container, proc: Process, pid: int) -> None:
+    def _reap(self, c: Container, proc: Process, go: _Go) -> None:
         rc = proc.proc.wait()
+        if not go.wait():
+            return  # crun failed, or the start did: the start has cleaned up
         steps = _Steps()
         code = 128 - rc if rc < 0 else rc  # crun reports a signal death as 128+N already
         proc.drain(5)
@@ -655,6 +672,7 @@ class Engine:
             if c.logfile is not None:  # after the state: its close wakes `logs -f`, which must see the exit
                 c.logfile.close()
                 c.logfile = None
+            _clear_endpoints(c)  # as Docker: an exited container has no addresses
             c.exit_seq += 1
             c.exited.notify_all()  # `wait` answers as soon as the lock is free: before the record is written
         with c.lock:
@@ -666,23 +684,45 @@ class Engine:
         if c.r["HostConfig"].get("AutoRemove"):  # (never with a restart policy): gone before the clean-up
             with contextlib.suppress(EngineError):
                 self.remove(c, force=True)
-        # `wait` has its answer; what is left (the network namespace, crun's state, the cgroup,
-        # the rootfs mount) is cleared after it, and start/cp wait for `cleaned` first
-        try:
-            with c.lock:
-                self._teardown_network(c)
-            steps("network")
-            runtime.delete(c.id)
-            runtime.release_cgroup(c.id)
-            steps("cgroup")
-            self._umount_rootfs(c)  # not under the lock: start and cp wait for `cleaned` instead
-            steps("umount")
-            with c.lock:
-                c.save()
-        finally:
-            c.cleaned.set()
+        # `wait` has its answer. What is left (the network namespace, crun's state, the cgroup,
+        # the rootfs mount) waits for a quiet moment, unless a restart follows it; start, cp,
+        # rmi and network rm have it done first (Housekeeper.expedite).
+        policy = (c.r["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
         log.info("exited %s (%d): %s", c.name, code, steps)
+        if policy == "no" or c.removed or c.stopping:
+            self.housekeeper.defer(c.id, lambda: self._settle(c), "clean-up")
+            return
+        self._exit_cleanup(c)
         self._maybe_restart(c, code)
+
+    def _exit_cleanup(self, c: Container) -> None:
+        """What a container's exit leaves behind: its network namespace and addresses, crun's
+        state, its cgroup, its rootfs mount. Done once per exit, by whoever comes first."""
+        with c.cleanup_lock:
+            if c.cleaned.is_set():
+                return
+            steps = _Steps()
+            try:
+                with c.lock:
+                    self._teardown_network(c)
+                steps("network")
+                runtime.delete(c.id)
+                runtime.release_cgroup(c.id)
+                steps("cgroup")
+                self._umount_rootfs(c)  # not under the lock: start and cp wait for `cleaned` instead
+                steps("umount")
+                with c.lock:
+                    c.save()
+            finally:
+                c.cleaned.set()
+            log.debug("cleaned up after %s: %s", c.name, steps)
+
+    def _settle(self, c: Container) -> None:
+        """The housekeeper's task for a container: its exit clean-up, and once it is removed,
+        the removal of its tree."""
+        self._exit_cleanup(c)
+        if c.removed:
+            self._finish_removal(c)
 
     def _maybe_restart(self, c: Container, code: int) -> bool:
         if c.stopping or c.removed:
@@ -813,16 +853,19 @@ class Engine:
             if c.restart_timer:
                 c.restart_timer.cancel()
             c.removed = True
-            # Gone from every list now, its addresses free (a `network rm` may follow); an exit
-            # clean-up still running (the rootfs unmount syncs the disk) finishes in the
-            # background, with the container's directory already out of containers/.
-            self._teardown_network(c)
+            # Gone from every list now. Its exit clean-up, if not done yet, and the deletion of
+            # its tree follow at a quiet moment (a `network rm` has them done first), with the
+            # container's directory already out of containers/.
+            if c.cleaned.is_set():
+                self._teardown_network(c)  # (a container that never ran: nothing to wait for)
+            else:
+                _clear_endpoints(c)
             with self.lock:
                 self.containers.pop(c.id, None)
                 self.removing[c.id] = c
             c.root = self._to_trash(c.root)
             c.exited.notify_all()
-        threading.Thread(target=self._finish_removal, args=(c,), name="remove", daemon=True).start()
+        self.housekeeper.defer(c.id, lambda: self._settle(c), "removal")
         self.events.emit("container", "destroy", c.id, {"name": c.name})
         if volumes or c.r["HostConfig"].get("AutoRemove"):
             self._remove_anonymous_volumes(c)
@@ -850,7 +893,6 @@ class Engine:
     def _finish_removal(self, c: Container) -> None:
         """After the exit clean-up: unmount the removed container's rootfs, delete its tree."""
         try:
-            c.cleaned.wait(CLEANUP_WAIT)
             self._umount_rootfs(c)
             shutil.rmtree(c.root, ignore_errors=True)
         finally:
@@ -873,7 +915,8 @@ class Engine:
             finally:
                 os.close(fd)
             return
-        c.cleaned.wait(CLEANUP_WAIT)  # not while the exit clean-up unmounts it
+        self.housekeeper.expedite(c.id)  # not while the exit clean-up unmounts it
+        c.cleaned.wait(CLEANUP_WAIT)
         with c.lock:
             if c.removed:
                 raise not_found(f"No such container: {c.id}")
@@ -1192,6 +1235,28 @@ class Engine:
                              "limit": total_mem if mem_limit == "max" else int(mem_limit), "stats": {}},
             "networks": {}, "blkio_stats": {},
         }
+
+
+class _Go:
+    """Whether a container start went through, for its reaper, which waits to hear it."""
+
+    def __init__(self) -> None:
+        self.ok = False
+        self._done = threading.Event()
+
+    def release(self) -> None:
+        self._done.set()
+
+    def wait(self) -> bool:
+        self._done.wait()
+        return self.ok
+
+
+def _clear_endpoints(c: Container) -> None:
+    s = c.r["NetworkSettings"]
+    s.update(IPAddress="", Gateway="", MacAddress="", SandboxKey="", IPPrefixLen=0)
+    for ep in s["Networks"].values():
+        ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
 
 
 def _read_pid(pid_file: Path, crun: subprocess.Popen[bytes], timeout: float = 5.0) -> int:

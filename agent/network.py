@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import secrets
 import subprocess
 import threading
@@ -100,6 +101,8 @@ class Networks:
         self.on_down: list[Callable[[Network], None]] = []  # ... and is being removed
         self.spares: dict[str, _Spare] = {}  # network id -> a namespace ready for the next container
         self._filling: set[str] = set()
+        self._refills: queue.SimpleQueue[Network] = queue.SimpleQueue()
+        self._refiller: threading.Thread | None = None
         for p in sorted(root.glob("*.json")):
             net = Network(json.loads(p.read_text()))
             self.nets[net.id] = net
@@ -189,8 +192,7 @@ class Networks:
             _remove_netns_file(stale)
         for net in self.nets.values():
             self.ensure_bridge(net)
-        bridge = self.get("bridge")
-        threading.Thread(target=self.fill_spare, args=(bridge,), name="netns-spare", daemon=True).start()
+        self.refill(self.get("bridge"))
 
     def ensure_bridge(self, net: Network) -> None:
         if not Path(f"/sys/class/net/{net.bridge}").exists():
@@ -329,6 +331,23 @@ class Networks:
             pass
 
     # --- spare namespaces -------------------------------------------------------------
+    def refill(self, net: Network) -> None:
+        """Have ``net``'s spare made in the background, by one long-lived thread (a thread start
+        costs milliseconds under TCG, and a `run` would pay it)."""
+        with self.lock:
+            if self._refiller is None:
+                self._refiller = threading.Thread(target=self._refill_loop, name="netns-spare", daemon=True)
+                self._refiller.start()
+        self._refills.put(net)
+
+    def _refill_loop(self) -> None:
+        while True:
+            net = self._refills.get()
+            try:
+                self.fill_spare(net)
+            except Exception:  # the next container makes its own namespace
+                log.exception("making a spare network namespace for %s failed", net.name)
+
     def fill_spare(self, net: Network) -> None:
         """Make ``net``'s spare namespace if it has none (slow: call it off the request path)."""
         owner = _spare_owner(net)
