@@ -341,12 +341,18 @@ class Networks:
         self._refills.put(net)
 
     def _refill_loop(self) -> None:
-        while True:
-            net = self._refills.get()
-            try:
-                self.fill_spare(net)
-            except Exception:  # the next container makes its own namespace
-                log.exception("making a spare network namespace for %s failed", net.name)
+        with netlink.namespace_worker():  # its namespace switches made in place, not in new threads
+            while True:
+                net = self._refills.get()
+                try:
+                    self.fill_spare(net)
+                except netlink.NamespaceLost:
+                    log.exception("the spare-namespace thread is stuck in another namespace; a new one takes over")
+                    with self.lock:
+                        self._refiller = None
+                    return
+                except Exception:  # the next container makes its own namespace
+                    log.exception("making a spare network namespace for %s failed", net.name)
 
     def fill_spare(self, net: Network) -> None:
         """Make ``net``'s spare namespace if it has none (slow: call it off the request path)."""
@@ -361,6 +367,7 @@ class Networks:
             self._filling.add(net.id)
         path = NETNS_DIR / f"{SPARE_PREFIX}{net.id[:12]}"
         spare = None
+        lost: netlink.NamespaceLost | None = None
         try:
             if path.exists():
                 _remove_netns_file(path)
@@ -369,6 +376,8 @@ class Networks:
             netlink.add_veth(path, net.bridge, "veth" + secrets.token_hex(4), "eth0", mac, address,
                              net.subnet.prefixlen, str(net.gateway))
             spare = _Spare(path, address, info)
+        except netlink.NamespaceLost as exc:
+            lost = exc
         except OSError as exc:
             log.warning("no spare network namespace for %s: %s", net.name, exc)
         with self.lock:
@@ -378,6 +387,8 @@ class Networks:
                 return
             self.release(owner, net)
         _remove_netns_file(path)
+        if lost is not None:
+            raise lost
 
     def take_spare(self, net: Network, container_id: str) -> tuple[str, dict[str, Any]] | None:
         """``net``'s spare namespace, now the container's (its path and eth0's endpoint), or

@@ -1,10 +1,16 @@
-"""rtnetlink messages for container namespaces (agent/netlink.py), byte for byte. The kernel's
-side is exercised by every container start in tests/vm."""
+"""rtnetlink messages for container namespaces (agent/netlink.py), byte for byte, and a
+namespace worker's switches (as root: a real network namespace on this host). The rest of the
+kernel's side is exercised by every container start in tests/vm."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import socket
 import struct
+import subprocess
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +68,93 @@ def test_acks_and_errors() -> None:
     assert netlink.parse_ack(answer(3, 0) + answer(4, 17), 4) == 17  # EEXIST for the request asked about
     with pytest.raises(netlink.NetlinkError):
         netlink.parse_ack(answer(3, 0), 4)
+
+
+needs_netns = pytest.mark.skipif(os.geteuid() != 0, reason="making network namespaces needs root (CAP_SYS_ADMIN)")
+
+
+def _in_new_thread(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` in a thread of its own (whatever namespace it ends in dies with it)."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]
+
+
+@needs_netns
+def test_a_namespace_worker_switches_in_place_and_comes_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ns"
+    started: list[str | None] = []
+
+    class Spy(threading.Thread):
+        def start(self) -> None:
+            started.append(self.name)
+            super().start()
+
+    def work() -> tuple[str, str, str, set[str], int]:
+        home = os.readlink("/proc/thread-self/ns/net")
+        monkeypatch.setattr(netlink.threading, "Thread", Spy)
+        with netlink.namespace_worker():
+            netlink.create_netns(path)
+            inside = netlink.in_netns(path, lambda rt: os.readlink("/proc/thread-self/ns/net"))
+            netlink.loopback_up(path)
+            links = netlink.in_netns(path, lambda rt: {name for _i, name in socket.if_nameindex()})
+            after = os.readlink("/proc/thread-self/ns/net")
+        monkeypatch.undo()
+        netlink.loopback_up(path)  # not a worker: a fresh thread for the switch
+        return home, inside, after, links, len(started)
+
+    try:
+        home, inside, after, links, extra_threads = _in_new_thread(work)
+    finally:
+        if os.path.ismount(path):
+            subprocess.run(["umount", str(path)], check=True)
+    assert inside != home and after == home  # it was inside, and came back
+    assert links == {"lo"}
+    assert extra_threads == 0 and started == []  # no thread started for the three switches
+
+
+@needs_netns
+def test_a_namespace_worker_that_cannot_come_back_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ns"
+    real = netlink._libc
+    calls: list[int] = []
+
+    class OneWay:
+        def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+            return getattr(real, name)
+
+        def setns(self, fd: int, kind: int) -> int:
+            calls.append(fd)
+            if len(calls) == 2:  # the way back
+                ctypes.set_errno(1)
+                return -1
+            return real.setns(fd, kind)
+
+    def work() -> bool:
+        with netlink.namespace_worker():
+            netlink.create_netns(path)
+            monkeypatch.setattr(netlink, "_libc", OneWay())
+            try:
+                with pytest.raises(netlink.NamespaceLost, match="returning to the thread's network namespace"):
+                    netlink.in_netns(path, lambda rt: None)
+            finally:
+                monkeypatch.setattr(netlink, "_libc", real)
+            return bool(getattr(netlink._local, "worker", False))
+
+    try:
+        still_worker = _in_new_thread(work)
+    finally:
+        if os.path.ismount(path):
+            subprocess.run(["umount", str(path)], check=True)
+    assert len(calls) == 2 and not still_worker
