@@ -454,7 +454,7 @@ class Engine:
         taken = refill = None
         for i, (name, ep) in enumerate(wanted):
             net = self.networks.get(name)
-            fixed = (ep.get("IPAMConfig") or {}).get("IPv4Address")
+            fixed = _fixed_address(ep)
             if i == 0 and not fixed:  # the spare namespace with this network's next address
                 taken = self.networks.take_spare(net, c.id)
                 refill = net
@@ -562,6 +562,8 @@ class Engine:
 
     def start(self, c: Container) -> None:
         self.housekeeper.expedite(c.id)  # the previous run's namespace and mount are gone first
+        if any(_fixed_address(ep) for ep in c.r["NetworkSettings"]["Networks"].values()):
+            self.housekeeper.expedite()  # an exited container may still hold that address
         c.cleaned.wait(CLEANUP_WAIT)
         go = _Go()
         try:
@@ -948,6 +950,8 @@ class Engine:
 
     def connect(self, c: Container, net: Network, endpoint: dict[str, Any]) -> None:
         """Attach a container to a network; a running one gets its interface right away."""
+        if _fixed_address(endpoint or {}):
+            self.housekeeper.expedite()  # an exited container may still hold that address
         with c.lock:
             nets = c.r["NetworkSettings"]["Networks"]
             mode = c.r["HostConfig"]["NetworkMode"]
@@ -958,7 +962,7 @@ class Engine:
                 raise EngineError(403, f"endpoint with name {c.name} already exists in network {net.name}")
             ep = dict(endpoint or {})
             if c.running:
-                addr = self.networks.allocate(net, c.id, (ep.get("IPAMConfig") or {}).get("IPv4Address"))
+                addr = self.networks.allocate(net, c.id, _fixed_address(ep))
                 try:
                     info = self.networks.attach(net, c.id, addr, self.networks.free_ifname(c.id))
                 except NetworkError as exc:
@@ -1250,6 +1254,10 @@ class _Go:
     def wait(self) -> bool:
         self._done.wait()
         return self.ok
+
+
+def _fixed_address(endpoint: dict[str, Any]) -> str | None:
+    return (endpoint.get("IPAMConfig") or {}).get("IPv4Address")
 
 
 def _clear_endpoints(c: Container) -> None:

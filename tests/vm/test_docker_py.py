@@ -121,6 +121,34 @@ def test_networks_and_volumes(docker_client) -> None:  # type: ignore[no-untyped
         docker_client.volumes.get(vol.name)
 
 
+def test_exit_clean_up_waits_for_quiet_and_a_start_has_it_done_first(shared_vm, docker_client) -> None:  # type: ignore[no-untyped-def]
+    """An exited container's namespace and rootfs mount are left to the housekeeper, which
+    runs at a quiet moment (agent/housekeeping.py). Starting the container again right after
+    its exit has that clean-up done first, instead of waiting for it (up to a minute)."""
+    c = docker_client.containers.run("busybox", ["echo", "hi"], detach=True, name=name())
+    try:
+        for _ in range(3):
+            assert c.wait(timeout=60)["StatusCode"] == 0
+            t0 = time.monotonic()
+            c.start()  # within milliseconds of the exit: its clean-up has not run yet
+            assert time.monotonic() - t0 < 20
+        assert c.wait(timeout=60)["StatusCode"] == 0
+        assert c.logs() == b"hi\n" * 4
+        c.reload()
+        assert c.attrs["NetworkSettings"]["Networks"]["bridge"]["IPAddress"] == ""  # none once exited
+    finally:
+        c.remove(force=True)
+    script = (f"grep -c ' [^ ]*{c.id}[^ ]*/rootfs ' /proc/mounts; "
+              f"ls /run/netns | grep -c pydesk-{c.id[:12]}; true")
+    deadline = time.monotonic() + 30  # at most 10 s after its removal (MAX_WAIT), whatever the load
+    while True:
+        counts = shared_vm.sh(script, check=True).stdout.split()
+        if counts == ["0", "0"] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert counts == ["0", "0"], "the removed container's rootfs mount or network namespace was left behind"
+
+
 def test_version_negotiation(engine_socket: str) -> None:
     for version in ("1.40", "1.41", "1.43"):
         c = docker.DockerClient(base_url=engine_socket, version=version)

@@ -304,8 +304,8 @@ def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list
     """Each network in use keeps a spare namespace holding its next address (agent/network.py):
     a container that asks for that address gets it, addresses stay unique, the spare never
     shows as an endpoint, and the network can still be removed."""
-    net, a, b, c = name(), name(), name(), name()
-    cleanup += [a, b, c]
+    net, a, b, c, d = name(), name(), name(), name(), name()
+    cleanup += [a, b, c, d]
     vm("network", "create", "--subnet", "10.77.0.0/24", net, check=True)
     try:
         vm("run", "-d", "--name", a, "--network", net, "busybox", "sleep", "600", check=True)
@@ -323,8 +323,13 @@ def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list
         assert r.returncode == 0, r.stdout + r.stderr
         endpoints = json.loads(vm("network", "inspect", net, check=True).stdout)[0]["Containers"]
         assert sorted(e["Name"] for e in endpoints.values()) == sorted([a, b, c])
+        # b's address is free again as soon as b is gone, though its namespace is deleted later
+        vm("rm", "-f", b, check=True)
+        vm("run", "-d", "--name", d, "--network", net, "--ip", "10.77.0.3", "busybox", "sleep", "600", check=True)
+        info = json.loads(vm("inspect", d, check=True).stdout)[0]
+        assert info["NetworkSettings"]["Networks"][net]["IPAddress"] == "10.77.0.3"
     finally:
-        vm("rm", "-f", a, b, c)
+        vm("rm", "-f", a, b, c, d)
         r = vm("network", "rm", net)
     assert r.returncode == 0, r.stderr
     assert net not in vm("network", "ls", "--format", "{{.Name}}", check=True).stdout.split()
