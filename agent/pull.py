@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,13 @@ from agent import reference
 from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
                             RegistryError, TransportError, run_all)
 from agent.layers import LayerError
+from agent.readahead import ReadAhead
 from agent.store import StoreError, chain_id
 
 log = logging.getLogger(__name__)
 
 GUEST_CONFIG = Path("/run/pydesk/config")
+PROGRESS_EVERY = 0.1  # seconds between two "Downloading" messages of a layer (as dockerd)
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -95,14 +98,21 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
                 emit({"status": "Pulling fs layer", "progressDetail": {}, "id": short})
                 todo.append(d)
         done: dict[str, int] = {}
+        shown: dict[str, float] = {}
         lock = threading.Lock()
 
         def progress(d: Descriptor, n: int) -> None:
             if d is resolved.config:
                 return
+            now = time.monotonic()
             with lock:
                 done[d.digest] = done.get(d.digest, 0) + n
                 cur = done[d.digest]
+                # at most every PROGRESS_EVERY per layer, and the last: each message is a write
+                # through the engine port, and a read a few milliseconds
+                if cur < d.size and now - shown.get(d.digest, 0.0) < PROGRESS_EVERY:
+                    return
+                shown[d.digest] = now
             emit({"status": "Downloading", "progressDetail": {"current": cur, "total": d.size},
                   "progress": _bar(cur, d.size), "id": d.digest.split(":")[1][:12]})
 
@@ -120,8 +130,9 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             parent, diff_id, chain = plan.get(d.digest, (None, "", ""))
             if chain and store.streamable(d.media_type):
                 try:
-                    with client.open_blob(ref, d) as stream:
-                        work = store.ingest_layer(_Counting(stream, lambda n: progress(d, n)), d.digest, d.size,
+                    # the download goes on (ReadAhead's thread) while this one unpacks
+                    with client.open_blob(ref, d) as stream, ReadAhead(stream, name=f"{d.digest[7:19]}-read") as ahead:
+                        work = store.ingest_layer(_Counting(ahead, lambda n: progress(d, n)), d.digest, d.size,
                                                   d.media_type, parent, diff_id)
                     with lock:
                         prepared[chain] = work

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import io
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,9 @@ def test_pull_streams_layers_and_falls_back_to_a_resumed_download(registry: Runn
     with FaultProxy(registry.address, plan) as proxy:
         messages: list[dict[str, Any]] = []
         hostport = proxy.url.removeprefix("http://")
+        t0 = time.monotonic()
         image_id = pull.pull(_Engine(store, tmp_path), f"{hostport}/nginx:latest", None, None, messages.append)
+        took = time.monotonic() - t0
         blob_gets = [(p, h.get("Range")) for p, h in proxy.seen if "/blobs/" in p and p.endswith(big.digest)]
     assert not [m for m in messages if "error" in m], messages
     assert image_id == "sha256:" + image.manifest.config_digest.removeprefix("sha256:")
@@ -193,6 +196,11 @@ def test_pull_streams_layers_and_falls_back_to_a_resumed_download(registry: Runn
                           (f"/v2/nginx/blobs/{big.digest}", "bytes=500000-")] if cut
                          else [(f"/v2/nginx/blobs/{big.digest}", None)])
     assert sorted(streamed) == sorted(l.digest for l in image.manifest.layers)
+    shown = [m["progressDetail"]["current"] for m in messages
+             if m.get("status") == "Downloading" and m["id"] == big.digest[7:19]]
+    assert len(shown) <= 2 + took / pull.PROGRESS_EVERY  # not one message per read
+    if not cut:
+        assert shown[-1] == big.size and shown == sorted(shown)
 
 
 def test_pull_of_an_oversized_blob_fails_and_keeps_nothing(registry: RunningRegistry, store: Store,
