@@ -617,7 +617,7 @@ class Engine:
                 # it acts on crun's exit once this start has gone through (`go`)
                 threading.Thread(target=self._reap, args=(c, proc, go), name=f"reap-{c.id[:12]}", daemon=True).start()
                 deadline = time.monotonic() + 60
-                while not pid_file.exists() and proc.proc.poll() is None and time.monotonic() < deadline:
+                while not _pid_written(pid_file) and proc.proc.poll() is None and time.monotonic() < deadline:
                     time.sleep(0.005)
                 rc = proc.proc.poll()
                 steps("crun")
@@ -1265,6 +1265,14 @@ def _clear_endpoints(c: Container) -> None:
     s.update(IPAddress="", Gateway="", MacAddress="", SandboxKey="", IPPrefixLen=0)
     for ep in s["Networks"].values():
         ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
+
+
+def _pid_written(pid_file: Path) -> bool:
+    """crun has written its pid file (it creates the file, then writes the number in one write)."""
+    try:
+        return pid_file.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _read_pid(pid_file: Path, crun: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
