@@ -943,11 +943,16 @@ def image_create(h: Handler) -> None:
     auth = _decode_auth(h.headers.get("X-Registry-Auth"))
     held: list[dict[str, Any]] = []  # "Pulling from" waits until the registry has answered
     started = False
+    one_at_a_time = threading.Lock()  # layers download (and report) on threads of their own
 
     def send(msg: dict[str, Any]) -> None:
         h.chunk(json.dumps(msg).encode() + b"\r\n")
 
     def emit(msg: dict[str, Any]) -> None:
+        with one_at_a_time:
+            _emit(msg)
+
+    def _emit(msg: dict[str, Any]) -> None:
         nonlocal started
         if not started:
             if "error" in msg:  # failed before any progress: a plain HTTP error, as dockerd answers

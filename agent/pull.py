@@ -15,7 +15,6 @@ from agent import reference
 from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
                             RegistryError, TransportError, run_all)
 from agent.layers import LayerError
-from agent.readahead import ReadAhead
 from agent.store import StoreError, chain_id
 
 log = logging.getLogger(__name__)
@@ -130,9 +129,8 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             parent, diff_id, chain = plan.get(d.digest, (None, "", ""))
             if chain and store.streamable(d.media_type):
                 try:
-                    # the download goes on (ReadAhead's thread) while this one unpacks
-                    with client.open_blob(ref, d) as stream, ReadAhead(stream, name=f"{d.digest[7:19]}-read") as ahead:
-                        work = store.ingest_layer(_Counting(ahead, lambda n: progress(d, n)), d.digest, d.size,
+                    with client.open_blob(ref, d) as stream:  # (read ahead by the store as it unpacks)
+                        work = store.ingest_layer(_Counting(stream, lambda n: progress(d, n)), d.digest, d.size,
                                                   d.media_type, parent, diff_id)
                     with lock:
                         prepared[chain] = work

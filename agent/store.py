@@ -44,6 +44,7 @@ from typing import Any, BinaryIO, Self, cast
 from .digest import sha256 as fast_sha256
 from .gunzip import GunzipReader
 from .layers import LayerError, LayerStats, unpack_layer
+from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,32 @@ class _HashReader:
     @property
     def digest(self) -> str:
         return "sha256:" + self.h.hexdigest()
+
+
+class _AheadBlob:
+    """A download read ahead (agent/readahead.py) by a thread that also writes it to disk and
+    hashes it (a _Tee under a _HashReader): the unpacker reads it here, and the compressed
+    side's work is done on the other vCPU. ``digest`` is complete once a read returned b""."""
+
+    def __init__(self, ahead: ReadAhead, hashed: _HashReader) -> None:
+        self.ahead, self.hashed, self.what = ahead, hashed, hashed.what
+
+    def read(self, size: int = -1) -> bytes:
+        return self.ahead.read(size)
+
+    def drain(self, budget: int | None = None) -> None:
+        start = self.hashed.n
+        while self.ahead.read(_CHUNK):
+            if budget is not None and self.hashed.n - start > budget:
+                raise LayerError(f"{self.what}: more than {budget} bytes after the end of the tar")
+
+    @property
+    def n(self) -> int:
+        return self.hashed.n
+
+    @property
+    def digest(self) -> str:
+        return self.hashed.digest
 
 
 class _Tee:
@@ -402,9 +429,9 @@ class Store:
 
     @contextlib.contextmanager
     def _decompressed(self, f: BinaryIO, digest: str,
-                      media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader]]:
+                      media_type: str | None) -> Iterator[tuple[BinaryIO, _HashReader | _AheadBlob]]:
         """Yield (uncompressed tar stream, reader hashing the compressed blob ``f``)."""
-        blob = _HashReader(f, what=f"blob {digest}")
+        blob = f if isinstance(f, _AheadBlob) else _HashReader(f, what=f"blob {digest}")
         kind = _compression(media_type, f)
         proc: subprocess.Popen[bytes] | None = None
         feeder: threading.Thread | None = None
@@ -481,9 +508,13 @@ class Store:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         with os.fdopen(fd, "wb", buffering=0) as out:
             tee = _Tee(src, cast(BinaryIO, out), size, what=f"blob {digest}")
+            hashed = _HashReader(cast(BinaryIO, tee), what=f"blob {digest}")
             try:
-                work, chain = self._unpack_into_tmp(cast(BinaryIO, tee), digest, media_type, parent_chain,
-                                                    diff_id)
+                # the download, its write to disk and its sha256 on a thread of their own, while
+                # this one gunzips, hashes and unpacks what came before (two vCPUs, not one)
+                with ReadAhead(hashed, name=f"{hex_of(digest)[:12]}-read") as ahead:
+                    work, chain = self._unpack_into_tmp(cast(BinaryIO, _AheadBlob(ahead, hashed)), digest,
+                                                        media_type, parent_chain, diff_id)
             except (DigestMismatch, LayerError):
                 staged.unlink(missing_ok=True)
                 raise
@@ -527,7 +558,7 @@ class Store:
                         max_bytes=self.max_layer_bytes)
                     tar_reader.drain(_MAX_TRAILING)  # diff_id covers the whole tar incl. padding
                 except (OSError, EOFError, ValueError, zlib.error, LayerError) as e:
-                    if isinstance(raw, _Tee):
+                    if isinstance(raw, (_Tee, _AheadBlob)):
                         # a download not verified yet: if it is not the announced content, say so
                         # rather than what it broke in the unpacker (bounded: _Tee stops at its size)
                         drained = False
