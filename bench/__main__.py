@@ -464,7 +464,7 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "manifest and config, then downloads the layer blobs over HTTP through the VM's",
         "`--host-service` forward to the registry on the host, checks their digests and sizes, and unpacks",
         "each layer into its overlay lower dir while it downloads (gunzip, diff_id hash, every file",
-        "created; the download reads ahead on a thread of its own), all in the engine's Python. The",
+        "created; the download, its write and its hash on a thread of their own), all in the engine's Python. The",
         "peer is skopeo (Go) in a container of the same guest",
         "(`--network host`, so the same 127.0.0.1:5000 forward), timed inside the container (container",
         "start excluded): `skopeo copy` to an OCI layout downloads and verifies the same blobs and",
