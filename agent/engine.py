@@ -860,8 +860,6 @@ class Engine:
             # container's directory already out of containers/.
             if c.cleaned.is_set():
                 self._teardown_network(c)  # (a container that never ran: nothing to wait for)
-            else:
-                _clear_endpoints(c)
             with self.lock:
                 self.containers.pop(c.id, None)
                 self.removing[c.id] = c

@@ -43,9 +43,6 @@ class ReadAhead:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def readable(self) -> bool:
-        return True
-
     def _fill(self) -> None:
         try:
             while True:

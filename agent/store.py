@@ -138,7 +138,22 @@ def repo_of(ref: str) -> str:
     return ref[:colon] if colon > ref.rfind("/") else ref
 
 
-class _HashReader:
+class _Drains:
+    """``drain`` for a reader with ``read``, ``n`` (bytes read so far) and ``what``."""
+
+    what: str
+    n: int
+    read: Callable[[int], bytes]
+
+    def drain(self, budget: int | None = None) -> None:
+        """Read to EOF; more than ``budget`` further bytes is an error (trailing junk)."""
+        start = self.n
+        while self.read(_CHUNK):
+            if budget is not None and self.n - start > budget:
+                raise LayerError(f"{self.what}: more than {budget} bytes after the end of the tar")
+
+
+class _HashReader(_Drains):
     """Reads through, hashing and counting; optional byte limit."""
 
     def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream") -> None:
@@ -154,19 +169,12 @@ class _HashReader:
         self.h.update(data)
         return data
 
-    def drain(self, budget: int | None = None) -> None:
-        """Read to EOF; more than ``budget`` further bytes is an error (trailing junk)."""
-        start = self.n
-        while self.read(_CHUNK):
-            if budget is not None and self.n - start > budget:
-                raise LayerError(f"{self.what}: more than {budget} bytes after the end of the tar")
-
     @property
     def digest(self) -> str:
         return "sha256:" + self.h.hexdigest()
 
 
-class _AheadBlob:
+class _AheadBlob(_Drains):
     """A download read ahead (agent/readahead.py) by a thread that also writes it to disk and
     hashes it (a _Tee under a _HashReader): the unpacker reads it here, and the compressed
     side's work is done on the other vCPU. ``digest`` is complete once a read returned b""."""
@@ -177,14 +185,8 @@ class _AheadBlob:
     def read(self, size: int = -1) -> bytes:
         return self.ahead.read(size)
 
-    def drain(self, budget: int | None = None) -> None:
-        start = self.hashed.n
-        while self.ahead.read(_CHUNK):
-            if budget is not None and self.hashed.n - start > budget:
-                raise LayerError(f"{self.what}: more than {budget} bytes after the end of the tar")
-
     @property
-    def n(self) -> int:
+    def n(self) -> int:  # type: ignore[override]
         return self.hashed.n
 
     @property
