@@ -101,21 +101,53 @@ def test_data_disk_survives_stop_and_sigkill_and_daemon_death(pydesk: Pydesk) ->
     assert pydesk.sh("cat /var/lib/pydesk/one /var/lib/pydesk/two").stdout == "one\ntwo\n"
 
     # The daemon dies: QEMU keeps running and a fresh daemon reattaches on the next command.
+    # Its sshd in the guest is frozen meanwhile, as on a guest too busy to run it, so that it
+    # never sees the old connection end: it sees the new one and swallows its first greeting.
+    pydesk.sh(FREEZE_AGENT_SSHD, check=True)
+    time.sleep(2)  # the freeze starts a second after the shell has returned
     daemon_pid = json.loads((pydesk.state / "status.json").read_text())["daemon_pid"]
     qemu_pid = pydesk.qemu_pid()
     os.kill(daemon_pid, signal.SIGKILL)
     with contextlib.suppress(psutil.NoSuchProcess):
         psutil.Process(daemon_pid).wait(10)
     assert psutil.Process(qemu_pid).is_running()
+    log_size = (pydesk.state / "daemon.log").stat().st_size
     st = pydesk("vm", "status", "--format", "json")
     assert st.returncode == 0, st.stderr
     assert json.loads(st.stdout)["pid"] == qemu_pid
+    with (pydesk.state / "daemon.log").open() as f:
+        f.seek(log_size)
+        adopt_log = f.read()
+    assert "reattaching" in adopt_log
+    assert "agent connect attempt failed" not in adopt_log, adopt_log  # a greeting sent again did it
+    frozen = pydesk.sh("cat /run/frozen-sshd; for p in $(head -1 /run/frozen-sshd); do "
+                       "[ -d /proc/$p ] && echo still running: $p; done").stdout
+    assert frozen.splitlines()[1:] == ["thawed"], frozen
     assert pydesk.sh("cat /var/lib/pydesk/two").stdout == "two\n"
     # ...and a crash of the adopted QEMU is still noticed.
     os.kill(qemu_pid, signal.SIGKILL)
     wait_daemon_gone(pydesk)
     assert "crashed" in pydesk("vm", "status").stdout
     assert_nothing_left(pydesk, qemu_pid)
+
+
+#: Stop the agent's sshd (the children of the guest's agent-port loop) a second from now,
+#: and let it go on a second after a new host connection has arrived on the port (virtio
+#: serial ports show their host side's state in debugfs).
+FREEZE_AGENT_SSHD = r"""
+grep -q debugfs /proc/mounts || mount -t debugfs none /sys/kernel/debug
+dbg=$(grep -l 'name: org.pydesk.agent' /sys/kernel/debug/virtio-ports/*)
+pids=$(pgrep -P "$(pgrep -o -f /etc/pydesk/agent-port)" | tr '\n' ' ')
+[ -n "$dbg" ] && [ -n "$pids" ] || exit 1
+echo "$pids" > /run/frozen-sshd
+setsid sh -c '
+  f() { sed -n "s/^$1: //p" "$0"; }
+  sleep 1; kill -STOP $1
+  while [ "$(f host_connected)" = 1 ]; do sleep 0.1; done
+  while [ "$(f host_connected)" = 0 ]; do sleep 0.1; done
+  sleep 1; kill -CONT $1; echo thawed >> /run/frozen-sshd
+' "$dbg" "$pids" </dev/null >/dev/null 2>&1 &
+"""
 
 
 def wait_daemon_gone(p: Pydesk) -> None:
