@@ -19,7 +19,7 @@ run: image
 	$(PYDESK) run --rm hello
 
 test: image
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=15
 
 bench: image
 	$(PY) -m bench  # writes docs/benchmarks.md

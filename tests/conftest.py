@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,6 +65,25 @@ class Pydesk:
             return int((self.state / "qemu.pid").read_text())
         except (OSError, ValueError):
             return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that had a pydesk home shows the end of its daemon's log and of the
+    guest's console: CI prints only the test's output, and the cause is often there."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        # by name: test modules import this file as tests.conftest, pytest as conftest
+        if type(value).__name__ != Pydesk.__name__:
+            continue
+        for log, keep in (("daemon.log", 40), ("console.log", 15)):
+            path = value.state / log
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in path.read_text(errors="replace").splitlines() if " DEBUG " not in ln]
+                report.sections.append((f"{name}: end of {log}", "\n".join(lines[-keep:])))
 
 
 #: Small VMs: the suite runs several on a 2-core machine, one at a time.
