@@ -220,7 +220,10 @@ class AgentChannel:
             except (OSError, EOFError, paramiko.SSHException, AgentError) as exc:
                 last = exc
                 attempt_timeout *= 2
-                self.log.info("agent connect attempt failed: %s", str(exc) or type(exc).__name__)
+                # no port to connect to (QEMU starting or gone) is routine; the rest is news
+                routine = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+                self.log.log(logging.DEBUG if routine else logging.INFO,
+                             "agent connect attempt failed: %s", str(exc) or type(exc).__name__)
                 # After an unanswered greeting, stay away long enough for a slow guest to see
                 # the port closed: that is what ends a previous session's sshd (see above).
                 pause = max(delay, CLOSED_PAUSE) if isinstance(exc, GreetingTimeout) else delay
