@@ -57,34 +57,79 @@ class LayerStats:
     bytes: int = 0      # regular-file bytes written
     whiteouts: int = 0  # .wh.NAME entries turned into overlay whiteouts
     opaque: int = 0     # .wh..wh..opq markers turned into opaque directories
+    read_past_end: int = 0  # bytes read from the stream beyond what the tar used (read ahead)
 
 
-class _TailReader:
-    """Passes reads through, remembering the total offset and the last bytes read."""
+class _ForwardReader:
+    """The decompressed stream as tarfile's random-access mode sees a file: ``tell``, ``read``
+    and a ``seek`` that only goes forward (skipping). tarfile's own stream mode (``r|``) buffers
+    in 10 KiB reads and copies what is left of its buffer after every read, so a layer took
+    ~1000 trips through the reader chain per 10 MB (gunzip, two hashes), each costing more than
+    the bytes under emulation. Here the source is read in ``chunk``-sized pieces, small reads are
+    slices of the current piece, and file data can be taken piece by piece without copying
+    (``take``). The last bytes read are kept for the end-of-archive check (``block_at``)."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, chunk: int = _CHUNK) -> None:
         self.raw = raw
-        self.pos = 0
-        self.chunks: collections.deque[bytes] = collections.deque()  # the last reads, >= _TAIL bytes
-        self.kept = 0
+        self.chunk = chunk
+        self.pos = 0        # stream offset of the next byte handed out
+        self.fetched = 0    # bytes read from ``raw``
+        self._cur = memoryview(b"")  # what is left of the current piece
+        self._tail: collections.deque[memoryview] = collections.deque()  # the last pieces handed out
+        self._kept = 0
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        data = self.raw.read(self.chunk)
+        if not data:
+            return False
+        self.fetched += len(data)
+        self._cur = memoryview(data)
+        return True
+
+    def take(self, size: int) -> memoryview:
+        """Up to ``size`` bytes without copying (fewer at a piece boundary; empty at the end)."""
+        if not self._cur and (size <= 0 or not self._fill()):
+            return memoryview(b"")
+        view, self._cur = self._cur[:size], self._cur[size:]
+        self.pos += len(view)
+        self._tail.append(view)
+        self._kept += len(view)
+        while self._kept - len(self._tail[0]) >= _TAIL:
+            self._kept -= len(self._tail.popleft())
+        return view
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        if data:
-            self.pos += len(data)
-            # keep references, not copies: concatenating a 64 KiB tail on every read cost
-            # more than the unpacking itself under emulation
-            self.chunks.append(data)
-            self.kept += len(data)
-            while self.kept - len(self.chunks[0]) >= _TAIL:
-                self.kept -= len(self.chunks.popleft())
-        return data
+        if size is None or size < 0:
+            raise ValueError("a layer is never read whole")
+        first = self.take(size)
+        if len(first) == size or not first:
+            return first.tobytes()
+        parts = [first]
+        got = len(first)
+        while got < size and (view := self.take(size - got)):
+            parts.append(view)
+            got += len(view)
+        return b"".join(parts)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self.pos:
+            raise ValueError(f"a layer stream only goes forward (at {self.pos}, asked for {offset})")
+        while self.pos < offset and self.take(offset - self.pos):
+            pass
+        return self.pos
 
     def block_at(self, offset: int, size: int = tarfile.BLOCKSIZE) -> bytes | None:
-        start = offset - (self.pos - self.kept)
+        """``size`` bytes at ``offset`` if they were read and are still kept."""
+        start = offset - (self.pos - self._kept)
         if start < 0:
             return None
-        return b"".join(self.chunks)[start:start + size]
+        return b"".join(self._tail)[start:start + size]
 
 
 class _SafeTarInfo(tarfile.TarInfo):
@@ -238,15 +283,15 @@ class _Unpacker:
             raise LayerError(f"entry {m.name!r}: layer exceeds the limit of {self.max_bytes} bytes")
         fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=pfd)
         try:
-            src = tf.extractfile(m)
-            assert src is not None
+            src = tf.fileobj
+            assert isinstance(src, _ForwardReader)
+            src.seek(m.offset_data)
             left = m.size
             while left > 0:
-                chunk = src.read(min(_CHUNK, left))
-                if not chunk:
+                view = src.take(left)
+                if not view:
                     raise LayerError(f"entry {m.name!r}: truncated tar (file data ends early)")
-                left -= len(chunk)
-                view = memoryview(chunk)
+                left -= len(view)
                 while view:
                     view = view[os.write(fd, view):]
             self.stats.bytes += m.size
@@ -383,11 +428,13 @@ def unpack_layer(stream: BinaryIO, dest: Path, *, max_entries: int = DEFAULT_MAX
     try:
         if os.listdir(root_fd):
             raise LayerError(f"destination {dest} is not empty")
-        reader = _TailReader(stream)
+        reader = _ForwardReader(stream)
         u = _Unpacker(root_fd, max_entries, max_bytes)
         current = "<header>"
         try:
-            with tarfile.open(fileobj=reader, mode="r|", tarinfo=_SafeTarInfo) as tf:  # type: ignore[call-overload]
+            # random-access mode over a stream that only goes forward: tarfile reads each
+            # header where the previous member ends, and never goes back
+            with tarfile.TarFile(fileobj=reader, mode="r", tarinfo=_SafeTarInfo) as tf:  # type: ignore[arg-type]
                 for m in tf:
                     current = m.name
                     u.entry(tf, m)
@@ -396,6 +443,7 @@ def unpack_layer(stream: BinaryIO, dest: Path, *, max_entries: int = DEFAULT_MAX
             if marker is None or len(marker) != tarfile.BLOCKSIZE or marker.count(0) != len(marker):
                 raise LayerError(f"truncated tar: no end-of-archive marker after entry {current!r}")
             u.finish()
+            u.stats.read_past_end = reader.fetched - reader.pos
         except LayerError:
             raise
         except (tarfile.TarError, EOFError, ValueError, OverflowError, zlib.error) as e:

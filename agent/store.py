@@ -558,7 +558,8 @@ class Store:
                     stats: LayerStats = unpack_layer(
                         tar_reader, diff, max_entries=self.max_layer_entries,  # type: ignore[arg-type]
                         max_bytes=self.max_layer_bytes)
-                    tar_reader.drain(_MAX_TRAILING)  # diff_id covers the whole tar incl. padding
+                    # diff_id covers the whole tar incl. padding (the unpacker read some of it ahead)
+                    tar_reader.drain(max(0, _MAX_TRAILING - stats.read_past_end))
                 except (OSError, EOFError, ValueError, zlib.error, LayerError) as e:
                     if isinstance(raw, (_Tee, _AheadBlob)):
                         # a download not verified yet: if it is not the announced content, say so

@@ -320,3 +320,33 @@ def test_overlay_applies_whiteouts(tmp_path: Path) -> None:
         assert sorted(os.listdir(mnt / "plain")) == ["new", "old"]
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+class _CountingStream(io.BytesIO):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        return super().read(size)
+
+
+def test_source_is_read_in_large_pieces(dest: Path) -> None:
+    """Every read of the source goes through gunzip and two hashes: a 9 MB layer of one big
+    file and 300 small ones is read in ~1 MiB pieces, not tarfile's 10 KiB (was ~900 reads)."""
+    big = os.urandom(1 << 16) * 128  # 8 MiB
+    entries = [reg("big", big)] + [reg(f"d/small{i}", bytes([i % 256]) * (i * 7)) for i in range(300)]
+    tar = make_tar(entries)
+    src = _CountingStream(tar)
+    stats = unpack_layer(src, dest)  # type: ignore[arg-type]
+    assert stats.entries == 301
+    assert src.reads <= len(tar) // (1 << 20) + 3, src.reads
+    assert (dest / "big").read_bytes() == big
+    assert all((dest / f"d/small{i}").read_bytes() == bytes([i % 256]) * (i * 7) for i in range(300))
+    # the stream was read to its end; what came after the end-of-archive block was read ahead
+    # (the padding to tar's 10 KiB record), and the store counts it against its trailing budget
+    assert src.tell() == len(tar)
+    assert 0 < stats.read_past_end <= tarfile.RECORDSIZE
+    end_block = len(tar) - stats.read_past_end - tarfile.BLOCKSIZE
+    assert tar[end_block:].count(0) == len(tar) - end_block
