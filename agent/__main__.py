@@ -14,7 +14,6 @@ from agent.engine import ENGINE_ROOT, Engine
 from agent.hostchanges import HostChanges
 
 SOCKET = "/run/pydesk/engine.sock"
-SWITCH_INTERVAL = 0.0005  # seconds; see main()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,13 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     # collector need not walk it again on every request (each walk is slow under TCG).
     gc.collect()
     gc.freeze()
-    # A thread that wants the interpreter lock back (after every read, write or wait) waits up
-    # to the switch interval while another thread computes. During a `run`, the request being
-    # answered, the exit's reaper and the spare namespace's netlink work overlap, and at the
-    # default 5 ms the request's thread came back up to 5 ms late after each of its syscalls.
-    # At 0.5 ms, `run --rm busybox true` in bursts of three took ~9 % less (medians of an
-    # interleaved A/B, 54 runs a side; see docs/architecture.md).
-    sys.setswitchinterval(SWITCH_INTERVAL)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         serve(engine, args.socket)
