@@ -1,6 +1,7 @@
 """The Docker Engine API (a versioned subset) over a unix socket in the guest.
 
-Plain ``http.server`` (the guest has only the standard library): HTTP/1.1 keep-alive,
+Plain ``http.server`` (the guest has only the standard library; request heads are read by
+``agent.http_request``, not ``email.parser``): HTTP/1.1 keep-alive,
 chunked streams for pulls, logs and events, and connection hijacking (101 UPGRADED) for
 attach and exec with Docker's 8-byte multiplexed framing when there is no TTY.
 """
@@ -27,6 +28,7 @@ from typing import Any
 from agent import archive
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, familiar, normalize
+from agent.http_request import RequestParsing
 from agent.store import ImageInUse, StoreError
 from agent.volumes import VolumeError
 
@@ -73,7 +75,7 @@ class Routes:
 routes = Routes()
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(RequestParsing):
     protocol_version = "HTTP/1.1"
     server_version = "pydesk-engine"
     engine: Engine
