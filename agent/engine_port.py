@@ -18,7 +18,12 @@ The wire, after a handshake (below), is frames: a 9-byte header ``kind, stream, 
 
 Flow control is per stream: a side sends at most ``WINDOW`` bytes not yet acknowledged, so a
 client that stops reading (`logs -f | less`) holds up its own stream and nothing else, and
-what waits in the relay is bounded. A stream ends when both sides have sent EOF and everything
+what waits in the relay is bounded. A receiver acknowledges once ``ACK_EVERY`` bytes (a
+quarter of the window) have been written out since its last ACK, not after every write: an
+API request and its answer are far smaller, and an ACK each way per request was two more
+wake-ups of the emulated guest for nothing. This cannot stall a sender: one that has used up
+its window has more than ``WINDOW - ACK_EVERY`` bytes queued at the receiver or on the way,
+and writing them out crosses the threshold. A stream ends when both sides have sent EOF and everything
 received was written out.
 
 Handshake and recovery: a port keeps what an earlier session left in it. The host sends
@@ -56,6 +61,7 @@ ENGINE_SOCKET = "/run/pydesk/engine.sock"
 HEADER = struct.Struct(">BII")
 ACK = struct.Struct(">I")
 WINDOW = 256 * 1024  # unacknowledged bytes per stream and direction
+ACK_EVERY = WINDOW // 4  # written bytes a receiver acknowledges at once (see above)
 MAX_FRAME = 64 * 1024  # the largest DATA payload a side sends
 MAX_LENGTH = WINDOW  # what a receiver accepts before calling the link out of step
 HELLO = re.compile(rb"PYDESK-ENGINE ([0-9a-f]{8,64})\n")
@@ -112,6 +118,7 @@ class Stream:
         self.sock: socket.socket | None = None  # None while connecting
         self.out = bytearray()  # from the host, not yet written to the socket
         self.credit = WINDOW  # what we may still send the host
+        self.unacked = 0  # written to the socket, not yet acknowledged to the host
         self.eof_in = False  # the host sent EOF
         self.eof_out = False  # we sent EOF
         self.shut = False  # our socket's write side is closed
@@ -369,8 +376,10 @@ class Relay:
                 return
             del s.out[:n]
             written += n
-        if written:
-            self._send(frame(Kind.ACK, s.sid, ACK.pack(written)))
+        s.unacked += written
+        if s.unacked >= ACK_EVERY:
+            self._send(frame(Kind.ACK, s.sid, ACK.pack(s.unacked)))
+            s.unacked = 0
         if s.eof_in and not s.out and not s.shut:
             s.shut = True
             with contextlib.suppress(OSError):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.engine_port import ACK, MAX_FRAME, WINDOW, Kind, OutOfStep, frame, hello_line, parse, ready_line
+from agent.engine_port import ACK, ACK_EVERY, MAX_FRAME, WINDOW, Kind, OutOfStep, frame, hello_line, parse, ready_line
 from vmkit.errors import AgentError
 from vmkit.spec import Endpoint
 from vmkit.transport import connect_endpoint
@@ -296,7 +296,9 @@ class EngineLink:
             return
 
     def _deliver(self, s: _Stream) -> None:
-        """The guest's bytes to the client, acknowledged once written."""
+        """The guest's bytes to the client, acknowledged ``ACK_EVERY`` bytes at a time once
+        written (agent/engine_port.py says why not each write)."""
+        unacked = 0
         while True:
             item = s.inbox.get()
             if isinstance(item, bytes):
@@ -308,8 +310,11 @@ class EngineLink:
                     self._close_stream(s)
                     self._unblock(s.conn)
                     return
-                with contextlib.suppress(OSError):
-                    self._send(frame(Kind.ACK, s.sid, ACK.pack(len(item))))
+                unacked += len(item)
+                if unacked >= ACK_EVERY:
+                    with contextlib.suppress(OSError):
+                        self._send(frame(Kind.ACK, s.sid, ACK.pack(unacked)))
+                    unacked = 0
             elif item is EOF:
                 _shutdown_write(s.conn)
                 with s.cond:

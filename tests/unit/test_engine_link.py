@@ -166,16 +166,24 @@ def test_stale_bytes_before_the_hello_are_skipped(tmp_path: Path, engine: EchoEn
         buf = b""
         while engine_port.ready_line(b"0123456789abcdef") not in buf:
             buf += qemu_side.recv(100)
-        qemu_side.sendall(engine_port.frame(engine_port.Kind.OPEN, 7))
-        qemu_side.sendall(engine_port.frame(engine_port.Kind.DATA, 7, b"hi"))
-        qemu_side.sendall(engine_port.frame(engine_port.Kind.EOF, 7))
+        # a request smaller than ACK_EVERY is answered with no ACK; a bigger one is acknowledged
+        # in ACK_EVERY-sized steps once written (what was not acknowledged yet is owed no ACK:
+        # the stream ends)
+        small, big = b"hi", os.urandom(engine_port.ACK_EVERY + 1000)
+        for sid, payload in ((7, small), (8, big)):
+            qemu_side.sendall(engine_port.frame(engine_port.Kind.OPEN, sid))
+            for at in range(0, len(payload), engine_port.MAX_FRAME):
+                qemu_side.sendall(engine_port.frame(engine_port.Kind.DATA, sid, payload[at:at + engine_port.MAX_FRAME]))
+            qemu_side.sendall(engine_port.frame(engine_port.Kind.EOF, sid))
         got = bytearray()
         frames: list[tuple[engine_port.Kind, int, bytes]] = []
-        while not any(k is engine_port.Kind.EOF for k, _, _ in frames):
+        while sum(k is engine_port.Kind.EOF for k, _, _ in frames) < 2:
             got += qemu_side.recv(65536)
             frames += engine_port.parse(got)
-        assert b"".join(p for k, sid, p in frames if k is engine_port.Kind.DATA and sid == 7) == b"hi"
-        assert (engine_port.Kind.ACK, 7, engine_port.ACK.pack(2)) in frames
+        assert b"".join(p for k, sid, p in frames if k is engine_port.Kind.DATA and sid == 7) == small
+        assert b"".join(p for k, sid, p in frames if k is engine_port.Kind.DATA and sid == 8) == big
+        acks = [(sid, engine_port.ACK.unpack(p)[0]) for k, sid, p in frames if k is engine_port.Kind.ACK]
+        assert [sid for sid, _ in acks] == [8] and acks[0][1] >= engine_port.ACK_EVERY
         until(lambda: not relay.streams)
     finally:
         relay.stop()
