@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from agent.api import serve
+from agent.containers import RECORDS
 from agent.engine import ENGINE_ROOT, Engine
 from agent.hostchanges import HostChanges
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         # exited containers' clean-ups still waiting for a quiet moment: done now, so the
         # data disk has no rootfs of theirs mounted when the VM shuts down
         engine.housekeeper.expedite()
+        RECORDS.flush(30)  # the containers' records still being written
     return 0
 
 

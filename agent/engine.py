@@ -410,7 +410,7 @@ class Engine:
     def _write_etc(self, c: Container, addresses: list[str]) -> None:
         cfg, host = c.r["Config"], c.r["HostConfig"]
         hostname = cfg["Hostname"]
-        (c.root / "hostname").write_text(hostname + "\n")
+        runtime.write_file(c.root / "hostname", f"{hostname}\n".encode())
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         for a in addresses:
             lines.append(f"{a}\t{hostname}")
@@ -421,7 +421,7 @@ class Engine:
             if addr == "host-gateway":
                 addr = HOST_GATEWAY
             lines.append(f"{addr}\t{name}")
-        (c.root / "hosts").write_text("\n".join(lines) + "\n")
+        runtime.write_file(c.root / "hosts", ("\n".join(lines) + "\n").encode())
         dns = host.get("Dns") or []
         first = next(iter(c.r["NetworkSettings"]["Networks"]), "")
         user_net = None
@@ -440,7 +440,7 @@ class Engine:
             resolv += "search " + " ".join(host["DnsSearch"]) + "\n"
         if options:
             resolv += "options " + " ".join(options) + "\n"
-        (c.root / "resolv.conf").write_text(resolv)
+        runtime.write_file(c.root / "resolv.conf", resolv.encode())
 
     def _setup_network(self, c: Container) -> tuple[str | None, Network | None]:
         """The container's namespace path and, when it took over a spare namespace, the

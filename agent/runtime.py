@@ -218,12 +218,25 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
     }
 
 
+def write_file(path: Path | str, data: bytes, mode: int = 0o644) -> None:
+    """A small file written with plain system calls: ``Path.write_text`` (a text wrapper around
+    a buffered file) costs ~1.5 ms more per file in this emulated guest, and a start writes
+    four of them."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def write_bundle(bundle: Path, spec: ContainerSpec) -> Path:
+    """config.json, written in place: crun reads it only once this returns, and a start that
+    fails half-way writes it again the next time."""
     bundle.mkdir(parents=True, exist_ok=True)
     path = bundle / "config.json"
-    tmp = bundle / "config.json.tmp"
-    tmp.write_text(json.dumps(oci_config(spec)))  # no indent: that is json's slow pure-Python encoder
-    os.replace(tmp, path)
+    write_file(path, json.dumps(oci_config(spec)).encode())  # no indent: json's slow pure-Python encoder
     return path
 
 
