@@ -9,7 +9,6 @@ import signal
 import sys
 from pathlib import Path
 
-from agent import interpreter
 from agent.api import serve
 from agent.containers import RECORDS
 from agent.engine import ENGINE_ROOT, Engine
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     gc.freeze()
     signal.signal(signal.SIGTERM, _terminate)
-    interpreter.for_requests()
     try:
         serve(engine, args.socket)
     finally:

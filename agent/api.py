@@ -25,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent import archive, interpreter
+from agent import archive
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, familiar, normalize
 from agent.http_request import RequestParsing
@@ -969,8 +969,7 @@ def image_create(h: Handler) -> None:
         send(msg)
 
     try:
-        with interpreter.bulk_work():
-            pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
+        pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
     except _PullFailed as exc:
         low = str(exc).lower()
         status = 404 if any(w in low for w in ("not found", "unknown", "denied", "does not exist")) else 500
@@ -1034,8 +1033,7 @@ def _save(h: Handler, names: list[str]) -> None:
 
 @routes.add("POST", "/images/load")
 def image_load(h: Handler) -> None:
-    with interpreter.bulk_work():
-        ids = h.engine.store.load(h.body_stream(), normalize=normalize)  # type: ignore[arg-type]
+    ids = h.engine.store.load(h.body_stream(), normalize=normalize)  # type: ignore[arg-type]
     lines = []
     for i in ids:
         img = h.engine.store.image(i)
