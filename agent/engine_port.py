@@ -23,8 +23,8 @@ quarter of the window) have been written out since its last ACK, not after every
 API request and its answer are far smaller, and an ACK each way per request was two more
 wake-ups of the emulated guest for nothing. This cannot stall a sender: one that has used up
 its window has more than ``WINDOW - ACK_EVERY`` bytes queued at the receiver or on the way,
-and writing them out crosses the threshold. A stream ends when both sides have sent EOF and everything
-received was written out.
+and writing them out crosses the threshold. A stream ends when both sides have sent EOF and
+everything received was written out.
 
 Handshake and recovery: a port keeps what an earlier session left in it. The host sends
 ``PYDESK-ENGINE <nonce>\\n`` (again every second until answered); the relay skips everything
