@@ -25,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent import archive
+from agent import archive, workers
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, familiar, normalize
 from agent.http_request import RequestParsing
@@ -1301,50 +1301,28 @@ def archive_put(h: Handler, ref: str) -> None:
 
 # --- server -------------------------------------------------------------------------------------
 class Server(socketserver.UnixStreamServer):
-    """A thread per connection, as ``socketserver.ThreadingMixIn`` does, except that a thread
-    whose connection ended waits a while for the next one instead of exiting: a thread start
-    costs milliseconds under TCG, and many clients (docker-py among them) open a connection
-    for most requests."""
+    """A thread per connection, as ``socketserver.ThreadingMixIn`` does, but from the engine's
+    pool (agent/workers.py): a thread start costs milliseconds under TCG, and many clients
+    (docker-py among them) open a connection for most requests."""
 
     allow_reuse_address = True
-    idle_seconds = 30.0
 
-    def __init__(self, path: str, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(self, path: str, handler: type[BaseHTTPRequestHandler], pool: workers.Workers | None = None) -> None:
         super().__init__(path, handler)
-        self._lock = threading.Lock()
-        self._idle = 0
-        self._handoff: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self.pool = pool or workers.WORKERS
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._lock:
-            if self._idle:
-                self._idle -= 1
-                self._handoff.put((request, client_address))
-                return
-        threading.Thread(target=self._work, args=(request, client_address), daemon=True).start()
+        self.pool.spawn(self._serve, request, client_address, name="api")
 
-    def _work(self, request: Any, client_address: Any) -> None:
-        while True:
-            try:
-                self.finish_request(request, client_address)
-            except (ConnectionResetError, BrokenPipeError):
-                pass  # the client went away mid-request: nothing to answer, nothing to report
-            except Exception:
-                self.handle_error(request, client_address)
-            finally:
-                self.shutdown_request(request)
-            with self._lock:
-                self._idle += 1
-            try:
-                request, client_address = self._handoff.get(timeout=self.idle_seconds)
-                continue
-            except queue.Empty:
-                pass
-            with self._lock:
-                if self._idle:  # still counted as idle: nobody is handing us a connection
-                    self._idle -= 1
-                    return
-            request, client_address = self._handoff.get()  # handed over as we timed out
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # the client went away mid-request: nothing to answer, nothing to report
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
 
 def serve(engine: Engine, path: str) -> None:

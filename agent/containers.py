@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import runtime
+from agent import runtime, workers
 from agent.logs import LogFile, now_rfc3339
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ class Process:
         self.on_output = on_output
         self.master: int | None = None
         self.stdin_w: int | None = None
-        self._threads: list[threading.Thread] = []
+        self._jobs: list[workers.Job] = []
         if tty:
             srv, sock = _console_listener()
             box: dict[str, Any] = {}
@@ -271,8 +271,7 @@ class Process:
                 except OSError as exc:
                     log.warning("no terminal from crun: %s", exc)
 
-            t = threading.Thread(target=receive, daemon=True)
-            t.start()
+            t = workers.spawn(receive, name="console")
             at = next(i for i, a in enumerate(argv) if a in ("run", "exec", "create")) + 1
             argv = argv[:at] + ["--console-socket", str(sock)] + argv[at:]
             try:
@@ -300,7 +299,7 @@ class Process:
             self._start_reader({out_r: "stdout", err_r: "stderr"})
 
     def _start_reader(self, streams: dict[int, str], is_master: bool = False) -> None:
-        """One thread reads every stream until its end (a thread start is slow under TCG)."""
+        """One worker reads every stream until its end."""
         def reader() -> None:
             open_fds = dict(streams)
             try:
@@ -326,9 +325,7 @@ class Process:
                     for fd in open_fds:
                         os.close(fd)
 
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._jobs.append(workers.spawn(reader, name="output"))
 
     def write_stdin(self, data: bytes) -> None:
         if self.stdin_w is not None:
@@ -349,7 +346,7 @@ class Process:
             fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def drain(self, timeout: float = 5) -> None:
-        for t in self._threads:
+        for t in self._jobs:
             t.join(timeout)
         if self.master is not None:
             with contextlib.suppress(OSError):

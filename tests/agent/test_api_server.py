@@ -1,5 +1,5 @@
-"""The engine API's server (agent/api.py ``Server``): a thread per connection, and threads
-kept for the next connection rather than started anew."""
+"""The engine API's server (agent/api.py ``Server``): a thread per connection, from a pool
+(agent/workers.py) whose threads wait for the next connection rather than exit."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent.api import Server
+from agent.workers import Workers
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -37,8 +38,7 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[Server, str]]:
     path = str(tmp_path / "engine.sock")
-    srv = Server(path, _Handler)
-    srv.idle_seconds = 0.5
+    srv = Server(path, _Handler, Workers(idle_seconds=0.5))
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     _Handler.threads.clear()
@@ -72,7 +72,7 @@ def test_connections_one_after_another_reuse_one_thread(server: tuple[Server, st
         # the answer is out before its thread is back waiting; a busy machine may let the next
         # connection in first (and that one rightly gets a thread of its own)
         deadline = time.monotonic() + 5
-        while srv._idle < 1:
+        while srv.pool.idle() < 1:
             assert time.monotonic() < deadline, "the thread never went back to waiting"
             time.sleep(0.005)
     assert len(idents) == 1
@@ -99,7 +99,7 @@ def test_concurrent_connections_each_get_a_thread_and_idle_ones_retire(server: t
     while threading.active_count() > before:  # after idle_seconds the spare threads exit
         assert time.monotonic() < deadline, "idle threads did not exit"
         time.sleep(0.05)
-    assert srv._idle == 0
+    assert srv.pool.idle() == 0
     assert get(path) > 0  # and a new connection still gets a thread
 
 
