@@ -13,6 +13,7 @@ import os
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import stat
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import reference, runtime, seccomp
+from agent import reference, runtime, seccomp, workers
 from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
@@ -602,23 +603,19 @@ class Engine:
                     c.logfile = LogFile(c.log_path)
                 crun_log = c.root / "crun.log"
                 crun_log.unlink(missing_ok=True)
-                pid_file = c.root / "init.pid"
-                pid_file.unlink(missing_ok=True)
                 # `crun run` in the foreground is the container's parent (our conmon): it reaps
                 # everything in the container and exits with its status.
                 runtime.prepare_cgroup(c.id)
                 steps("cgroup")
-                argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
-                        "--pid-file", str(pid_file), "--bundle", str(c.root), c.id]
-                held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
-                proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
-                               on_output=held.write)
-                # the reaper now: its thread start (milliseconds under TCG) overlaps crun's work;
-                # it acts on crun's exit once this start has gone through (`go`)
-                threading.Thread(target=self._reap, args=(c, proc, go), name=f"reap-{c.id[:12]}", daemon=True).start()
-                deadline = time.monotonic() + 60
-                while not _pid_written(pid_file) and proc.proc.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.005)
+                with PidFifo(c.root / "init.pid") as pid_fifo:
+                    argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
+                            "--pid-file", str(pid_fifo.path), "--bundle", str(c.root), c.id]
+                    held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
+                    proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
+                                   on_output=held.write)
+                    # the reaper now: it acts on crun's exit once this start has gone through (`go`)
+                    workers.spawn(self._reap, c, proc, go, name=f"reap-{c.id[:12]}")
+                    pid = pid_fifo.wait(proc.proc, timeout=60)
                 rc = proc.proc.poll()
                 steps("crun")
                 if refill is not None:  # a new spare; not earlier, where it would compete with crun
@@ -631,7 +628,7 @@ class Engine:
                     held.release(drop=error)
                     raise EngineError(_start_status(message), message)
                 held.release()
-                pid = _read_pid(pid_file, proc.proc) or int((runtime.state(c.id) or {}).get("pid") or 0)
+                pid = pid or int((runtime.state(c.id) or {}).get("pid") or 0)
             except EngineError as exc:
                 self._start_failed(c, exc.message)
                 raise
@@ -1114,7 +1111,7 @@ class Engine:
             e.done.set()
             self.events.emit("container", "exec_die", c.id, {"name": c.name, "execID": e.id, "exitCode": str(rc)})
 
-        threading.Thread(target=waiter, daemon=True).start()
+        workers.spawn(waiter, name=f"exec-{e.id[:12]}")
         return proc
 
     def _exec_process(self, c: Container, e: ExecInstance, uid: int, gid: int, extra: tuple[int, ...]) -> Path | None:
@@ -1265,28 +1262,60 @@ def _clear_endpoints(c: Container) -> None:
         ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
 
 
-def _pid_written(pid_file: Path) -> bool:
-    """crun has written its pid file (it creates the file, then writes the number in one write)."""
+class PidFifo:
+    """crun's --pid-file as a named pipe: the start hears the container's pid the moment crun
+    writes it (crun opens the path, writes the number, closes it), where polling a file costs
+    wake-ups of the engine while crun works, and up to a poll interval of latency."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def __enter__(self) -> PidFifo:
+        self.path.unlink(missing_ok=True)
+        os.mkfifo(self.path, 0o600)
+        # a reader that never blocks: crun's open for writing succeeds at once, and until crun
+        # has opened it, the pipe is neither readable nor hung up
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)  # a stale pipe must not be mistaken for a pid file
+
+    def wait(self, crun: subprocess.Popen[bytes], timeout: float) -> int:
+        """The pid crun wrote, once it has closed the pipe; 0 if crun exited (or the timeout
+        passed) without writing one."""
+        data = b""
+        deadline = time.monotonic() + timeout
+        with contextlib.ExitStack() as stack:
+            watch = [self._fd]
+            try:
+                pidfd = os.pidfd_open(crun.pid)
+                stack.callback(os.close, pidfd)
+                watch.append(pidfd)
+            except OSError:  # crun has been reaped already (it failed at once)
+                pidfd = -1
+            while (left := deadline - time.monotonic()) > 0:
+                ready, _, _ = select.select(watch, [], [], left)
+                if self._fd in ready:
+                    chunk = os.read(self._fd, 64)
+                    if chunk:
+                        data += chunk
+                        continue
+                    break  # crun closed it: the number is whole
+                if pidfd in ready or pidfd < 0:
+                    data += _read_nonblocking(self._fd)  # it may have written just before it exited
+                    break
+        text = data.decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+
+
+def _read_nonblocking(fd: int) -> bytes:
     try:
-        return pid_file.stat().st_size > 0
-    except FileNotFoundError:
-        return False
-
-
-def _read_pid(pid_file: Path, crun: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
-    """The container's pid from crun's pid file. crun creates the file before it writes the
-    number, so an empty read means "not yet": read again while crun runs, never take it as 0."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            text = pid_file.read_text().strip()
-        except OSError:
-            text = ""
-        if text.isdigit():
-            return int(text)
-        if crun.poll() is not None or time.monotonic() > deadline:
-            return 0
-        time.sleep(0.005)
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
 
 
 class _Steps:
