@@ -4,10 +4,12 @@ The default network is ``bridge`` (Docker's semantics: no name resolution betwee
 containers); user-defined networks get their own bridge and subnet. Each container with a
 network gets a named network namespace (``/run/netns/pydesk-<id12>``) that crun joins.
 
-A namespace costs tens of milliseconds to make under TCG, so each network in use keeps one
-spare, made in the background with the network's next address on its eth0: the next
-container on that network without a fixed address takes it over (renamed to its own path),
-and a new spare is made once that container runs.
+A namespace costs ~50 ms of guest CPU to make under TCG (half of it the kernel's, half our
+netlink requests), so each network in use keeps a few spares (``SPARES``), each made in the
+background with one of the network's next addresses on its eth0: the next container on that
+network without a fixed address takes one over (renamed to its own path). When they are made
+is the engine's choice (``refill``): a start that took the last one has one more made at once,
+the rest wait for a quiet moment, so a burst of starts does not pay for its successors.
 """
 
 from __future__ import annotations
@@ -33,12 +35,14 @@ DEFAULT_SUBNET = "172.17.0.0/16"
 USER_POOL = ipaddress.ip_network("172.18.0.0/15")  # 172.18.0.0/16 … 172.19.0.0/16, then /24s
 NETNS_DIR = Path("/run/netns")
 SPARE_PREFIX = "pydesk-spare-"
+SPARES = 4  # spare namespaces kept per network in use
 
 
 class _Spare(NamedTuple):
     path: Path
     address: str
     info: dict[str, Any]
+    owner: str  # who holds the address in the leases (see _spare_owner)
 
 
 class NetworkError(Exception):
@@ -99,9 +103,9 @@ class Networks:
         self.leases: dict[str, dict[str, str]] = {}  # network id -> {ip: container id}
         self.on_up: list[Callable[[Network], None]] = []    # a user-defined network's bridge is up
         self.on_down: list[Callable[[Network], None]] = []  # ... and is being removed
-        self.spares: dict[str, _Spare] = {}  # network id -> a namespace ready for the next container
+        self.spares: dict[str, list[_Spare]] = {}  # network id -> namespaces ready for the next containers
         self._filling: set[str] = set()
-        self._refills: queue.SimpleQueue[Network] = queue.SimpleQueue()
+        self._refills: queue.SimpleQueue[tuple[Network, int]] = queue.SimpleQueue()
         self._refiller: threading.Thread | None = None
         for p in sorted(root.glob("*.json")):
             net = Network(json.loads(p.read_text()))
@@ -171,7 +175,7 @@ class Networks:
             self.drop_spare(net)
             # a spare still being made holds an address too: it gives way (fill_spare drops it
             # once it finds the network gone)
-            if any(owner != _spare_owner(net) for owner in self.leases.get(net.id, {}).values()):
+            if any(not _is_spare_owner(owner, net) for owner in self.leases.get(net.id, {}).values()):
                 raise RuntimeError(f"error while removing network: network {net.name} id {net.id} has active endpoints")
             self.leases.pop(net.id, None)
             for cb in self.on_down:
@@ -192,7 +196,6 @@ class Networks:
             _remove_netns_file(stale)
         for net in self.nets.values():
             self.ensure_bridge(net)
-        self.refill(self.get("bridge"))
 
     def ensure_bridge(self, net: Network) -> None:
         if not Path(f"/sys/class/net/{net.bridge}").exists():
@@ -228,11 +231,12 @@ class Networks:
     def allocate(self, net: Network, container_id: str, want: str | None = None) -> str:
         with self.lock:
             leases = self.leases.setdefault(net.id, {})
-            spare = self.spares.get(net.id)
+            spares = self.spares.get(net.id, [])
             if want:
-                if spare is not None and spare.address == want:
-                    self.drop_spare(net)
-                if want in leases and leases[want] not in (container_id, _spare_owner(net)):
+                for spare in [s for s in spares if s.address == want]:
+                    self._drop(net, spare)
+                holder = leases.get(want)
+                if holder is not None and holder != container_id and not _is_spare_owner(holder, net):
                     raise ValueError(f"Address already in use: {want}")  # (a spare being made gives way)
                 leases[want] = container_id
                 return want
@@ -242,8 +246,9 @@ class Networks:
                     continue
                 leases[a] = container_id
                 return a
-            if spare is not None and container_id != _spare_owner(net):  # the last address
-                self.drop_spare(net)
+            if spares and not _is_spare_owner(container_id, net):  # the last addresses are the spares'
+                spare = spares[0]
+                self._drop(net, spare)
                 leases[spare.address] = container_id
                 return spare.address
         raise ValueError(f"no available IPv4 addresses on network {net.name}")
@@ -331,21 +336,26 @@ class Networks:
             pass
 
     # --- spare namespaces -------------------------------------------------------------
-    def refill(self, net: Network) -> None:
-        """Have ``net``'s spare made in the background, by one long-lived thread (a thread start
-        costs milliseconds under TCG, and a `run` would pay it)."""
+    def refill(self, net: Network, count: int = SPARES) -> None:
+        """Have ``net``'s spares made up to ``count``, in the background, by one long-lived
+        thread (a thread start costs milliseconds under TCG, and a `run` would pay it)."""
         with self.lock:
             if self._refiller is None:
                 self._refiller = threading.Thread(target=self._refill_loop, name="netns-spare", daemon=True)
                 self._refiller.start()
-        self._refills.put(net)
+        self._refills.put((net, count))
+
+    def spare_count(self, net: Network) -> int:
+        with self.lock:
+            return len(self.spares.get(net.id, []))
 
     def _refill_loop(self) -> None:
         with netlink.namespace_worker():  # its namespace switches made in place, not in new threads
             while True:
-                net = self._refills.get()
+                net, count = self._refills.get()
                 try:
-                    self.fill_spare(net)
+                    while self.fill_spare(net, count):
+                        pass
                 except netlink.NamespaceLost:
                     log.exception("the spare-namespace thread is stuck in another namespace; a new one takes over")
                     with self.lock:
@@ -354,28 +364,28 @@ class Networks:
                 except Exception:  # the next container makes its own namespace
                     log.exception("making a spare network namespace for %s failed", net.name)
 
-    def fill_spare(self, net: Network) -> None:
-        """Make ``net``'s spare namespace if it has none (slow: call it off the request path)."""
-        owner = _spare_owner(net)
+    def fill_spare(self, net: Network, count: int = 1) -> bool:
+        """Make one more spare namespace for ``net`` if it has fewer than ``count``; whether
+        it made one (slow: call it off the request path)."""
+        token = secrets.token_hex(4)
+        owner = _spare_owner(net, token)
         with self.lock:
-            if net.id in self.spares or net.id in self._filling or net.id not in self.nets:
-                return
+            if len(self.spares.get(net.id, [])) >= count or net.id in self._filling or net.id not in self.nets:
+                return False
             try:
                 address = self.allocate(net, owner)
             except ValueError:
-                return  # the network is full: containers make their own namespaces
+                return False  # the network is full: containers make their own namespaces
             self._filling.add(net.id)
-        path = NETNS_DIR / f"{SPARE_PREFIX}{net.id[:12]}"
+        path = NETNS_DIR / f"{SPARE_PREFIX}{net.id[:12]}-{token}"
         spare = None
         lost: netlink.NamespaceLost | None = None
         try:
-            if path.exists():
-                _remove_netns_file(path)
             netlink.create_netns(path)
             mac, info = self._endpoint(net, address)
             netlink.add_veth(path, net.bridge, "veth" + secrets.token_hex(4), "eth0", mac, address,
                              net.subnet.prefixlen, str(net.gateway))
-            spare = _Spare(path, address, info)
+            spare = _Spare(path, address, info, owner)
         except netlink.NamespaceLost as exc:
             lost = exc
         except OSError as exc:
@@ -383,20 +393,22 @@ class Networks:
         with self.lock:
             self._filling.discard(net.id)
             if spare is not None and net.id in self.nets and self.leases.get(net.id, {}).get(address) == owner:
-                self.spares[net.id] = spare
-                return
-            self.release(owner, net)
+                self.spares.setdefault(net.id, []).append(spare)
+                return True
+            self.release(owner, net)  # (unless a container with that fixed address took it meanwhile)
         _remove_netns_file(path)
         if lost is not None:
             raise lost
+        return False
 
     def take_spare(self, net: Network, container_id: str) -> tuple[str, dict[str, Any]] | None:
-        """``net``'s spare namespace, now the container's (its path and eth0's endpoint), or
-        None when there is none ready."""
+        """One of ``net``'s spare namespaces, now the container's (its path and eth0's
+        endpoint), or None when there is none ready."""
         with self.lock:
-            spare = self.spares.pop(net.id, None)
-            if spare is None:
+            spares = self.spares.get(net.id)
+            if not spares:
                 return None
+            spare = spares.pop(0)
             self.leases[net.id][spare.address] = container_id
         target = NETNS_DIR / self.netns_name(container_id)
         try:
@@ -411,11 +423,18 @@ class Networks:
         return str(target), dict(spare.info)
 
     def drop_spare(self, net: Network) -> None:
+        """Remove all of ``net``'s spare namespaces."""
         with self.lock:
-            spare = self.spares.pop(net.id, None)
-            if spare is None:
+            for spare in list(self.spares.get(net.id, [])):
+                self._drop(net, spare)
+
+    def _drop(self, net: Network, spare: _Spare) -> None:
+        with self.lock:
+            spares = self.spares.get(net.id, [])
+            if spare not in spares:
                 return
-            self.release(_spare_owner(net), net)
+            spares.remove(spare)
+            self.release(spare.owner, net)
         _remove_netns_file(spare.path)
 
     def delete_netns(self, container_id: str) -> None:
@@ -425,9 +444,13 @@ class Networks:
         _remove_netns_file(NETNS_DIR / self.netns_name(container_id))
 
 
-def _spare_owner(net: Network) -> str:
+def _spare_owner(net: Network, token: str) -> str:
     """Who holds a spare namespace's address in the leases (never a container id)."""
-    return f"spare:{net.id[:12]}"
+    return f"spare:{net.id[:12]}:{token}"
+
+
+def _is_spare_owner(owner: str, net: Network) -> bool:
+    return owner.startswith(f"spare:{net.id[:12]}:")
 
 
 def _remove_netns_file(path: Path) -> None:

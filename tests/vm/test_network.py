@@ -300,18 +300,39 @@ def test_connect_and_disconnect_a_running_container(vm: Pydesk, cleanup: list[st
         vm("network", "rm", net, home)
 
 
+def _spares(vm: Pydesk, net_id: str) -> list[str]:
+    """The spare namespaces the engine holds for a network (agent/network.py SPARE_PREFIX)."""
+    r = vm("vm", "shell", "--", "ls", "/run/netns", check=True)
+    return [n for n in r.stdout.split() if n.startswith(f"pydesk-spare-{net_id[:12]}-")]
+
+
+def _wait_spares(vm: Pydesk, net_id: str, want: int, deadline: float = 60) -> list[str]:
+    end = time.monotonic() + deadline
+    while len(spares := _spares(vm, net_id)) != want:
+        assert time.monotonic() < end, f"{len(spares)} spare namespaces, not {want}"
+        time.sleep(1)
+    return spares
+
+
 def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list[str]) -> None:
-    """Each network in use keeps a spare namespace holding its next address (agent/network.py):
-    a container that asks for that address gets it, addresses stay unique, the spare never
-    shows as an endpoint, and the network can still be removed."""
+    """Each network in use keeps spare namespaces holding its next addresses (agent/network.py):
+    four once the engine is quiet, which a burst of starts takes over; a container that asks
+    for a spare's address gets it, addresses stay unique, spares never show as endpoints,
+    and removing the network removes them."""
     net, a, b, c, d = name(), name(), name(), name(), name()
     cleanup += [a, b, c, d]
-    vm("network", "create", "--subnet", "10.77.0.0/24", net, check=True)
+    net_id = vm("network", "create", "--subnet", "10.77.0.0/24", net, check=True).stdout.strip()
     try:
+        assert _spares(vm, net_id) == []  # a network nobody has used keeps none
         vm("run", "-d", "--name", a, "--network", net, "busybox", "sleep", "600", check=True)
-        # the spare made after a's start holds 10.77.0.3; b asks for exactly that
+        # a's start found none: one is made at once, the pool filled up to four when quiet,
+        # holding 10.77.0.3 to 10.77.0.6
+        before = _wait_spares(vm, net_id, 4)
+        # b asks for the address of one of them; c takes one over
         vm("run", "-d", "--name", b, "--network", net, "--ip", "10.77.0.3", "busybox", "sleep", "600", check=True)
         vm("run", "-d", "--name", c, "--network", net, "busybox", "sleep", "600", check=True)
+        after = _spares(vm, net_id)
+        assert len(set(before) - set(after)) >= 2  # one dropped for b, one taken by c
         ips = {}
         for n in (a, b, c):
             info = json.loads(vm("inspect", n, check=True).stdout)[0]
@@ -333,6 +354,7 @@ def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list
         r = vm("network", "rm", net)
     assert r.returncode == 0, r.stderr
     assert net not in vm("network", "ls", "--format", "{{.Name}}", check=True).stdout.split()
+    _wait_spares(vm, net_id, 0, deadline=10)  # (one still being made is discarded when it finds the network gone)
 
 
 def test_network_none_has_only_loopback(vm: Pydesk) -> None:
