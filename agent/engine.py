@@ -566,10 +566,11 @@ class Engine:
         """After a start that took one of ``net``'s spare namespaces (or found none): one more
         made at once if it took the last, so the next start need not make its own; the rest
         once the engine is quiet, so the starts of a burst do not pay for each other's (a
-        namespace costs ~50 ms of CPU)."""
+        namespace costs ~50 ms of CPU). The quiet moment's filling stops when a request comes."""
         if not self.networks.spare_count(net):
             self.networks.refill(net, 1)
-        self.housekeeper.defer(f"spares-{net.id}", lambda: self.networks.refill(net, SPARES), "spare namespaces")
+        self.housekeeper.defer(f"spares-{net.id}", lambda: self.networks.refill(net, SPARES, self.housekeeper.is_quiet),
+                               "spare namespaces")
 
     def start(self, c: Container) -> None:
         self.housekeeper.expedite(c.id)  # the previous run's namespace and mount are gone first

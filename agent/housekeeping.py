@@ -71,6 +71,10 @@ class Housekeeper:
                 self._worker.start()
             self._cond.notify_all()
 
+    def is_quiet(self) -> bool:
+        """No API request has started for ``quiet`` seconds."""
+        return self._clock() - self._last_request >= self.quiet
+
     def pending(self, key: str | None = None) -> int:
         with self._cond:
             return sum(1 for t in self._waiting if key is None or t.key == key)

@@ -105,7 +105,7 @@ class Networks:
         self.on_down: list[Callable[[Network], None]] = []  # ... and is being removed
         self.spares: dict[str, list[_Spare]] = {}  # network id -> namespaces ready for the next containers
         self._filling: set[str] = set()
-        self._refills: queue.SimpleQueue[tuple[Network, int]] = queue.SimpleQueue()
+        self._refills: queue.SimpleQueue[tuple[Network, int, Callable[[], bool] | None]] = queue.SimpleQueue()
         self._refiller: threading.Thread | None = None
         for p in sorted(root.glob("*.json")):
             net = Network(json.loads(p.read_text()))
@@ -336,14 +336,15 @@ class Networks:
             pass
 
     # --- spare namespaces -------------------------------------------------------------
-    def refill(self, net: Network, count: int = SPARES) -> None:
+    def refill(self, net: Network, count: int = SPARES, while_: Callable[[], bool] | None = None) -> None:
         """Have ``net``'s spares made up to ``count``, in the background, by one long-lived
-        thread (a thread start costs milliseconds under TCG, and a `run` would pay it)."""
+        thread (a thread start costs milliseconds under TCG, and a `run` would pay it); after
+        the first, only as long as ``while_()`` holds."""
         with self.lock:
             if self._refiller is None:
                 self._refiller = threading.Thread(target=self._refill_loop, name="netns-spare", daemon=True)
                 self._refiller.start()
-        self._refills.put((net, count))
+        self._refills.put((net, count, while_))
 
     def spare_count(self, net: Network) -> int:
         with self.lock:
@@ -352,9 +353,9 @@ class Networks:
     def _refill_loop(self) -> None:
         with netlink.namespace_worker():  # its namespace switches made in place, not in new threads
             while True:
-                net, count = self._refills.get()
+                net, count, while_ = self._refills.get()
                 try:
-                    while self.fill_spare(net, count):
+                    while self.fill_spare(net, count) and (while_ is None or while_()):
                         pass
                 except netlink.NamespaceLost:
                     log.exception("the spare-namespace thread is stuck in another namespace; a new one takes over")

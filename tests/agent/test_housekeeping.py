@@ -122,3 +122,17 @@ def test_the_clock_decides(monkeypatch: pytest.MonkeyPatch) -> None:
         clock.t += 0.3
         assert hk._due(clock()) == 0
     hk.expedite()
+
+
+def test_is_quiet_follows_the_last_request() -> None:
+    clock = Clock()
+    hk = Housekeeper(quiet=0.5, clock=clock)
+    assert not hk.is_quiet()  # a new engine counts as just asked
+    clock.t += 0.5
+    assert hk.is_quiet()
+    hk.request_started()
+    assert not hk.is_quiet()
+    clock.t += 0.49
+    assert not hk.is_quiet()
+    clock.t += 0.01
+    assert hk.is_quiet()
