@@ -35,6 +35,7 @@ DEFAULT_SUBNET = "172.17.0.0/16"
 USER_POOL = ipaddress.ip_network("172.18.0.0/15")  # 172.18.0.0/16 … 172.19.0.0/16, then /24s
 NETNS_DIR = Path("/run/netns")
 SPARE_PREFIX = "pydesk-spare-"
+NET_ADDR_SET = "3"  # /sys/class/net/*/addr_assign_type of an address set by hand (linux/netdevice.h)
 SPARES = 4  # spare namespaces kept per network in use
 
 
@@ -198,10 +199,19 @@ class Networks:
             self.ensure_bridge(net)
 
     def ensure_bridge(self, net: Network) -> None:
-        if not Path(f"/sys/class/net/{net.bridge}").exists():
-            ip("-batch", "-", input=f"link add {net.bridge} type bridge\n"
+        """The network's bridge, with the gateway address and a MAC address of its own. A
+        bridge without one takes the lowest of its ports' (veths with random addresses), so
+        each new container or spare namespace could change it under the running containers,
+        whose cached gateway entry then points nowhere until the kernel probes it again (~30
+        s without DNS, NAT or host.docker.internal). Docker fixes the bridge's address too."""
+        sys_dir = Path(f"/sys/class/net/{net.bridge}")
+        mac = mac_address(str(net.gateway))
+        if not sys_dir.exists():
+            ip("-batch", "-", input=f"link add {net.bridge} address {mac} type bridge\n"
                                     f"addr add {net.gateway}/{net.subnet.prefixlen} dev {net.bridge}\n"
                                     f"link set {net.bridge} up\n")
+        elif (sys_dir / "addr_assign_type").read_text().strip() != NET_ADDR_SET:  # made by an older engine
+            ip("link", "set", net.bridge, "address", mac)
         self._nat_rules()
         if net.user_defined:
             for cb in self.on_up:
@@ -305,7 +315,7 @@ class Networks:
 
     @staticmethod
     def _endpoint(net: Network, address: str) -> tuple[str, dict[str, Any]]:
-        mac = "02:42:" + ":".join(f"{int(x):02x}" for x in address.split("."))
+        mac = mac_address(address)
         info = {"IPAddress": address, "IPPrefixLen": net.subnet.prefixlen, "Gateway": str(net.gateway),
                 "MacAddress": mac, "NetworkID": net.id}
         return mac, info
@@ -443,6 +453,12 @@ class Networks:
         unmount the namespace's bind mount and remove the file. The kernel frees the namespace
         and its end of each veth pair once nothing holds it."""
         _remove_netns_file(NETNS_DIR / self.netns_name(container_id))
+
+
+def mac_address(address: str) -> str:
+    """The MAC address of an interface with IPv4 ``address``, as Docker makes them: locally
+    administered, 02:42 then the address's four bytes (unique on a network, as its addresses are)."""
+    return "02:42:" + ":".join(f"{int(x):02x}" for x in address.split("."))
 
 
 def _spare_owner(net: Network, token: str) -> str:

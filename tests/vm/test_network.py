@@ -333,6 +333,13 @@ def test_addresses_on_a_network_with_a_spare_namespace(vm: Pydesk, cleanup: list
         vm("run", "-d", "--name", c, "--network", net, "busybox", "sleep", "600", check=True)
         after = _spares(vm, net_id)
         assert len(set(before) - set(after)) >= 2  # one dropped for b, one taken by c
+        # every namespace added a port to the network's bridge; its MAC address stays its own (a
+        # port with a lower one would take over, and the containers' gateway entry go stale)
+        r = vm("vm", "shell", "--", "sh", "-c", "br=$(ip -o -4 addr show to 10.77.0.1 | cut -d' ' -f2); "
+               "cat /sys/class/net/$br/address /sys/class/net/$br/addr_assign_type; ls /sys/class/net/$br/brif | wc -l",
+               check=True)
+        mac, assign, ports = r.stdout.split()
+        assert (mac, assign) == ("02:42:0a:4d:00:01", "3") and int(ports) >= 5, r.stdout
         ips = {}
         for n in (a, b, c):
             info = json.loads(vm("inspect", n, check=True).stdout)[0]
