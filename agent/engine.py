@@ -627,7 +627,8 @@ class Engine:
                     # the reaper now: it acts on crun's exit once this start has gone through (`go`)
                     workers.spawn(self._reap, c, proc, go, name=f"reap-{c.id[:12]}")
                     pid = pid_fifo.wait(proc.proc, timeout=60)
-                rc = proc.proc.poll()
+                # no pid: crun failed before the container ran (its reaper may be reaping it)
+                rc = proc.proc.poll() if pid else exit_status(proc.proc)
                 steps("crun")
                 if refill is not None:  # not earlier, where it would compete with crun
                     self._top_up_spares(refill)
@@ -1320,6 +1321,16 @@ class PidFifo:
                     break
         text = data.decode(errors="replace").strip()
         return int(text) if text.isdigit() else 0
+
+
+def exit_status(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:
+    """``proc``'s exit status once it has exited (None if it is still running after
+    ``timeout``). Not ``poll``: while another thread waits on the process, ``poll`` answers
+    None even after the exit, until that thread has noted it."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _read_nonblocking(fd: int) -> bytes:
