@@ -494,7 +494,7 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "the engine before crun (~35 ms: overlay mount ~10, network ~4, bundle and /etc files ~11–15,",
         "cgroup ~9), and around the exit the reaper and the request being answered, which share two",
         "vCPUs and one interpreter lock. Making a spare namespace during a run (~50 ms of CPU) cost that",
-        "run ~45 ms (dev VM, runs 1.5 s apart: 519 against 474 ms); bursts of up to four no longer do.",
+        "run ~45 ms (dev VM, runs 1.5 s apart: 519 against 474 ms); runs in bursts of up to four make none.",
         "The CLI row adds the pydesk process: Python start-up and imports (~0.25 s here) and teardown.",
         "Native `docker run --rm` / `podman run --rm` on the host are the brief's reference (0.25–0.42 s /",
         "0.33–0.52 s measured when the brief was written). The docker CLI rows time the real Debian",
