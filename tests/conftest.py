@@ -102,6 +102,18 @@ def _teardown(p: Pydesk) -> None:
     # --quit: no engine-socket standby (vmkit/standby.py) is left behind for a test home
     if (p.run_dir / "daemon.sock").exists() or p.qemu_pid() or (p.run_dir / "standby.pid").exists():
         p("vm", "stop", "--quit", timeout=120)
+    # a daemon that went away as the test ended (a crash it noticed) spawned its standby last
+    # thing: that one may not have written standby.pid yet, so it is found by its home
+    import psutil
+
+    from vmkit import standby
+
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if standby.MARKER in " ".join(proc.info["cmdline"] or []) and \
+                    proc.environ().get("PYDESK_HOME") == str(p.home):
+                proc.terminate()
+                proc.wait(10)
     pid = p.qemu_pid()
     if pid:
         try:
