@@ -40,9 +40,6 @@ class Job:
         """Whether the job has ended (within ``timeout`` seconds)."""
         return self._done.wait(timeout)
 
-    def is_alive(self) -> bool:
-        return not self._done.is_set()
-
 
 class Workers:
     def __init__(self, idle_seconds: float = IDLE_SECONDS) -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support.fixtures import registry, test_images, token_registry  # noqa: E402,F401
+from vmkit import standby  # noqa: E402
 
 
 class Pydesk:
@@ -104,10 +106,6 @@ def _teardown(p: Pydesk) -> None:
         p("vm", "stop", "--quit", timeout=120)
     # a daemon that went away as the test ended (a crash it noticed) spawned its standby last
     # thing: that one may not have written standby.pid yet, so it is found by its home
-    import psutil
-
-    from vmkit import standby
-
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             if standby.MARKER in " ".join(proc.info["cmdline"] or []) and \

@@ -24,7 +24,7 @@ def test_jobs_one_after_another_share_a_thread() -> None:
     seen: list[int] = []
     for _ in range(5):
         job = pool.spawn(lambda: seen.append(threading.get_ident()), name="one")
-        assert job.join(5) and not job.is_alive()
+        assert job.join(5)
         _wait_idle(pool, 1)
     assert len(seen) == 5 and len(set(seen)) == 1
 
@@ -35,7 +35,7 @@ def test_a_job_that_blocks_does_not_hold_up_the_next() -> None:
     blocked = pool.spawn(release.wait, 10, name="waits")
     quick = pool.spawn(lambda: None, name="quick")
     assert quick.join(5), "the second job waited for the first"
-    assert blocked.is_alive()
+    assert not blocked.join(0)  # still waiting
     release.set()
     assert blocked.join(5)
 
