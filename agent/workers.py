@@ -1,11 +1,15 @@
 """Long-lived threads for the engine's jobs: API connections, and a container's output
-reader and exit waiter.
+reader and exit waiter. The host daemon's engine link uses a pool of its own for each
+client connection's two threads (vmkit/engine_link.py).
 
 A thread start costs ~6 ms of guest CPU under TCG; a `docker run` wanted three of them (its
 connection's handler, the reader of the container's output, the waiter on crun's exit), and
-each exec more. Here a thread whose job has ended waits ``idle_seconds`` for the next one
-instead of exiting, and a new thread starts only when none is waiting. Threads are daemons:
-a job may wait on a container for days, and must not hold up the engine's exit.
+each exec more. On the host a start is cheap, but it waits until the new thread runs, which
+takes milliseconds while QEMU's vCPU threads hold the cores. Here a thread whose job has
+ended waits ``idle_seconds`` for the next one instead of exiting, and a new thread starts
+only when none is waiting; ``spawn`` hands a job over without waiting for it to begin.
+Threads are daemons: a job may wait on a container for days, and must not hold up the
+engine's exit.
 """
 
 from __future__ import annotations

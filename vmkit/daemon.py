@@ -166,7 +166,7 @@ class Daemon:
         """Docker Engine API clients on the host (the unix socket, or the named pipe on
         Windows): each connection becomes a stream to the engine's unix socket in the guest,
         carried over the engine's own virtio-serial port (vmkit/engine_link.py)."""
-        assert self.engine_listener is not None
+        assert self.engine_listener is not None and self.engine_link is not None
         while not self.done.is_set():
             try:
                 conn = self.engine_listener.accept()
@@ -174,7 +174,8 @@ class Daemon:
                 if not self.stopping.is_set() and not self.done.is_set():
                     log.error("the engine endpoint stopped accepting: %s", exc)
                 return
-            threading.Thread(target=self._forward_engine, args=(conn,), daemon=True).start()
+            # on a waiting thread of the link's pool (vmkit/engine_link.py says why)
+            self.engine_link.workers.spawn(self._forward_engine, conn, name="engine-client")
 
     def _forward_engine(self, conn: Any) -> None:
         assert self.engine_link is not None

@@ -5,14 +5,26 @@ The wire (frames, per-stream windows, the handshake) is defined once, in
 agent/engine_port.py, whose relay is the other end. Here:
 
 - one thread reads the port and hands each stream its frames;
-- per connection, the thread that accepted it reads the client and sends DATA within the
-  stream's window, and a second thread writes what the guest sent to the client and
-  acknowledges it once written (host threads are cheap; a client that stops reading
-  blocks only its own writer);
+- per connection, one thread reads the client and sends DATA within the stream's window, and
+  a second thread writes what the guest sent to the client and acknowledges it once written
+  (a client that stops reading blocks only its own writer). Both come from a pool of
+  waiting threads (agent/workers.py): ``Thread.start`` waits until the new thread runs, and
+  with QEMU's vCPU threads busy on the host's cores that wait cost milliseconds;
 - when the link fails (QEMU gone, the two sides out of step) every stream is closed and the
-  link is made again, with a fresh handshake.
+  link is made again, with a fresh handshake;
+- up to ``SPARE_STREAMS`` streams are opened ahead of the clients that will take them, so a
+  new client connection costs what a request on a kept-alive one costs. Most Docker clients
+  open a connection for most requests (docker-py keeps one pool per URL: a `run` opens six),
+  and in the emulated guest the relay's connect and the engine's accept and handler set-up
+  added ~8-11 ms to each. Spares are opened only once no client has connected for
+  ``SPARE_QUIET`` (in a `run`, while crun works), so the engine sets them up when it has
+  nothing else to do; opened as each was taken, they only moved that cost onto the next
+  request. Spares are kept only after a client was answered on this link, and a spare the
+  guest ends before a client came (the engine restarted) is dropped and stops the keeping
+  until the next answer: an engine that is down costs no stream churn.
 
-``EngineLink`` is a context manager: ``close()`` ends the reader and every stream.
+``EngineLink`` is a context manager: ``close()`` ends the reader, the spare keeper and every
+stream.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.engine_port import ACK, ACK_EVERY, MAX_FRAME, WINDOW, Kind, OutOfStep, frame, hello_line, parse, ready_line
+from agent.workers import Workers
 from vmkit.errors import AgentError
 from vmkit.spec import Endpoint
 from vmkit.transport import connect_endpoint
@@ -37,6 +50,8 @@ log = logging.getLogger("pydesk.engine_link")
 
 HELLO_EVERY = 1.0  # resend the hello until the relay answers (it may not have the port open yet)
 RELINK_PAUSE = 0.2
+SPARE_STREAMS = 6  # streams opened ahead of the clients that take them (above): a docker-py `run`'s worth
+SPARE_QUIET = 0.05  # ... once no client has connected for this long
 
 
 class LinkState(enum.StrEnum):
@@ -59,7 +74,7 @@ EOF, CLOSED = _EOF(), _Closed()
 class _Stream:
     def __init__(self, sid: int, conn: Any) -> None:
         self.sid = sid
-        self.conn = conn
+        self.conn = conn  # None: a spare no client has taken yet
         self.inbox: queue.SimpleQueue[bytes | _EOF | _Closed] = queue.SimpleQueue()
         self.cond = threading.Condition()
         self.credit = WINDOW
@@ -67,13 +82,14 @@ class _Stream:
         self.eof_in = False  # the guest's EOF was passed on to the client
         self.eof_out = False  # we sent the client's EOF
         self.answered = False  # the guest sent something: a refusal can no longer be an HTTP error
+        self.delivered = False  # something reached the client
 
 
 class EngineLink:
     """Streams to the guest engine over its port (``endpoint``: QEMU's chardev socket)."""
 
     def __init__(self, endpoint: Endpoint, *, connect: Callable[[Endpoint], socket.socket] | None = None,
-                 refused: Callable[[Any], None] | None = None) -> None:
+                 refused: Callable[[Any], None] | None = None, workers: Workers | None = None) -> None:
         self.endpoint = endpoint
         self._connect = connect or (lambda ep: connect_endpoint(ep, timeout=5.0))
         self._refused = refused  # answers a client whose stream the guest refused before any reply
@@ -82,12 +98,19 @@ class EngineLink:
         self.send_lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.streams: dict[int, _Stream] = {}
+        self.spares: list[_Stream] = []  # opened, connected in the guest, no client yet
+        self._keep_spares = False  # a client was answered since the link was made
+        self._quiet_at = 0.0  # when no client will have come for SPARE_QUIET
+        self._closing: list[int] = []  # spares the guest ended: CLOSE them with the next frames sent
         self.next_id = 1
         self.links = 0  # handshakes done (tests and logs)
         self.thread = threading.Thread(target=self._run, name="engine-link", daemon=True)
+        self.spare_thread = threading.Thread(target=self._keep, name="engine-spares", daemon=True)
+        self.workers = workers or Workers()  # each client connection's two threads
 
     def start(self) -> EngineLink:
         self.thread.start()
+        self.spare_thread.start()
         return self
 
     def __enter__(self) -> EngineLink:
@@ -104,9 +127,11 @@ class EngineLink:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        if self.thread.is_alive() and threading.current_thread() is not self.thread:
-            self.thread.join(5)
+        for t in (self.thread, self.spare_thread):
+            if t.is_alive() and threading.current_thread() is not t:
+                t.join(5)
         self._fail_streams()
+        self._drop_spares()
 
     def wait_linked(self, timeout: float) -> bool:
         with self.cond:
@@ -137,6 +162,7 @@ class EngineLink:
                 with contextlib.suppress(OSError):
                     sock.close()
                 self._fail_streams()
+                self._drop_spares()  # the relay forgot them with the link
             time.sleep(RELINK_PAUSE)
 
     def _link(self) -> tuple[socket.socket | None, bytearray]:
@@ -196,6 +222,16 @@ class EngineLink:
     def _frame(self, kind: Kind, sid: int, payload: bytes) -> None:
         with self.cond:
             s = self.streams.get(sid)
+            if s is not None and s.conn is None and kind is not Kind.ACK:
+                # a spare the guest ended before any client came (the engine restarted): dropped;
+                # unless the relay dropped it first, it hears so with the next frames we send
+                self.streams.pop(sid, None)
+                self.spares.remove(s)
+                self._keep_spares = False  # until a client is answered again
+                if kind is not Kind.CLOSE:
+                    self._closing.append(sid)
+                log.debug("engine port: spare stream %d ended (%s)", sid, kind.name)
+                return
         if s is None:
             return
         if kind is Kind.DATA:
@@ -226,6 +262,52 @@ class EngineLink:
         for s in streams:
             self._close_stream(s)
 
+    def _drop_spares(self) -> None:
+        with self.cond:
+            for s in self.spares:
+                self.streams.pop(s.sid, None)
+            self.spares.clear()
+            self._closing.clear()
+            self._keep_spares = False
+
+    def _keep(self) -> None:
+        """The spare keeper: tops the spares up once no client has come for ``SPARE_QUIET``."""
+        with self.cond:
+            while self.state is not LinkState.CLOSED:
+                wanted = self.state is LinkState.LINKED and self._keep_spares and len(self.spares) < SPARE_STREAMS
+                delay = self._quiet_at - time.monotonic()
+                if not wanted:
+                    self.cond.wait()
+                elif delay > 0:
+                    self.cond.wait(delay)
+                else:
+                    self.cond.release()
+                    try:
+                        self._top_up()
+                    finally:
+                        self.cond.acquire()
+
+    def _new_stream(self, conn: Any) -> _Stream:
+        """A stream with a fresh id, registered (with ``self.cond`` held)."""
+        sid = self.next_id
+        self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
+        s = self.streams[sid] = _Stream(sid, conn)
+        return s
+
+    def _top_up(self) -> None:
+        """Open spare streams up to ``SPARE_STREAMS`` (and send the CLOSEs owed for dead ones)."""
+        with self.cond:
+            if self.state is not LinkState.LINKED:
+                return
+            new = [self._new_stream(None) for _ in range(SPARE_STREAMS - len(self.spares))]
+            self.spares += new
+            closing, self._closing = self._closing, []
+        if not new and not closing:
+            return
+        data = b"".join(frame(Kind.CLOSE, sid) for sid in closing) + b"".join(frame(Kind.OPEN, s.sid) for s in new)
+        with contextlib.suppress(OSError):  # a link that failed drops its spares
+            self._send(data)
+
     def _close_stream(self, s: _Stream) -> None:
         with s.cond:
             if s.closed:
@@ -241,17 +323,21 @@ class EngineLink:
         if not self.wait_linked(wait):
             raise AgentError("the engine port in the VM is not answering")
         with self.cond:
-            sid = self.next_id
-            self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
-            s = self.streams[sid] = _Stream(sid, conn)
-        try:
-            self._send(frame(Kind.OPEN, sid))
-        except OSError as exc:
-            with self.cond:
-                self.streams.pop(sid, None)
-            raise AgentError(f"the engine port failed: {exc}") from exc
-        writer = threading.Thread(target=self._deliver, args=(s,), name=f"engine-stream-{sid}", daemon=True)
-        writer.start()
+            spare = self.spares.pop(0) if self.spares else None
+            if spare is not None:
+                spare.conn = conn
+            s = spare or self._new_stream(conn)
+            self._quiet_at = time.monotonic() + SPARE_QUIET
+            self.cond.notify_all()  # the keeper waits for the quiet moment from now
+        sid = s.sid
+        if spare is None:
+            try:
+                self._send(frame(Kind.OPEN, sid))
+            except OSError as exc:
+                with self.cond:
+                    self.streams.pop(sid, None)
+                raise AgentError(f"the engine port failed: {exc}") from exc
+        writer = self.workers.spawn(self._deliver, s, name=f"engine-stream-{sid}")
         try:
             self._pump_client(s)
         finally:
@@ -311,6 +397,12 @@ class EngineLink:
                     self._unblock(s.conn)
                     return
                 unacked += len(item)
+                if not s.delivered:
+                    s.delivered = True
+                    with self.cond:
+                        if not self._keep_spares:  # the engine answers: spares can be kept
+                            self._keep_spares = True
+                            self.cond.notify_all()
                 if unacked >= ACK_EVERY:
                     with contextlib.suppress(OSError):
                         self._send(frame(Kind.ACK, s.sid, ACK.pack(unacked)))
@@ -345,3 +437,4 @@ def _shutdown_write(conn: Any) -> None:
             conn.shutdown(socket.SHUT_WR)
         else:
             conn.shutdown_write()
+

@@ -87,6 +87,7 @@ class EchoEngine:
         self.sock.bind(str(path))
         self.sock.listen(64)
         self.handlers: list[Callable[[socket.socket], None]] = []
+        self.accepted: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -95,6 +96,7 @@ class EchoEngine:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.accepted.append(conn)
             handler = self.handlers.pop(0) if self.handlers else self.echo
             threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
@@ -125,6 +127,15 @@ class Link:
     def _refuse(self, conn: socket.socket) -> None:
         self.refused.append(conn)
         conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+    def in_use(self) -> tuple[set[int], set[int]]:
+        """The ids of the streams carried for clients on the host and in the relay (spares,
+        open on both sides and waiting for a client, left out)."""
+        spares = {s.sid for s in list(self.link.spares)}
+        return set(self.link.streams) - spares, set(self.relay.streams) - spares
+
+    def idle(self) -> bool:
+        return self.in_use() == (set(), set())
 
     def client(self) -> socket.socket:
         ours, theirs = socket.socketpair()

@@ -19,7 +19,8 @@ import pytest
 from agent import engine_port
 from agent.engine_port import WINDOW, Relay
 from tests.support.engine_link import EchoEngine, Link, read_all, until
-from vmkit.engine_link import LinkState
+from vmkit import engine_link
+from vmkit.engine_link import SPARE_STREAMS, LinkState
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_streams_carry_bytes_both_ways_with_half_closes(link: Link) -> None:
         t.join(60)
     for i, p in enumerate(payloads):
         assert hashlib.sha256(results[i]).digest() == hashlib.sha256(p).digest(), f"stream {i}"
-    until(lambda: not link.relay.streams and not link.link.streams)  # both sides let go
+    until(link.idle)  # both sides let go
 
 
 def test_a_client_that_stops_reading_holds_up_only_its_own_stream(link: Link, engine: EchoEngine) -> None:
@@ -85,6 +86,63 @@ def test_a_client_that_stops_reading_holds_up_only_its_own_stream(link: Link, en
     quick.close()
     assert hashlib.sha256(read_all(slow)).digest() == hashlib.sha256(big).digest()
     slow.close()
+
+
+def _echo_once(link: Link, data: bytes) -> None:
+    c = link.client()
+    c.sendall(data)
+    c.shutdown(socket.SHUT_WR)
+    assert read_all(c) == data
+    c.close()
+
+
+def test_clients_take_streams_opened_and_accepted_ahead_of_them(link: Link, engine: EchoEngine) -> None:
+    assert not link.link.spares  # none before the first answer: a client's request goes first
+    _echo_once(link, b"first")
+    until(lambda: len(link.link.spares) == SPARE_STREAMS)
+    spares = [s.sid for s in link.link.spares]
+    # each is connected through the relay and accepted by the engine, waiting for a request
+    until(lambda: all(link.relay.streams.get(sid) is not None and link.relay.streams[sid].sock is not None
+                      for sid in spares))
+    until(lambda: len(engine.accepted) == 1 + SPARE_STREAMS)
+    taken = link.client()
+    until(lambda: spares[0] not in {s.sid for s in link.link.spares})
+    assert spares[0] in link.link.streams and link.link.streams[spares[0]].conn is not None
+    assert len(engine.accepted) == 1 + SPARE_STREAMS  # no connection was made for it
+    taken.sendall(b"second")
+    taken.shutdown(socket.SHUT_WR)
+    assert read_all(taken) == b"second"
+    taken.close()
+    until(lambda: len(link.link.spares) == SPARE_STREAMS)  # topped up again once no client came
+    until(link.idle)
+
+
+def test_spares_wait_for_a_moment_with_no_new_client(link: Link, engine: EchoEngine,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    _echo_once(link, b"first")
+    until(lambda: len(link.link.spares) == SPARE_STREAMS)
+    monkeypatch.setattr(engine_link, "SPARE_QUIET", 3.0)
+    accepted = len(engine.accepted)
+    for i in range(SPARE_STREAMS + 2):  # a burst: clients take the spares, then open their own
+        _echo_once(link, b"burst %d" % i)
+    # none was opened during the burst: the engine set up only the two streams of its own
+    assert len(engine.accepted) == accepted + 2
+    assert not link.link.spares
+    until(lambda: len(link.link.spares) == SPARE_STREAMS)  # once the burst has been over for 3 s
+    until(lambda: len(engine.accepted) == accepted + 2 + SPARE_STREAMS)
+
+
+def test_spares_the_engine_ended_are_dropped_and_clients_still_served(link: Link, engine: EchoEngine) -> None:
+    _echo_once(link, b"first")
+    until(lambda: len(engine.accepted) == 1 + SPARE_STREAMS)
+    stale = {s.sid for s in link.link.spares}
+    for conn in engine.accepted[1:]:  # the engine restarts: its connections end under the spares
+        conn.shutdown(socket.SHUT_RDWR)
+    until(lambda: not link.link.spares and not stale & set(link.link.streams))
+    _echo_once(link, b"after the restart")  # a stream of its own, as without spares
+    until(lambda: len(link.link.spares) == SPARE_STREAMS)
+    until(lambda: not stale & set(link.relay.streams))  # the relay was told to drop the dead ones
+    until(link.idle)
 
 
 def test_a_stream_opened_before_the_engine_is_up_waits_for_it(tmp_path: Path) -> None:
@@ -113,7 +171,7 @@ def test_an_engine_that_never_comes_is_answered_with_an_error(tmp_path: Path,
         c.sendall(b"GET /_ping HTTP/1.1\r\n\r\n")
         assert read_all(c) == b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
         assert len(lk.refused) == 1
-        until(lambda: not lk.link.streams and not lk.relay.streams)
+        until(lambda: not lk.link.streams and not lk.relay.streams)  # and a refusal opens no spare
     finally:
         lk.close()
 
@@ -133,7 +191,7 @@ def test_a_broken_link_closes_its_streams_and_links_again(link: Link) -> None:
     again.shutdown(socket.SHUT_WR)
     assert read_all(again) == b"after"
     again.close()
-    until(lambda: not link.relay.streams)  # the relay dropped the stale session's stream too
+    until(link.idle)  # the relay dropped the stale session's stream too
 
 
 def test_a_restarted_relay_makes_the_host_link_again(link: Link) -> None:
