@@ -1150,11 +1150,15 @@ class Engine:
 
     # --- inspection ---------------------------------------------------------------------
     def inspect(self, c: Container) -> dict[str, Any]:
-        r = json.loads(json.dumps(c.r))
+        """The record as `inspect` shows it: a shallow copy that shares the record's inner parts,
+        for the caller to serialise at once (json's C encoder runs without letting another
+        thread in). A deep copy through json was two more passes over it, ~1.4 ms a request
+        in this emulated guest, twice per docker-py `run`."""
+        r = dict(c.r)  # (one C call: no other thread changes it half-way)
         r.pop("ManuallyStopped", None)
         r["RestartCount"] = c.r.get("RestartCount", 0)
         r["ExecIDs"] = [e.id for e in self.execs.values() if e.container is c and e.running] or None
-        r["NetworkSettings"]["Ports"] = self.port_map(c)
+        r["NetworkSettings"] = {**c.r["NetworkSettings"], "Ports": self.port_map(c)}
         return r
 
     def port_map(self, c: Container) -> dict[str, Any]:
