@@ -19,7 +19,7 @@ agent/engine_port.py, whose relay is the other end. Here:
   added ~8-11 ms to each. Spares are opened only once no client has connected for
   ``SPARE_QUIET`` (in a `run`, while crun works), so the engine sets them up when it has
   nothing else to do; opened as each was taken, they only moved that cost onto the next
-  request. Spares are kept only after a client was answered on this link, and a spare the
+  request (a `run` was no faster). Spares are kept only after a client was answered on this link, and a spare the
   guest ends before a client came (the engine restarted) is dropped and stops the keeping
   until the next answer: an engine that is down costs no stream churn.
 
