@@ -437,4 +437,3 @@ def _shutdown_write(conn: Any) -> None:
             conn.shutdown(socket.SHUT_WR)
         else:
             conn.shutdown_write()
-
