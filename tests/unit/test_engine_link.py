@@ -120,7 +120,7 @@ def test_clients_take_streams_opened_and_accepted_ahead_of_them(link: Link, engi
 def test_spares_wait_for_a_moment_with_no_new_client(link: Link, engine: EchoEngine,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     _echo_once(link, b"first")
-    until(lambda: len(link.link.spares) == SPARE_STREAMS)
+    until(lambda: len(engine.accepted) == 1 + SPARE_STREAMS)  # the spares, accepted by the engine
     monkeypatch.setattr(engine_link, "SPARE_QUIET", 3.0)
     accepted = len(engine.accepted)
     for i in range(SPARE_STREAMS + 2):  # a burst: clients take the spares, then open their own
