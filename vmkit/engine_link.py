@@ -19,9 +19,9 @@ agent/engine_port.py, whose relay is the other end. Here:
   added ~8-11 ms to each. Spares are opened only once no client has connected for
   ``SPARE_QUIET`` (in a `run`, while crun works), so the engine sets them up when it has
   nothing else to do; opened as each was taken, they only moved that cost onto the next
-  request (a `run` was no faster). Spares are kept only after a client was answered on this link, and a spare the
-  guest ends before a client came (the engine restarted) is dropped and stops the keeping
-  until the next answer: an engine that is down costs no stream churn.
+  request (a `run` was no faster). Spares are kept only after a client was answered on this
+  link, and a spare the guest ends before a client came (the engine restarted) is dropped and
+  stops the keeping until the next answer: an engine that is down costs no stream churn.
 
 ``EngineLink`` is a context manager: ``close()`` ends the reader, the spare keeper and every
 stream.
@@ -82,14 +82,13 @@ class _Stream:
         self.eof_in = False  # the guest's EOF was passed on to the client
         self.eof_out = False  # we sent the client's EOF
         self.answered = False  # the guest sent something: a refusal can no longer be an HTTP error
-        self.delivered = False  # something reached the client
 
 
 class EngineLink:
     """Streams to the guest engine over its port (``endpoint``: QEMU's chardev socket)."""
 
     def __init__(self, endpoint: Endpoint, *, connect: Callable[[Endpoint], socket.socket] | None = None,
-                 refused: Callable[[Any], None] | None = None, workers: Workers | None = None) -> None:
+                 refused: Callable[[Any], None] | None = None) -> None:
         self.endpoint = endpoint
         self._connect = connect or (lambda ep: connect_endpoint(ep, timeout=5.0))
         self._refused = refused  # answers a client whose stream the guest refused before any reply
@@ -106,7 +105,7 @@ class EngineLink:
         self.links = 0  # handshakes done (tests and logs)
         self.thread = threading.Thread(target=self._run, name="engine-link", daemon=True)
         self.spare_thread = threading.Thread(target=self._keep, name="engine-spares", daemon=True)
-        self.workers = workers or Workers()  # each client connection's two threads
+        self.workers = Workers()  # each client connection's two threads (the daemon's accept uses it)
 
     def start(self) -> EngineLink:
         self.thread.start()
@@ -397,12 +396,10 @@ class EngineLink:
                     self._unblock(s.conn)
                     return
                 unacked += len(item)
-                if not s.delivered:
-                    s.delivered = True
+                if not self._keep_spares:  # the engine answers: spares can be kept
                     with self.cond:
-                        if not self._keep_spares:  # the engine answers: spares can be kept
-                            self._keep_spares = True
-                            self.cond.notify_all()
+                        self._keep_spares = True
+                        self.cond.notify_all()
                 if unacked >= ACK_EVERY:
                     with contextlib.suppress(OSError):
                         self._send(frame(Kind.ACK, s.sid, ACK.pack(unacked)))
