@@ -255,12 +255,15 @@ class Process:
     """A process started by crun (a container's init, or an exec) whose stdio we own."""
 
     def __init__(self, argv: list[str], *, tty: bool, stdin: bool, console_dir: Path,
-                 on_output: Callable[[str, bytes], None]) -> None:
+                 on_output: Callable[[str, bytes], None], connect: bool = True) -> None:
+        """Start ``argv`` (crun). With ``connect=False`` a terminal is not waited for here but
+        in ``connect``: crun hands it over only once it has created the container."""
         self.tty = tty
         self.on_output = on_output
         self.master: int | None = None
         self.stdin_w: int | None = None
         self._jobs: list[workers.Job] = []
+        self._console: tuple[Path, workers.Job, dict[str, Any]] | None = None
         if tty:
             srv, sock = _console_listener()
             box: dict[str, Any] = {}
@@ -272,20 +275,15 @@ class Process:
                     log.warning("no terminal from crun: %s", exc)
 
             t = workers.spawn(receive, name="console")
+            self._console = (sock, t, box)
             at = next(i for i, a in enumerate(argv) if a in ("run", "exec", "create")) + 1
             argv = argv[:at] + ["--console-socket", str(sock)] + argv[at:]
             try:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.PIPE)
-                t.join(30)
-            finally:
-                sock.unlink(missing_ok=True)
-            if "fd" not in box:
-                err = self.proc.communicate(timeout=30)[1] if self.proc.poll() is not None else b""
-                raise runtime.RuntimeError_(_last_line(err) or "crun did not hand over a terminal")
-            self.master = box["fd"]
-            self.stdin_w = self.master
-            self._start_reader({self.master: "stdout"}, is_master=True)
+            except BaseException:
+                self._close_console()
+                raise
         else:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -297,6 +295,41 @@ class Process:
                     os.close(fd)
             self.stdin_w = in_w
             self._start_reader({out_r: "stdout", err_r: "stderr"})
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """With a terminal: wait for the one crun hands over, and read it."""
+        if self._console is None:
+            return
+        _, t, box = self._console
+        try:
+            t.join(30)
+        finally:
+            self._close_console()
+        if "fd" not in box:
+            err = self.proc.communicate(timeout=30)[1] if self.proc.poll() is not None else b""
+            raise runtime.RuntimeError_(_last_line(err) or "crun did not hand over a terminal")
+        self.master = box["fd"]
+        self.stdin_w = self.master
+        self._start_reader({self.master: "stdout"}, is_master=True)
+
+    def _close_console(self) -> None:
+        if self._console is not None:
+            sock, t, _ = self._console
+            self._console = None
+            if not t.join(0):  # receive() still waits in accept(): a connection of our own ends it
+                with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(str(sock))
+            sock.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """Kill crun before it was connected (the start failed around it) and wait for it."""
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._close_console()
 
     def _start_reader(self, streams: dict[int, str], is_master: bool = False) -> None:
         """One worker reads every stream until its end."""

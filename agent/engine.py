@@ -598,34 +598,42 @@ class Engine:
             c.r["ManuallyStopped"] = False
             try:
                 steps = _Steps()
-                self._mount_rootfs(c)
-                steps("mount")
-                netns, refill = self._setup_network(c)
-                steps("network")
-                self._publish_ports(c)
-                steps("ports")
-                addrs = [ep.get("IPAddress") for ep in c.r["NetworkSettings"]["Networks"].values() if ep.get("IPAddress")]
-                self._write_etc(c, addrs)
-                spec = self._spec(c, netns)
-                runtime.write_bundle(c.root, spec)
                 runtime.delete(c.id)  # a stale runtime state from a crash would block the name
-                steps("bundle")
                 if c.logfile is None:
                     c.logfile = LogFile(c.log_path)
                 crun_log = c.root / "crun.log"
                 crun_log.unlink(missing_ok=True)
                 # `crun run` in the foreground is the container's parent (our conmon): it reaps
-                # everything in the container and exits with its status.
-                runtime.prepare_cgroup(c.id)
-                steps("cgroup")
-                with PidFifo(c.root / "init.pid") as pid_fifo:
+                # everything in the container and exits with its status. It is started first
+                # and waits for its config (runtime.ConfigPipe) while the rest is made ready.
+                with PidFifo(c.root / "init.pid") as pid_fifo, runtime.ConfigPipe(c.root) as config:
                     argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
                             "--pid-file", str(pid_fifo.path), "--bundle", str(c.root), c.id]
                     held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
                     proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
-                                   on_output=held.write)
+                                   on_output=held.write, connect=False)
                     # the reaper now: it acts on crun's exit once this start has gone through (`go`)
                     workers.spawn(self._reap, c, proc, go, name=f"reap-{c.id[:12]}")
+                    steps("crun started")
+                    try:
+                        self._mount_rootfs(c)
+                        steps("mount")
+                        netns, refill = self._setup_network(c)
+                        steps("network")
+                        self._publish_ports(c)
+                        steps("ports")
+                        addrs = [ep.get("IPAddress") for ep in c.r["NetworkSettings"]["Networks"].values()
+                                 if ep.get("IPAddress")]
+                        self._write_etc(c, addrs)
+                        data = runtime.bundle_config(self._spec(c, netns))
+                        steps("bundle")
+                        runtime.prepare_cgroup(c.id)
+                        steps("cgroup")
+                        config.serve(data)  # crun goes on
+                        proc.connect()
+                    except BaseException:
+                        proc.kill()
+                        raise
                     pid = pid_fifo.wait(proc.proc, timeout=60)
                 # no pid: crun failed before the container ran (its reaper may be reaping it)
                 rc = proc.proc.poll() if pid else exit_status(proc.proc)

@@ -16,6 +16,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from agent import workers
+
 log = logging.getLogger(__name__)
 
 CRUN = "/usr/bin/crun"
@@ -231,13 +233,77 @@ def write_file(path: Path | str, data: bytes, mode: int = 0o644) -> None:
         os.close(fd)
 
 
-def write_bundle(bundle: Path, spec: ContainerSpec) -> Path:
-    """config.json, written in place: crun reads it only once this returns, and a start that
-    fails half-way writes it again the next time."""
-    bundle.mkdir(parents=True, exist_ok=True)
-    path = bundle / "config.json"
-    write_file(path, json.dumps(oci_config(spec)).encode())  # no indent: json's slow pure-Python encoder
-    return path
+def bundle_config(spec: ContainerSpec) -> bytes:
+    """config.json's content for ``spec``."""
+    return json.dumps(oci_config(spec)).encode()  # no indent: json's slow pure-Python encoder
+
+
+class ConfigPipe:
+    """A bundle's config.json as a named pipe, so that crun can be started before its config
+    exists: crun's own start-up (an exec and ten shared libraries) overlaps the engine's
+    preparation of the container (rootfs, network, /etc files, cgroup), and crun waits in
+    open() until ``serve`` has the config to give it.
+
+    crun 1.8 opens config.json twice: to load it, and to copy it into its state directory.
+    Every open is given the whole config once, and as a writer is let in, the path is given a
+    fresh pipe, so a reader still draining one pipe never gets the config twice. On leaving
+    the block (the pid file came, or crun exited: crun is past reading it) the path becomes a
+    regular file with the same content, which is what `exec` reads later; if nothing was
+    served (the preparation failed), the pipe is removed.
+    """
+
+    def __init__(self, bundle: Path) -> None:
+        self.path = bundle / "config.json"
+        self._data: bytes | None = None
+        self._stop = False
+        self._job: workers.Job | None = None
+
+    def __enter__(self) -> ConfigPipe:
+        self.path.unlink(missing_ok=True)
+        os.mkfifo(self.path, 0o600)
+        return self
+
+    def serve(self, data: bytes) -> None:
+        self._data = data
+        self._job = workers.spawn(self._serve, name="config")
+
+    def _serve(self) -> None:
+        assert self._data is not None
+        fresh = self.path.with_name(self.path.name + ".next")
+        while not self._stop:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # until a reader comes
+            try:
+                if self._stop:
+                    return  # the reader is __exit__'s
+                fresh.unlink(missing_ok=True)
+                os.mkfifo(fresh, 0o600)
+                os.replace(fresh, self.path)
+                view = memoryview(self._data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except BrokenPipeError:
+                pass  # the reader went away (crun died): it reads no config
+            finally:
+                os.close(fd)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        while self._job is not None and not self._job.join(0):
+            try:  # a reader lets the writer waiting in open() through, to see it is stopped
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            try:
+                self._job.join(0.05)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        if self._data is None:
+            self.path.unlink(missing_ok=True)
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        write_file(tmp, self._data)
+        os.replace(tmp, self.path)
 
 
 class RuntimeError_(Exception):

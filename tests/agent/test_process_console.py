@@ -1,0 +1,72 @@
+"""A container start waits for crun's terminal only once crun has its config
+(agent/containers.py ``Process(connect=False)``, ``connect``, ``kill``).
+
+The stand-in for crun is a real process that does what crun does with ``--console-socket``:
+it makes a pty, sends the master over the socket with SCM_RIGHTS, and writes to the slave."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import containers
+from agent.containers import Process
+
+FAKE_CRUN = """
+import array, os, pty, socket, sys, time
+args = sys.argv[1:]
+sock = args[args.index("--console-socket") + 1]
+if "hang" in args:
+    time.sleep(60)
+master, slave = pty.openpty()
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [master]))])
+s.close()
+os.close(master)
+os.write(slave, b"hello from the container\\r\\n")
+time.sleep(0.5)
+"""
+
+
+@pytest.fixture(autouse=True)
+def console_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "console"
+    monkeypatch.setattr(containers, "CONSOLE_DIR", d)
+    return d
+
+
+def _process(tmp_path: Path, *extra: str) -> tuple[Process, list[bytes]]:
+    out: list[bytes] = []
+    proc = Process([sys.executable, "-c", FAKE_CRUN, "run", *extra], tty=True, stdin=False,
+                   console_dir=tmp_path, on_output=lambda _s, data: out.append(data), connect=False)
+    return proc, out
+
+
+def test_the_terminal_is_taken_when_connect_is_called(tmp_path: Path, console_dir: Path) -> None:
+    proc, out = _process(tmp_path)
+    assert proc.master is None  # not waited for yet: the start is still preparing
+    proc.connect()
+    assert proc.master is not None
+    assert proc.proc.wait(20) == 0
+    proc.drain(5)
+    assert b"hello from the container" in b"".join(out)
+    assert list(console_dir.iterdir()) == []  # the socket is gone once the terminal came
+
+
+def test_kill_before_connect_leaves_no_socket_and_no_waiting_worker(tmp_path: Path, console_dir: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    proc, _ = _process(tmp_path, "hang")
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.kill()
+    assert time.monotonic() - t0 < 5
+    assert proc.proc.returncode is not None
+    assert list(console_dir.iterdir()) == []
+    # the worker that waited for the terminal gives up now, not after its 30 s timeout
+    while "no terminal from crun" not in caplog.text and time.monotonic() - t0 < 5:
+        time.sleep(0.05)
+    assert "no terminal from crun" in caplog.text
