@@ -663,10 +663,16 @@ def container_logs(h: Handler, ref: str) -> None:
     # running when the log was read: whatever it writes after that is followed, even if it
     # has exited by the time those records are sent
     running = c.running or bool(c.state.get("Restarting"))
-    end: list[int] = []
-    recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until, end=end)
-    offset = end[0] if end else 0
+    # the answer's head first: docker-py's `run` sends its next request once it has it
     h.start_stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
+    end: list[int] = []
+    try:
+        recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until, end=end)
+    except OSError as exc:
+        log.warning("reading the log of %s failed: %s", c.name, exc)
+        h.close_connection = True
+        return
+    offset = end[0] if end else 0
 
     def send(rec: dict[str, Any]) -> None:
         data = rec["log"].encode()

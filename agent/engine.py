@@ -347,8 +347,9 @@ class Engine:
         except VolumeError as exc:
             raise EngineError(exc.status, exc.message) from exc
         root = self.root / "containers" / cid
+        os.mkdir(root)  # (a new id: nothing is there)
         for d in ("upper", "work", "rootfs"):
-            (root / d).mkdir(parents=True, exist_ok=True)
+            os.mkdir(root / d)
         record = {
             "Id": cid, "Created": utc_now(), "Path": args[0], "Args": args[1:],
             "State": {"Status": "created", "Running": False, "Paused": False, "Restarting": False,

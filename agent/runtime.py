@@ -384,9 +384,13 @@ def prepare_cgroup(container_id: str) -> Path:
 
 def oom_killed(container_id: str) -> bool:
     """Whether the kernel OOM-killed anything in the container (our cgroup's memory.events)."""
-    outer = Path("/sys/fs/cgroup") / CGROUP_PARENT / container_id
     try:
-        for line in (outer / "memory.events").read_text().splitlines():
+        fd = os.open(f"/sys/fs/cgroup/{CGROUP_PARENT}/{container_id}/memory.events", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 4096).decode()
+        finally:
+            os.close(fd)
+        for line in text.splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill" and int(value) > 0:
                 return True
