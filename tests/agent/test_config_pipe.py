@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ def _read_twice(path: Path, out: Path) -> subprocess.Popen[bytes]:
               "f = open(p, 'rb'); a = f.read(); time.sleep(0.3)\n"
               "b = open(p, 'rb').read(); f.close()\n"
               "open(out, 'wb').write(a + b'|' + b)\n")
-    return subprocess.Popen(["python3", "-c", script, str(path), str(out)])
+    return subprocess.Popen([sys.executable, "-c", script, str(path), str(out)])
 
 
 def test_each_open_gets_the_config_once_and_a_regular_file_is_left(tmp_path: Path) -> None:
