@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         # data disk has no rootfs of theirs mounted when the VM shuts down
         engine.housekeeper.expedite()
         RECORDS.flush(30)  # the containers' records still being written
+        engine.launcher.close()  # the cruns waiting for containers that will not come
     return 0
 
 

@@ -140,6 +140,9 @@ class Container:
         self.cleaned.set()
         self.cleanup_lock = threading.Lock()  # held by whoever does that clean-up
         self.gone = threading.Event()  # set once a removal has unmounted and deleted its tree
+        # crun's name for it: a start's crun is started ahead of it (agent/launcher.py), under an
+        # id of its own; the container's id until its first start in this engine
+        self.runtime_id = self.id
 
     # --- identity -------------------------------------------------------------------
     @property
@@ -255,11 +258,14 @@ class Process:
     """A process started by crun (a container's init, or an exec) whose stdio we own."""
 
     def __init__(self, argv: list[str], *, tty: bool, stdin: bool, console_dir: Path,
-                 on_output: Callable[[str, bytes], None], connect: bool = True) -> None:
+                 on_output: Callable[[str, bytes], None] | None, connect: bool = True) -> None:
         """Start ``argv`` (crun). With ``connect=False`` a terminal is not waited for here but
-        in ``connect``: crun hands it over only once it has created the container."""
+        in ``connect``: crun hands it over only once it has created the container. With no
+        ``on_output`` (a crun started ahead of its container, agent/launcher.py), nothing
+        reads the output until ``read_output`` says where it goes: it waits in the pipes."""
         self.tty = tty
         self.on_output = on_output
+        self._pipes: dict[int, str] = {}
         self.master: int | None = None
         self.stdin_w: int | None = None
         self._jobs: list[workers.Job] = []
@@ -294,9 +300,18 @@ class Process:
                 for fd in (out_w, err_w, in_r):
                     os.close(fd)
             self.stdin_w = in_w
-            self._start_reader({out_r: "stdout", err_r: "stderr"})
+            self._pipes = {out_r: "stdout", err_r: "stderr"}
+            if on_output is not None:
+                self.read_output(on_output)
         if connect:
             self.connect()
+
+    def read_output(self, on_output: Callable[[str, bytes], None]) -> None:
+        """Have the output read from now on, and handed to ``on_output``."""
+        self.on_output = on_output
+        pipes, self._pipes = self._pipes, {}
+        if pipes:
+            self._start_reader(pipes)
 
     def connect(self) -> None:
         """With a terminal: wait for the one crun hands over, and read it."""
@@ -324,15 +339,24 @@ class Process:
             sock.unlink(missing_ok=True)
 
     def kill(self) -> None:
-        """Kill crun before it was connected (the start failed around it) and wait for it."""
+        """Kill crun before it was connected (the start failed around it, or it was never
+        used) and wait for it."""
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
         self._close_console()
+        pipes, self._pipes = self._pipes, {}
+        for fd in pipes:  # never read
+            os.close(fd)
+        if self.stdin_w is not None and not self.tty:
+            self.close_stdin()
 
     def _start_reader(self, streams: dict[int, str], is_master: bool = False) -> None:
         """One worker reads every stream until its end."""
+        sink = self.on_output
+        assert sink is not None
+
         def reader() -> None:
             open_fds = dict(streams)
             try:
@@ -347,7 +371,7 @@ class Process:
                             except OSError:  # EIO on a pty master once the slave side is gone
                                 data = b""
                             if data:
-                                self.on_output(open_fds[fd], data)
+                                sink(open_fds[fd], data)
                                 continue
                             sel.unregister(fd)
                             del open_fds[fd]

@@ -13,11 +13,9 @@ import os
 import random
 import re
 import secrets
-import select
 import shutil
 import signal
 import stat
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from agent import reference, runtime, seccomp, workers
 from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
+from agent.launcher import Launcher, exit_status
 from agent.logs import LogFile
 from agent.network import SPARES, Network, NetworkError, Networks
 from agent.dns import NameServer, resolv_conf_servers
@@ -116,6 +115,7 @@ class Engine:
         self.containers: dict[str, Container] = {}
         self.removing: dict[str, Container] = {}  # removed, their clean-up not finished (_finish_removal)
         self.housekeeper = Housekeeper()  # exit clean-ups and removals, at a quiet moment
+        self.launcher = Launcher()  # cruns started ahead of the containers they will run
         self.execs: dict[str, ExecInstance] = {}
         self.procs: dict[str, Process] = {}
         self.started = time.time()
@@ -133,6 +133,12 @@ class Engine:
     def startup(self) -> None:
         runtime.setup_cgroups()
         Path(runtime.CRUN_ROOT).mkdir(parents=True, exist_ok=True)
+        # An engine restart (a VM boot starts with none): an earlier engine's waiting cruns go,
+        # and so does every container that ran under it, with crun's state of it. No orphans.
+        self.launcher.sweep()
+        for runtime_id in os.listdir(runtime.CRUN_ROOT):
+            runtime.kill(runtime_id, "KILL", all_processes=True)
+            runtime.delete(runtime_id)
         try:
             self.networks.setup()
             self.ports.setup()
@@ -143,8 +149,6 @@ class Engine:
         for c in self.containers.values():
             # The VM stopped under these containers: record that, as Docker does after a crash.
             if c.state.get("Running") or c.state.get("Restarting"):
-                runtime.kill(c.id, "KILL", all_processes=True)  # an engine restart: no orphans
-                runtime.delete(c.id)
                 self._teardown_network(c)
                 self._umount_rootfs(c)
                 c.state.update(Running=False, Paused=False, Restarting=False, Pid=0, Status="exited",
@@ -160,6 +164,7 @@ class Engine:
                     self.start(c)
                 except EngineError as exc:
                     log.error("restart of %s at boot failed: %s", c.name, exc.message)
+        self._top_up_launches()
 
     # --- names on user-defined networks -------------------------------------------------
     def _network_up(self, net: Network) -> None:
@@ -573,6 +578,15 @@ class Engine:
         self.housekeeper.defer(f"spares-{net.id}", lambda: self.networks.refill(net, SPARES, self.housekeeper.is_quiet),
                                "spare namespaces")
 
+    def _top_up_launches(self) -> None:
+        """After a start (or at start-up): cruns started ahead for the next starts
+        (agent/launcher.py), as for spare namespaces: one at once if none is left, the rest once
+        the engine is quiet."""
+        if not self.launcher.waiting():
+            workers.spawn(self.launcher.fill, 1, name="launch")
+        self.housekeeper.defer("launches", lambda: self.launcher.fill(while_=self.housekeeper.is_quiet),
+                               "cruns started ahead")
+
     def start(self, c: Container) -> None:
         self.housekeeper.expedite(c.id)  # the previous run's namespace and mount are gone first
         if any(_fixed_address(ep) for ep in c.r["NetworkSettings"]["Networks"].values()):
@@ -599,23 +613,21 @@ class Engine:
             c.r["ManuallyStopped"] = False
             try:
                 steps = _Steps()
-                runtime.delete(c.id)  # a stale runtime state from a crash would block the name
                 if c.logfile is None:
                     c.logfile = LogFile(c.log_path)
-                crun_log = c.root / "crun.log"
-                crun_log.unlink(missing_ok=True)
                 # `crun run` in the foreground is the container's parent (our conmon): it reaps
-                # everything in the container and exits with its status. It is started first
-                # and waits for its config (runtime.ConfigPipe) while the rest is made ready.
-                with PidFifo(c.root / "init.pid") as pid_fifo, runtime.ConfigPipe(c.root) as config:
-                    argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, f"--log=file:{crun_log}", "run",
-                            "--pid-file", str(pid_fifo.path), "--bundle", str(c.root), c.id]
+                # everything in the container and exits with its status. It was started ahead
+                # (agent/launcher.py) or is started now, and waits for its config
+                # (runtime.ConfigPipe) while the rest is made ready.
+                launch = self.launcher.take(tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")))
+                c.runtime_id = launch.id
+                with launch:
+                    proc = launch.proc
                     held = _HeldOutput(c.logfile.write)  # crun's own start error is not container output
-                    proc = Process(argv, tty=c.tty, stdin=bool(c.r["Config"].get("OpenStdin")), console_dir=c.root,
-                                   on_output=held.write, connect=False)
+                    proc.read_output(held.write)
                     # the reaper now: it acts on crun's exit once this start has gone through (`go`)
                     workers.spawn(self._reap, c, proc, go, name=f"reap-{c.id[:12]}")
-                    steps("crun started")
+                    steps("crun")
                     try:
                         self._mount_rootfs(c)
                         steps("mount")
@@ -630,26 +642,27 @@ class Engine:
                         steps("bundle")
                         runtime.prepare_cgroup(c.id)
                         steps("cgroup")
-                        config.serve(data)  # crun goes on
+                        launch.config.serve(data, keep=c.root / "config.json")  # crun goes on
                         proc.connect()
                     except BaseException:
                         proc.kill()
                         raise
-                    pid = pid_fifo.wait(proc.proc, timeout=60)
+                    pid = launch.pid_fifo.wait(proc.proc, timeout=60)
                 # no pid: crun failed before the container ran (its reaper may be reaping it)
                 rc = proc.proc.poll() if pid else exit_status(proc.proc)
-                steps("crun")
+                steps("running")
                 if refill is not None:  # not earlier, where it would compete with crun
                     self._top_up_spares(refill)
+                self._top_up_launches()
                 log.info("started %s: %s", c.name, steps)
-                error = _crun_error(crun_log) if rc not in (None, 0) else ""
+                error = _crun_error(launch.crun_log) if rc not in (None, 0) else ""
                 if error:  # crun could not create or start it; a quick normal exit is not an error
                     message = docker_message(error)
                     proc.drain(1)
                     held.release(drop=error)
                     raise EngineError(_start_status(message), message)
                 held.release()
-                pid = pid or int((runtime.state(c.id) or {}).get("pid") or 0)
+                pid = pid or int((runtime.state(c.runtime_id) or {}).get("pid") or 0)
             except EngineError as exc:
                 self._start_failed(c, exc.message)
                 raise
@@ -663,7 +676,8 @@ class Engine:
             go.ok = True
 
     def _start_failed(self, c: Container, message: str) -> None:
-        runtime.delete(c.id)
+        runtime.delete(c.runtime_id)
+        self.launcher.release(c.runtime_id)
         runtime.release_cgroup(c.id)
         self._teardown_network(c)
         self._umount_rootfs(c)
@@ -726,7 +740,8 @@ class Engine:
                 with c.lock:
                     self._teardown_network(c)
                 steps("network")
-                runtime.delete(c.id)
+                runtime.delete(c.runtime_id)
+                self.launcher.release(c.runtime_id)
                 runtime.release_cgroup(c.id)
                 steps("cgroup")
                 self._umount_rootfs(c)  # not under the lock: start and cp wait for `cleaned` instead
@@ -801,15 +816,15 @@ class Engine:
                 return False
             seq = c.exit_seq
             if c.state.get("Paused"):
-                runtime.crun("resume", c.id, check=False)
+                runtime.crun("resume", c.runtime_id, check=False)
         if timeout is None:
             timeout = c.r["Config"].get("StopTimeout")
         if timeout is None:
             timeout = 10
         sig = parse_signal(signal_name or c.r["Config"].get("StopSignal"), signal.SIGTERM)
-        runtime.kill(c.id, str(sig))
+        runtime.kill(c.runtime_id, str(sig))
         if timeout < 0 or not self._wait_exit(c, seq, float(timeout) if timeout >= 0 else None):
-            runtime.kill(c.id, "KILL", all_processes=True)
+            runtime.kill(c.runtime_id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
         self.events.emit("container", "stop", c.id, {"name": c.name})
         return True
@@ -824,7 +839,7 @@ class Engine:
             raise EngineError(400, str(exc)) from exc
         if sig == signal.SIGKILL:
             c.stopping = True  # docker kill is a manual stop for restart policies
-        runtime.kill(c.id, str(sig), all_processes=sig == signal.SIGKILL)
+        runtime.kill(c.runtime_id, str(sig), all_processes=sig == signal.SIGKILL)
         self.events.emit("container", "kill", c.id, {"name": c.name, "signal": str(sig)})
 
     def restart(self, c: Container, timeout: int | None = None) -> None:
@@ -851,7 +866,7 @@ class Engine:
     def pause(self, c: Container, resume: bool = False) -> None:
         if not c.running:
             raise EngineError(409, f"Container {c.id} is not running")
-        runtime.crun("resume" if resume else "pause", c.id)
+        runtime.crun("resume" if resume else "pause", c.runtime_id)
         c.state.update(Paused=not resume, Status="running" if resume else "paused")
         c.save()
         self.events.emit("container", "unpause" if resume else "pause", c.id, {"name": c.name})
@@ -865,7 +880,7 @@ class Engine:
                 c.stopping = True
         if c.running:
             seq = c.exit_seq
-            runtime.kill(c.id, "KILL", all_processes=True)
+            runtime.kill(c.runtime_id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
         with c.lock:
             if c.removed:
@@ -1100,9 +1115,9 @@ class Engine:
             argv += ["--user", f"{uid}:{gid}"]
         process = self._exec_process(c, e, uid, gid, extra)
         if process is not None:  # the container's own process spec: its groups, caps, rlimits
-            argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.id]
+            argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.runtime_id]
         else:
-            argv += [c.id, *cfg["Cmd"]]
+            argv += [c.runtime_id, *cfg["Cmd"]]
         tail = bytearray()
 
         def output(stream: str, data: bytes) -> None:
@@ -1285,72 +1300,6 @@ def _clear_endpoints(c: Container) -> None:
     s.update(IPAddress="", Gateway="", MacAddress="", SandboxKey="", IPPrefixLen=0)
     for ep in s["Networks"].values():
         ep.update(IPAddress="", Gateway="", MacAddress="", EndpointID="", IPPrefixLen=0)
-
-
-class PidFifo:
-    """crun's --pid-file as a named pipe: the start hears the container's pid the moment crun
-    writes it (crun opens the path, writes the number, closes it), where polling a file costs
-    wake-ups of the engine while crun works, and up to a poll interval of latency."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-
-    def __enter__(self) -> PidFifo:
-        self.path.unlink(missing_ok=True)
-        os.mkfifo(self.path, 0o600)
-        # a reader that never blocks: crun's open for writing succeeds at once, and until crun
-        # has opened it, the pipe is neither readable nor hung up
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self._fd)
-        self.path.unlink(missing_ok=True)  # a stale pipe must not be mistaken for a pid file
-
-    def wait(self, crun: subprocess.Popen[bytes], timeout: float) -> int:
-        """The pid crun wrote, once it has closed the pipe; 0 if crun exited (or the timeout
-        passed) without writing one."""
-        data = b""
-        deadline = time.monotonic() + timeout
-        with contextlib.ExitStack() as stack:
-            watch = [self._fd]
-            try:
-                pidfd = os.pidfd_open(crun.pid)
-                stack.callback(os.close, pidfd)
-                watch.append(pidfd)
-            except OSError:  # crun has been reaped already (it failed at once)
-                pidfd = -1
-            while (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select(watch, [], [], left)
-                if self._fd in ready:
-                    chunk = os.read(self._fd, 64)
-                    if chunk:
-                        data += chunk
-                        continue
-                    break  # crun closed it: the number is whole
-                if pidfd in ready or pidfd < 0:
-                    data += _read_nonblocking(self._fd)  # it may have written just before it exited
-                    break
-        text = data.decode(errors="replace").strip()
-        return int(text) if text.isdigit() else 0
-
-
-def exit_status(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int | None:
-    """``proc``'s exit status once it has exited (None if it is still running after
-    ``timeout``). Not ``poll``: while another thread waits on the process, ``poll`` answers
-    None even after the exit, until that thread has noted it."""
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _read_nonblocking(fd: int) -> bytes:
-    try:
-        return os.read(fd, 64)
-    except BlockingIOError:
-        return b""
 
 
 class _Steps:

@@ -248,13 +248,15 @@ class ConfigPipe:
     Every open is given the whole config once, and as a writer is let in, the path is given a
     fresh pipe, so a reader still draining one pipe never gets the config twice. On leaving
     the block (the pid file came, or crun exited: crun is past reading it) the path becomes a
-    regular file with the same content, which is what `exec` reads later; if nothing was
-    served (the preparation failed), the pipe is removed.
+    regular file with the same content (or, given ``keep``, the pipe is removed and ``keep``
+    gets the content), which is what `exec` reads later; if nothing was served (the
+    preparation failed), the pipe is removed.
     """
 
     def __init__(self, bundle: Path) -> None:
         self.path = bundle / "config.json"
         self._data: bytes | None = None
+        self._keep = self.path
         self._stop = False
         self._job: workers.Job | None = None
 
@@ -263,8 +265,9 @@ class ConfigPipe:
         os.mkfifo(self.path, 0o600)
         return self
 
-    def serve(self, data: bytes) -> None:
+    def serve(self, data: bytes, keep: Path | None = None) -> None:
         self._data = data
+        self._keep = keep or self.path
         self._job = workers.spawn(self._serve, name="config")
 
     def _serve(self) -> None:
@@ -301,9 +304,11 @@ class ConfigPipe:
         if self._data is None:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self._keep.with_name(self._keep.name + ".tmp")
         write_file(tmp, self._data)
-        os.replace(tmp, self.path)
+        os.replace(tmp, self._keep)
+        if self._keep != self.path:
+            self.path.unlink(missing_ok=True)
 
 
 class RuntimeError_(Exception):

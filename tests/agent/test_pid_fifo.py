@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.engine import PidFifo, exit_status
+from agent.launcher import PidFifo, exit_status
 
 
 def test_the_pid_arrives_as_soon_as_it_is_written(tmp_path: Path) -> None:

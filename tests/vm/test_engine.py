@@ -108,6 +108,67 @@ def test_isolation(docker_client) -> None:  # type: ignore[no-untyped-def]
         other.remove(force=True)
 
 
+GUEST_CRUNS = """
+import json, os, subprocess
+launch, states = "/run/pydesk/launch", "/run/pydesk/crun"
+bundles = set()
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\\0")
+    except OSError:
+        continue
+    if os.path.basename(argv[0]) == "crun" and "--bundle" in argv:
+        bundles.add(argv[argv.index("--bundle") + 1])
+ids = sorted(os.listdir(states)) if os.path.isdir(states) else []
+print(json.dumps({
+    "waiting": [i for i in (os.listdir(launch) if os.path.isdir(launch) else [])
+                if os.path.join(launch, i) in bundles and i not in ids],
+    "states": {i: json.loads(subprocess.run(["crun", "--root", states, "state", i], capture_output=True).stdout or "{}").get("pid")
+               for i in ids},
+    "bundles": sorted(bundles),
+}))
+"""
+
+
+def guest_cruns(vm: Pydesk) -> dict:  # type: ignore[type-arg]
+    """What crun has in the guest: ``waiting`` (launch ids whose crun, started ahead by the
+    engine, waits for a container; agent/launcher.py), ``states`` (crun's containers: id ->
+    pid) and ``bundles`` (the --bundle of every crun process)."""
+    return json.loads(vm("vm", "shell", "--", "python3", "-c", GUEST_CRUNS, check=True).stdout)
+
+
+def test_containers_run_on_cruns_started_ahead(shared_vm: Pydesk, docker_client) -> None:  # type: ignore[no-untyped-def]
+    """A plain start takes a crun that was already waiting for its config; exec, pause, unpause
+    and kill reach the container under crun's id for it, and once its exit is cleaned up,
+    neither crun's state nor the launch's directory is left."""
+    deadline = time.monotonic() + 60
+    while not (waiting := guest_cruns(shared_vm)["waiting"]) and time.monotonic() < deadline:
+        time.sleep(1)  # the engine starts them once it is quiet
+    assert waiting, "no crun was waiting for a container"
+    c = docker_client.containers.run("busybox", ["sleep", "300"], detach=True)
+    try:
+        c.reload()
+        runtime_id = next((i for i, pid in guest_cruns(shared_vm)["states"].items() if pid == c.attrs["State"]["Pid"]), None)
+        assert runtime_id in waiting, (runtime_id, waiting)
+        assert c.exec_run(["echo", "through exec"]).output == b"through exec\n"
+        c.pause()
+        c.reload()
+        assert c.status == "paused"
+        c.unpause()
+        c.kill()
+        assert c.wait(timeout=60)["StatusCode"] == 137
+    finally:
+        c.remove(force=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = shared_vm.sh(f"ls -d /run/pydesk/launch/{runtime_id} /run/pydesk/crun/{runtime_id} 2>/dev/null; true",
+                            check=True).stdout.split()
+        if not left:
+            break
+        time.sleep(1)  # the exit's clean-up waits for a quiet moment
+    assert not left, left
+
+
 ADD_KEY = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.syscall(248, 0, 0, 0, 0, 0), ctypes.get_errno())"
 
 

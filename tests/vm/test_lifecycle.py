@@ -306,3 +306,31 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
         time.sleep(0.3)
     else:
         raise AssertionError("the adopted daemon did not close the port of a stopped container")
+
+    # The engine killed in the guest: the one init starts in its place lets the old one's
+    # cruns that were waiting for containers go (agent/launcher.py), kills what ran under it
+    # (no orphans) and brings `always` back by its policy.
+    from tests.vm.test_engine import guest_cruns
+
+    before = guest_cruns(pydesk)
+    old_pid = c.containers.get("always").attrs["State"]["Pid"]
+    pydesk.sh("kill -9 $(pgrep -f '^/usr/bin/python3 -m agent$')", check=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            always = client().containers.get("always")
+            if always.status == "running" and always.attrs["State"]["Pid"] != old_pid:
+                break
+        time.sleep(1)
+    else:
+        raise AssertionError("the restarted engine did not bring `always` back")
+    launch_dirs = {f"/run/pydesk/launch/{i}" for i in before["waiting"]}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = guest_cruns(pydesk)
+        orphans = [b for b in after["bundles"] if b in launch_dirs]
+        if not orphans and len(after["states"]) == 1:
+            break
+        time.sleep(1)
+    assert launch_dirs and not orphans, (before, after)
+    assert list(after["states"].values()) == [always.attrs["State"]["Pid"]], after  # `always`'s crun only
