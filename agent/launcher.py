@@ -20,8 +20,8 @@ the directory goes once the container's exit is cleaned up (``release``).
 
 Only a plain start takes a waiting crun: one with a terminal or an open stdin has its crun
 started for it, as before, since crun's stdio is chosen at its exec. So does a start that
-finds none waiting. Topping up is the engine's call (``fill``), off the requests' paths: each
-crun started costs ~45 ms of guest CPU, which a start in progress would share two vCPUs with.
+finds none waiting. Topping up is the engine's call (``fill``), at quiet moments: each crun
+started costs ~45 ms of guest CPU, which a start in progress would share two vCPUs with.
 A waiting crun holds ~2 MB (~270 KB of its own) and no CPU.
 
 An engine that was killed leaves its waiting cruns behind (re-parented to init) with their
