@@ -164,7 +164,8 @@ class Engine:
                     self.start(c)
                 except EngineError as exc:
                     log.error("restart of %s at boot failed: %s", c.name, exc.message)
-        self._top_up_launches()
+        # No cruns started ahead yet: the first start tops them up. At boot the guest's CPU
+        # goes to the host's agent connection and the shares being mounted.
 
     # --- names on user-defined networks -------------------------------------------------
     def _network_up(self, net: Network) -> None:
@@ -579,7 +580,7 @@ class Engine:
                                "spare namespaces")
 
     def _top_up_launches(self) -> None:
-        """After a start (or at start-up): cruns started ahead for the next starts
+        """After a start: cruns started ahead for the next starts
         (agent/launcher.py), once the engine is quiet. Not at once when a start took the last:
         a crun started then would run its ~45 ms of start-up beside the rest of this run (the
         exit, and the next requests), while a start that finds none overlaps its own crun's

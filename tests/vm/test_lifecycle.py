@@ -313,7 +313,10 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
     # restart of the engine starts an `always` container even if it was stopped by hand).
     from tests.vm.test_engine import guest_cruns
 
-    before = guest_cruns(pydesk)
+    c.containers.run("busybox", ["true"], remove=True)  # a start has them topped up
+    deadline = time.monotonic() + 60
+    while not (before := guest_cruns(pydesk))["waiting"] and time.monotonic() < deadline:
+        time.sleep(1)  # once the engine is quiet
     old_pid = c.containers.get("always").attrs["State"]["Pid"]
     pydesk.sh("kill -9 $(pgrep -f '^/usr/bin/python3 -m agent$')", check=True)
     deadline = time.monotonic() + 90
