@@ -349,8 +349,7 @@ class Process:
         pipes, self._pipes = self._pipes, {}
         for fd in pipes:  # never read
             os.close(fd)
-        if self.stdin_w is not None and not self.tty:
-            self.close_stdin()
+        self.close_stdin()
 
     def _start_reader(self, streams: dict[int, str], is_master: bool = False) -> None:
         """One worker reads every stream until its end."""

@@ -97,11 +97,9 @@ class Launch:
 
 
 class Launcher:
-    def __init__(self, spares: int = SPARES, root: Path = LAUNCH_DIR,
-                 launch: Callable[..., Launch] = Launch) -> None:
+    def __init__(self, spares: int = SPARES, root: Path = LAUNCH_DIR) -> None:
         self.spares = spares
         self.root = root
-        self._launch = launch
         self._lock = threading.Lock()  # the list of waiting launches
         self._fill_lock = threading.Lock()  # one filler at a time
         self._waiting: list[Launch] = []
@@ -120,7 +118,7 @@ class Launcher:
                     return launch
                 log.warning("a waiting crun (%s) had exited; starting another", launch.id)
                 launch.discard()
-        return self._launch(tty=tty, stdin=stdin, root=self.root)
+        return Launch(tty=tty, stdin=stdin, root=self.root)
 
     def waiting(self) -> int:
         with self._lock:
@@ -135,7 +133,7 @@ class Launcher:
             while self.waiting() < count and (first or while_ is None or while_()):
                 first = False
                 try:
-                    launch = self._launch(root=self.root)
+                    launch = Launch(root=self.root)
                 except OSError as exc:
                     log.warning("could not start a crun ahead: %s", exc)
                     return
