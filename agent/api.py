@@ -663,33 +663,31 @@ def container_logs(h: Handler, ref: str) -> None:
     # running when the log was read: whatever it writes after that is followed, even if it
     # has exited by the time those records are sent
     running = c.running or bool(c.state.get("Restarting"))
-    # the answer's head first: docker-py's `run` sends its next request once it has it
-    h.start_stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
-    end: list[int] = []
-    try:
-        recs = logmod.read_logs(c.log_path, stdout=stdout, stderr=stderr, tail=tail, since=since, until=until, end=end)
+    try:  # before the answer's head: see LogReader
+        reader = logmod.LogReader(c.log_path)
     except OSError as exc:
-        log.warning("reading the log of %s failed: %s", c.name, exc)
-        h.close_connection = True
-        return
-    offset = end[0] if end else 0
+        raise EngineError(500, f"cannot read the log of {c.name}: {exc}") from exc
+    with reader:
+        # the head first: docker-py's `run` sends its next request once it has it
+        h.start_stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
 
-    def send(rec: dict[str, Any]) -> None:
-        data = rec["log"].encode()
-        if ts:
-            data = rec["time"].encode() + b" " + data
-        h.chunk(data if tty else frame(STREAM_IDS[rec["stream"]], data))
+        def send(rec: dict[str, Any]) -> None:
+            data = rec["log"].encode()
+            if ts:
+                data = rec["time"].encode() + b" " + data
+            h.chunk(data if tty else frame(STREAM_IDS[rec["stream"]], data))
 
-    try:
-        for rec in recs:
-            send(rec)
-        if h.qbool("follow") and running:
-            for rec in logmod.follow(c.log_path, offset, lambda: c.running or bool(c.state.get("Restarting")),
-                                     c.logfile, stdout, stderr):
+        try:
+            for rec in reader.records(stdout=stdout, stderr=stderr, tail=tail, since=since, until=until):
                 send(rec)
-        h.end_stream()
-    except OSError:
-        h.close_connection = True
+            if h.qbool("follow") and running:
+                for rec in reader.follow(lambda: c.running or bool(c.state.get("Restarting")), c.logfile,
+                                         stdout, stderr):
+                    send(rec)
+            h.end_stream()
+        except OSError as exc:  # the client went away, mostly
+            log.debug("sending the log of %s stopped: %s", c.name, exc)
+            h.close_connection = True
 
 
 @routes.add("POST", r"/containers/(?P<ref>[^/]+)/attach")

@@ -6,14 +6,16 @@ One line per record: ``{"log": "...\\n", "stream": "stdout", "time": "2024-...Z"
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 MAX_SIZE = 10 * 1024 * 1024
 MAX_FILES = 3
@@ -92,59 +94,73 @@ class LogFile:
             self.changed.notify_all()
 
 
-def _records(path: Path, max_files: int = MAX_FILES, end: list[int] | None = None) -> Iterator[dict]:
-    """Every record, oldest first; ``end`` (when given) gets the byte offset in ``path`` just
-    past the last complete record read, where following must go on from."""
-    for i in range(max_files - 1, 0, -1):
-        rotated = path.with_name(f"{path.name}.{i}")
-        if rotated.exists():
-            yield from _read(rotated)
-    if path.exists():
-        yield from _read(path, end)
+class LogReader:
+    """A reader of a container's log: ``records`` what is logged so far, then ``follow``
+    what is written after it.
 
+    Every file of the log is opened when the reader is made. An API handler makes it before
+    it answers: docker-py's `run` sends `wait` and then `rm` as soon as the answer's head of
+    `logs -f` is in, and `rm` moves the container's directory away (the open files still read
+    what was written).
+    """
 
-def _read(path: Path, end: list[int] | None = None) -> Iterator[dict]:
-    pos = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # a record being written right now: the follower reads it whole
-            pos += len(line)
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
-    if end is not None:
-        end.append(pos)
+    def __init__(self, path: Path, max_files: int = MAX_FILES) -> None:
+        self.path = path
+        self._rotated: list[BinaryIO] = []
+        self._f: BinaryIO | None = None
+        try:
+            for i in range(max_files - 1, 0, -1):  # oldest first
+                with contextlib.suppress(FileNotFoundError):
+                    self._rotated.append(open(path.with_name(f"{path.name}.{i}"), "rb"))
+            with contextlib.suppress(FileNotFoundError):
+                self._f = open(path, "rb")
+        except BaseException:
+            self.close()
+            raise
 
+    def __enter__(self) -> LogReader:
+        return self
 
-def read_logs(path: Path, *, stdout: bool = True, stderr: bool = True, tail: int | None = None,
-              since: float = 0.0, until: float = 0.0, end: list[int] | None = None) -> list[dict]:
-    """The records logged so far. A follower passes ``end`` and continues from the offset
-    put there: nothing written meanwhile is sent twice or skipped."""
-    wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
-    recs = [r for r in _records(path, end=end) if r.get("stream") in wanted
-            and (not since or parse_time(r["time"]) >= since) and (not until or parse_time(r["time"]) <= until)]
-    if tail is not None and tail >= 0:
-        recs = recs[-tail:] if tail else []
-    return recs
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
+    def close(self) -> None:
+        for f in [*self._rotated, *([self._f] if self._f is not None else [])]:
+            f.close()
+        self._rotated, self._f = [], None
 
-def follow(path: Path, offset: int, is_running, source: LogFile | None,  # type: ignore[no-untyped-def]
-           stdout: bool = True, stderr: bool = True) -> Iterator[dict]:
-    """Records appended to ``path`` after byte ``offset`` until the container stops.
+    def records(self, *, stdout: bool = True, stderr: bool = True, tail: int | None = None,
+                since: float = 0.0, until: float = 0.0) -> list[dict]:
+        """The records logged so far; ``follow`` goes on just past the last complete one, so
+        nothing written meanwhile is sent twice or skipped."""
+        wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
+        found: list[dict] = []
+        for f in self._rotated:
+            found.extend(_read(f))
+        if self._f is not None:
+            found.extend(_read(self._f))
+        recs = [r for r in found if r.get("stream") in wanted
+                and (not since or parse_time(r["time"]) >= since) and (not until or parse_time(r["time"]) <= until)]
+        if tail is not None and tail >= 0:
+            recs = recs[-tail:] if tail else []
+        return recs
 
-    ``source`` is the container's LogFile while it runs: we sleep until its next write (or
-    its close, which comes after the exit is recorded), never past one. Without it we poll."""
-    wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
-    f = open(path, "rb")
-    try:
-        f.seek(offset)
+    def follow(self, is_running: Callable[[], bool], source: LogFile | None,
+               stdout: bool = True, stderr: bool = True) -> Iterator[dict]:
+        """Records written after those ``records`` returned, until the container stops.
+
+        ``source`` is the container's LogFile while it runs: we sleep until its next write
+        (or its close, which comes after the exit is recorded), never past one. Without it
+        we poll."""
+        wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
+        if self._f is None:
+            with contextlib.suppress(FileNotFoundError):
+                self._f = open(self.path, "rb")
         buf = b""
         last_look = False
         while True:
             seen = source.seq if source is not None else 0
-            chunk = f.read(65536)
+            chunk = self._f.read(65536) if self._f is not None else b""
             if chunk:
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
@@ -156,9 +172,7 @@ def follow(path: Path, offset: int, is_running, source: LogFile | None,  # type:
                     if rec.get("stream") in wanted:
                         yield rec
                 continue
-            if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:  # rotated
-                f.close()
-                f = open(path, "rb")
+            if self._rotated_away():
                 continue
             if not is_running():
                 if last_look:
@@ -171,5 +185,40 @@ def follow(path: Path, offset: int, is_running, source: LogFile | None,  # type:
                         source.changed.wait(FOLLOW_WAIT)
             else:
                 time.sleep(0.2)
-    finally:
-        f.close()
+
+    def _rotated_away(self) -> bool:
+        """Whether the file read so far was rotated (and the new one is now read). A path
+        that is gone is not a rotation: the container was removed, its open file still reads."""
+        try:
+            ino = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+        if self._f is not None and ino == os.fstat(self._f.fileno()).st_ino:
+            return False
+        new = open(self.path, "rb")
+        if self._f is not None:
+            self._f.close()
+        self._f = new
+        return True
+
+
+def _read(f: BinaryIO) -> Iterator[dict]:
+    """The complete records from ``f``'s position on; ``f`` is left just past the last one
+    (a record being written right now is the follower's to read whole)."""
+    pos = f.tell()
+    for line in f:
+        if not line.endswith(b"\n"):
+            break
+        pos += len(line)
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+    f.seek(pos)
+
+
+def read_logs(path: Path, *, stdout: bool = True, stderr: bool = True, tail: int | None = None,
+              since: float = 0.0, until: float = 0.0) -> list[dict]:
+    """The records logged so far."""
+    with LogReader(path) as reader:
+        return reader.records(stdout=stdout, stderr=stderr, tail=tail, since=since, until=until)
