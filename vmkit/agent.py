@@ -15,18 +15,19 @@ start a clean one — and the test suite proves it over many start/stop cycles.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paramiko
 
-from vmkit.errors import AgentError, AgentTimeout
+from vmkit.errors import AgentError, AgentTimeout, ChannelStuck
 from vmkit.spec import Endpoint
 from vmkit.transport import connect_endpoint
 
@@ -36,6 +37,7 @@ ATTEMPT_TIMEOUT = 5.0
 HEALTH_INTERVAL = 15.0  # seconds between keepalives on an idle connection
 HEALTH_TIMEOUT = 10.0
 OPEN_TIMEOUT = 5.0  # one try at opening a channel
+EXEC_TIMEOUT = 15.0  # for sshd to answer an exec request (it only forks)
 RESEND_FIRST = 0.5  # seconds before the greeting is sent again, doubling up to RESEND_MAX
 RESEND_MAX = 2.0
 CLOSED_PAUSE = 1.0  # seconds without a connection after an unanswered greeting
@@ -163,6 +165,57 @@ def _await_line(sock: socket.socket, want: bytes, until: float) -> bool:
         if len(line) > 65536:
             line = line[-len(want):]
     return True
+
+
+class ChannelWatchdog:
+    """Closes a channel that one step (a block of the ``with``) keeps waiting longer than
+    ``seconds``, and then raises ``error`` naming ``what``.
+
+    paramiko waits without a timeout for the answer to a channel request
+    (``exec_command``) and for the exit status (``recv_exit_status``); ``settimeout`` covers
+    only reads (paramiko#2599). A guest sshd that never answered an exec once held `vm start`
+    for good. Closing the channel wakes both waits."""
+
+    def __init__(self, chan: paramiko.Channel, what: str, error: type[AgentTimeout] = AgentTimeout) -> None:
+        self.chan, self.what, self.error = chan, what, error
+
+    @contextlib.contextmanager
+    def step(self, seconds: float) -> Iterator[None]:
+        fired = threading.Event()
+
+        def fire() -> None:
+            fired.set()
+            try:
+                self.chan.close()  # marks it closed, which wakes the waits, then tells sshd
+            except (paramiko.SSHException, EOFError, OSError) as exc:  # the connection is gone too
+                log.debug("closing a channel after %s: %s", self.what, exc)
+
+        timer = threading.Timer(seconds, fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if fired.is_set():
+                raise self.error(f"{self.what}: no answer from the guest in {seconds:g}s") from exc
+            raise
+        finally:
+            timer.cancel()
+        if fired.is_set():
+            raise self.error(f"{self.what}: no answer from the guest in {seconds:g}s")
+
+
+def exec_command(chan: paramiko.Channel, command: str, timeout: float) -> None:
+    """``chan.exec_command`` that gives up after ``timeout`` seconds with ChannelStuck: sshd
+    only forks to answer, so no answer means the connection is stuck."""
+    with ChannelWatchdog(chan, "starting a guest command", ChannelStuck).step(timeout):
+        chan.exec_command(command)
+
+
+def exit_status(chan: paramiko.Channel, timeout: float) -> int:
+    """``chan.recv_exit_status`` that gives up after ``timeout`` seconds (AgentTimeout)."""
+    with ChannelWatchdog(chan, "waiting for a guest command").step(timeout):
+        return chan.recv_exit_status()
 
 
 class AgentChannel:
@@ -312,7 +365,7 @@ class AgentChannel:
                 # sshd answered and refused (e.g. nothing listens on the unix socket yet): the
                 # connection is fine; the caller decides whether to wait for the target
                 raise AgentError(f"the guest refused the channel: {exc}") from exc
-            except (paramiko.SSHException, EOFError, OSError) as exc:
+            except (paramiko.SSHException, EOFError, OSError, ChannelStuck) as exc:
                 if time.monotonic() >= deadline:
                     raise AgentError(f"cannot open a channel to the guest agent: {exc}") from exc
                 self.log.info("channel open failed (%s); checking the connection", exc)
@@ -325,7 +378,7 @@ class AgentChannel:
         chan = self._open(lambda t, to: t.open_session(timeout=to), timeout)
         try:
             chan.settimeout(timeout)
-            chan.exec_command(command)
+            exec_command(chan, command, min(timeout, EXEC_TIMEOUT))
             if input:
                 chan.sendall(input)
             chan.shutdown_write()
@@ -341,7 +394,7 @@ class AgentChannel:
             while data := chan.recv(65536):
                 out += data
             t.join(timeout)
-            return chan.recv_exit_status(), bytes(out), bytes(err)
+            return exit_status(chan, timeout), bytes(out), bytes(err)
         except socket.timeout as exc:
             raise AgentTimeout(f"guest command timed out after {timeout:g}s: {command}") from exc
         finally:
@@ -352,7 +405,11 @@ class AgentChannel:
         CLI's `vm shell`), carried inside our connection."""
         def opener(t: Transport, to: float) -> paramiko.Channel:
             chan = t.open_session(timeout=to)
-            chan.exec_command(INNER_SSHD)
+            try:
+                exec_command(chan, INNER_SSHD, EXEC_TIMEOUT)
+            except BaseException:
+                chan.close()
+                raise
             return chan
 
         return self._open(opener, timeout)

@@ -14,6 +14,7 @@ Tree::
      ├── LaunchError           QEMU failed to start or the guest never became ready
      ├── AgentError            the agent channel failed
      │    └── AgentTimeout
+     │         └── ChannelStuck  sshd never answered a channel request: the connection is stuck
      ├── DaemonError           the host daemon is unreachable or answered an error
      └── PipeError             a Windows named pipe call failed (also an OSError)
           ├── PipeInUse        another process already serves the pipe's name
@@ -87,6 +88,10 @@ class AgentTimeout(AgentError):
     pass
 
 
+class ChannelStuck(AgentTimeout):
+    pass
+
+
 class DaemonError(VMKitError):
     pass
 
@@ -113,5 +118,5 @@ class PipeTimeout(PipeError, TimeoutError):
 
 _BY_NAME = {c.__name__: c for c in (
     VMKitError, ConfigError, HostError, ToolNotFound, PortInUse, ImageError, VMStateError,
-    AlreadyRunning, NotRunning, LaunchError, AgentError, AgentTimeout, DaemonError, PipeError,
+    AlreadyRunning, NotRunning, LaunchError, AgentError, AgentTimeout, ChannelStuck, DaemonError, PipeError,
     PipeInUse, PipeTimeout)}

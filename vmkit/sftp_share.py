@@ -43,6 +43,9 @@ from paramiko.sftp_handle import SFTPHandle
 from paramiko.sftp_server import SFTPServer
 from paramiko.sftp_si import SFTPServerInterface
 
+from vmkit.agent import EXEC_TIMEOUT
+from vmkit.agent import exec_command as agent_exec
+from vmkit.agent import exit_status as agent_exit_status
 from vmkit.argv import share_port_name
 from vmkit.filewatch import GuestWrites
 from vmkit.spec import Endpoint, Share
@@ -455,9 +458,11 @@ class ShareServer:
     def _guest_alive(self, transport: paramiko.Transport) -> bool:
         try:
             chan = transport.open_session(timeout=15)
-            chan.settimeout(30)
-            chan.exec_command(guest_alive_command(self.share, self.index))
-            return chan.recv_exit_status() == 0
+            try:
+                agent_exec(chan, guest_alive_command(self.share, self.index), EXEC_TIMEOUT)
+                return agent_exit_status(chan, 30) == 0
+            finally:
+                chan.close()
         except Exception as exc:
             log.debug("share %s: liveness check failed: %s", self.share.guest_path, exc)
             return False
@@ -467,7 +472,7 @@ class ShareServer:
         self._sock = sock
         nonce = secrets.token_hex(8)
         chan = transport.open_session(timeout=15)
-        chan.exec_command(mount_command(self.share, self.index, nonce))
+        agent_exec(chan, mount_command(self.share, self.index, nonce), EXEC_TIMEOUT)
         threading.Thread(target=self._guest_command, args=(chan,), name=f"share-{self.index}-mount",
                          daemon=True).start()
         host_handshake(sock, nonce)

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from vmkit.accel import AccelChoice
-from vmkit.agent import AgentChannel
-from vmkit.errors import AgentError, ConfigError, LaunchError
+from vmkit.agent import EXEC_TIMEOUT, AgentChannel
+from vmkit.agent import exec_command as agent_exec
+from vmkit.agent import exit_status as agent_exit_status
+from vmkit.errors import AgentError, ChannelStuck, ConfigError, LaunchError
 from vmkit.filewatch import ChangeForwarder, GuestWrites
 from vmkit.host import Host, host_os
 from vmkit.keys import ensure_keys
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 #: How long a boot may take to reach "agent ready". Under TCG on a loaded 2-core machine a
 #: boot takes seconds; the deadline only guards against a guest that will never answer.
 READY_TIMEOUT = 180.0
+MOUNT_TIMEOUT = 60.0  # for a share's mount command in the guest
 
 Progress = Callable[[str], None]
 
@@ -170,14 +173,23 @@ class VM:
         for i, share in enumerate(self.spec.virtiofs):
             try:
                 chan = transport.open_session(timeout=15)
-                chan.settimeout(30)
-                chan.exec_command(virtiofs.mount_command(share, i))
-                if chan.recv_exit_status() != 0:
-                    log.warning("mounting virtiofs share %s failed: %s", share.host_path,
-                                chan.recv_stderr(4096).decode(errors="replace").strip())
-                chan.close()
             except Exception as exc:  # a share must not cost us the agent connection
                 log.warning("cannot mount virtiofs share %s: %s", share.host_path, exc)
+                continue
+            try:
+                # Unanswered, the connection is stuck: ChannelStuck goes up, and
+                # AgentChannel.connect starts over on a fresh connection.
+                agent_exec(chan, virtiofs.mount_command(share, i), EXEC_TIMEOUT)
+                if agent_exit_status(chan, MOUNT_TIMEOUT) != 0:
+                    chan.settimeout(5)
+                    log.warning("mounting virtiofs share %s failed: %s", share.host_path,
+                                chan.recv_stderr(4096).decode(errors="replace").strip())
+            except ChannelStuck:
+                raise
+            except Exception as exc:  # a share must not cost us the agent connection
+                log.warning("cannot mount virtiofs share %s: %s", share.host_path, exc)
+            finally:
+                chan.close()
         for srv in self.share_servers:
             try:
                 srv.attach(transport)

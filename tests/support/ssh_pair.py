@@ -23,16 +23,17 @@ class OpenServer(paramiko.ServerInterface):
 
 
 @contextlib.contextmanager
-def ssh_pair(configure: Callable[[paramiko.Transport], None] | None = None
+def ssh_pair(configure: Callable[[paramiko.Transport], None] | None = None,
+             interface: paramiko.ServerInterface | None = None
              ) -> Iterator[tuple[paramiko.Transport, paramiko.Transport]]:
     """(client, server) transports, connected and authenticated; ``configure`` sees the
-    server before it starts (to add subsystem handlers)."""
+    server before it starts (to add subsystem handlers); ``interface`` replaces OpenServer."""
     a, b = socket.socketpair()
     server = paramiko.Transport(a)
     server.add_server_key(paramiko.RSAKey.generate(1024))
     if configure is not None:
         configure(server)
-    threading.Thread(target=server.start_server, kwargs={"server": OpenServer()}, daemon=True).start()
+    threading.Thread(target=server.start_server, kwargs={"server": interface or OpenServer()}, daemon=True).start()
     client = paramiko.Transport(b)
     try:
         client.start_client()
