@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 RUNS = int(os.environ.get("PYDESK_BENCH_RUNS", "3"))
 RUN_SAMPLES = max(15, 3 * RUNS)  # `run --rm busybox true` and its crun peer: short, so many
+#: pulls of nginx and skopeo copies of it: single ones vary by ±30 % here, so eight of each
+PULL_SAMPLES = max(8, 2 * RUNS)
 
 
 def pydesk(home: Path, *args: str, check: bool = True, input: str | None = None,
@@ -334,9 +336,10 @@ SKOPEO_IN_GUEST = ("a=$(cut -d' ' -f1 /proc/uptime); "
 
 
 def bench_pull(client, registry: str, work: Path) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Medians of RUNS pulls of nginx by the engine (docker-py from the host, each into a store
-    holding none of its blobs) against RUNS `skopeo copy`s of it to an OCI layout in a container
-    in the same guest, interleaved; plus `skopeo copy` natively on the host as a reference."""
+    """Medians of PULL_SAMPLES pulls of nginx by the engine (docker-py from the host, each into
+    a store holding none of its blobs) against as many `skopeo copy`s of it to an OCI layout in
+    a container in the same guest, interleaved; plus RUNS `skopeo copy`s natively on the host
+    as a reference."""
     import docker
 
     client.images.pull("skopeo", tag="latest")  # one layer, sharing nothing with nginx
@@ -360,7 +363,7 @@ def bench_pull(client, registry: str, work: Path) -> dict[str, float]:  # type: 
         start, end = (float(x) for x in out.decode().split())
         peer.append(end - start)
 
-    for i in range(RUNS):  # alternate which goes first, so a change of host load hits both alike
+    for i in range(PULL_SAMPLES):  # alternate which goes first, so a change of host load hits both alike
         for step in ((engine_pull, skopeo_copy) if i % 2 == 0 else (skopeo_copy, engine_pull)):
             step()
     for i in range(RUNS):
@@ -451,8 +454,8 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         *([f"| `pydesk run --rm busybox true`, the CLI process end to end (Python start-up included) vs the same "
            f"peer | {r['run']['cli_s']:.3f} s | {r['run']['peer_s']:.3f} s | "
            f"{ratio(r['run']['cli_s'], r['run']['peer_s'])} | reference |"] if "cli_s" in r["run"] else []),
-        f"| pull of nginx from a local registry by the engine (Engine API from the host) vs `skopeo copy` of it to "
-        f"an OCI layout in a container in the same guest, over the same path to the registry "
+        f"| pull of nginx from a local registry by the engine (Engine API from the host, medians of {PULL_SAMPLES}) "
+        f"vs `skopeo copy` of it to an OCI layout in a container in the same guest, over the same path to the registry "
         f"| {r['pull']['pydesk_s']:.2f} s | {r['pull']['peer_s']:.2f} s | {ratio(r['pull']['pydesk_s'], r['pull']['peer_s'])} | ≤ 1.2× |",
         *([f"| the same pull vs `skopeo copy` natively on the host (reference: no VM, no emulation) "
            f"| {r['pull']['pydesk_s']:.2f} s | {r['pull']['host_s']:.2f} s | "
