@@ -228,6 +228,7 @@ def ago(when: str | None) -> str:
 
 
 CONSOLE_DIR = Path("/run/pydesk/console")  # short: sun_path is 108 bytes
+CONSOLE_WAIT = 30.0  # seconds for crun to hand over a terminal (it takes milliseconds)
 
 
 def _console_listener() -> tuple[socket.socket, Path]:
@@ -318,11 +319,17 @@ class Process:
         if self._console is None:
             return
         _, t, box = self._console
+        deadline = time.monotonic() + CONSOLE_WAIT
         try:
-            t.join(30)
+            while not t.join(0.05) and time.monotonic() < deadline:
+                if self.proc.poll() is not None:  # crun failed: no terminal is coming
+                    t.join(0.2)  # (one sent just before its exit is still taken)
+                    break
         finally:
             self._close_console()
         if "fd" not in box:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)  # crun gave up on the terminal: it is failing, and says why as it exits
             err = self.proc.communicate(timeout=30)[1] if self.proc.poll() is not None else b""
             raise runtime.RuntimeError_(_last_line(err) or "crun did not hand over a terminal")
         self.master = box["fd"]

@@ -645,7 +645,14 @@ class Engine:
                         runtime.prepare_cgroup(c.id)
                         steps("cgroup")
                         launch.config.serve(data, keep=c.root / "config.json")  # crun goes on
-                        proc.connect()
+                        try:
+                            proc.connect()
+                        except runtime.RuntimeError_ as exc:  # (a terminal): crun may have said why
+                            error = _crun_error(launch.crun_log) if proc.proc.poll() is not None else ""
+                            if not error:
+                                raise
+                            message = docker_message(error)
+                            raise EngineError(_start_status(message), message) from exc
                     except BaseException:
                         proc.kill()
                         raise

@@ -21,6 +21,16 @@ args = sys.argv[1:]
 sock = args[args.index("--console-socket") + 1]
 if "hang" in args:
     time.sleep(60)
+if "fail" in args:  # as crun when the container cannot start: it says why and exits
+    sys.stderr.write("executable file `nope` not found in $PATH\\n")
+    sys.exit(1)
+if "fail-connected" in args:  # or it connects, sends nothing, and exits a moment later
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sock)
+    s.close()
+    time.sleep(0.5)
+    sys.stderr.write("cannot open `/nope`\\n")
+    sys.exit(1)
 master, slave = pty.openpty()
 s = socket.socket(socket.AF_UNIX)
 s.connect(sock)
@@ -70,3 +80,16 @@ def test_kill_before_connect_leaves_no_socket_and_no_waiting_worker(tmp_path: Pa
     while "no terminal from crun" not in caplog.text and time.monotonic() - t0 < 5:
         time.sleep(0.05)
     assert "no terminal from crun" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["fail", "fail-connected"])
+def test_a_crun_that_fails_before_handing_over_a_terminal_is_not_waited_for(
+        tmp_path: Path, console_dir: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    monkeypatch.setattr(containers, "CONSOLE_WAIT", 60.0)  # its timeout would fail the test's bound
+    proc, _ = _process(tmp_path, how)
+    t0 = time.monotonic()
+    with pytest.raises(containers.runtime.RuntimeError_, match="not found in|cannot open"):
+        proc.connect()
+    assert time.monotonic() - t0 < 10
+    assert proc.proc.returncode == 1
+    assert list(console_dir.iterdir()) == []

@@ -126,6 +126,7 @@ print(json.dumps({
     "states": {i: json.loads(subprocess.run(["crun", "--root", states, "state", i], capture_output=True).stdout or "{}").get("pid")
                for i in ids},
     "bundles": sorted(bundles),
+    "launches": sorted(os.listdir(launch)) if os.path.isdir(launch) else [],
 }))
 """
 
@@ -133,7 +134,8 @@ print(json.dumps({
 def guest_cruns(vm: Pydesk) -> dict:  # type: ignore[type-arg]
     """What crun has in the guest: ``waiting`` (launch ids whose crun, started ahead by the
     engine, waits for a container; agent/launcher.py), ``states`` (crun's containers: id ->
-    pid) and ``bundles`` (the --bundle of every crun process)."""
+    pid), ``bundles`` (the --bundle of every crun process) and ``launches`` (every launch
+    directory)."""
     return json.loads(vm("vm", "shell", "--", "python3", "-c", GUEST_CRUNS, check=True).stdout)
 
 
@@ -168,6 +170,22 @@ def test_containers_run_on_cruns_started_ahead(shared_vm: Pydesk, docker_client)
             break
         time.sleep(1)  # the exit's clean-up waits for a quiet moment
     assert not left, left
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["pipes", "tty"])
+def test_a_start_that_fails_says_why_and_leaves_no_crun_behind(shared_vm: Pydesk, docker_client,  # type: ignore[no-untyped-def]
+                                                               tty: bool) -> None:
+    """crun's own reason comes back as Docker's (400: the CLI exits 127), with a terminal as
+    without one (crun hands none over and exits), and the failed launch leaves neither a crun
+    state nor a launch directory."""
+    before = guest_cruns(shared_vm)
+    with pytest.raises(docker.errors.APIError) as info:
+        docker_client.containers.run("busybox", ["no-such-command"], tty=tty, remove=True)
+    assert info.value.status_code == 400
+    assert 'exec: "no-such-command": executable file not found in $PATH' in str(info.value.explanation)
+    after = guest_cruns(shared_vm)
+    assert set(after["states"]) <= set(before["states"]), after["states"]
+    assert set(after["launches"]) <= set(before["launches"]) | set(after["waiting"]), after
 
 
 ADD_KEY = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.syscall(248, 0, 0, 0, 0, 0), ctypes.get_errno())"
