@@ -528,6 +528,16 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "start excluded): `skopeo copy` to an OCI layout downloads and verifies the same blobs and",
         "writes them to disk but does not decompress or unpack them. Each run starts with none of",
         "nginx's blobs in either store; the runs alternate, and which goes first alternates too.",
+        "A pull keeps the engine busy for its housekeeper (2026-12-04): the clean-ups a `run --rm` or an",
+        "`rmi` left wait for its end instead of starting half a second into it, as they did in this",
+        "benchmark, where each pull follows the removal of the previous nginx and a skopeo container.",
+        "The figure depends on the VM's data disk (dev VMs, the same interleaved pulls, 8 of each, the",
+        "same hour): 0.93–1.02 s against 0.95–1.05 s for skopeo (0.96–0.99×) in a VM whose 4 GiB disk",
+        "had been written through; 1.18–1.58× in a VM started minutes before on a new 20 GiB disk, as",
+        "here. Our pull writes ~3× the bytes skopeo writes (the blob plus the unpacked files, ~17 MB,",
+        "against the ~5 MB blobs), and the store syncs them before it records the image (a syncfs after",
+        "17 MB of new files took 50–130 ms in that VM). Why the fresh disk costs so much more is not",
+        "settled: a qcow2 made with preallocation=metadata read no better.",
         "",
     ]
     path = ROOT / "docs" / "benchmarks.md"
