@@ -67,8 +67,8 @@ class Housekeeper:
     def busy(self) -> Iterator[None]:
         """Work a client waits on, in one long request (a pull): the engine is not quiet until
         it ends, however long ago that request started. A pull right after a `run --rm` or
-        an `rmi` otherwise paid for their clean-up half a second in, on the same two vCPUs.
-        ``max_wait`` still holds."""
+        an `rmi` otherwise paid for their clean-up half a second in (the nginx pull of the
+        benchmark: ~0.3 s more when it did). ``max_wait`` still holds."""
         with self._cond:
             self._busy += 1
         try:
