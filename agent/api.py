@@ -973,8 +973,7 @@ def image_create(h: Handler) -> None:
         send(msg)
 
     try:
-        with h.engine.housekeeper.busy():
-            pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
+        pull(h.engine, ref, h.query.get("platform") or None, auth, emit)
     except _PullFailed as exc:
         low = str(exc).lower()
         status = 404 if any(w in low for w in ("not found", "unknown", "denied", "does not exist")) else 500
@@ -1032,15 +1031,13 @@ def _save(h: Handler, names: list[str]) -> None:
         def flush(self) -> None:
             pass
 
-    with h.engine.housekeeper.busy():
-        h.engine.store.save(refs, Out())  # type: ignore[arg-type]
+    h.engine.store.save(refs, Out())  # type: ignore[arg-type]
     h.end_stream()
 
 
 @routes.add("POST", "/images/load")
 def image_load(h: Handler) -> None:
-    with h.engine.housekeeper.busy():
-        ids = h.engine.store.load(h.body_stream(), normalize=normalize)  # type: ignore[arg-type]
+    ids = h.engine.store.load(h.body_stream(), normalize=normalize)  # type: ignore[arg-type]
     lines = []
     for i in ids:
         img = h.engine.store.image(i)

@@ -9,8 +9,7 @@ for the clean-up of the run before it.
 
 The Housekeeper runs such tasks, one at a time, on its own thread:
 
-- once no API request has started for ``quiet`` seconds, and no work a client waits on
-  (a pull, a load, a save: ``busy``) is under way;
+- once no API request has started for ``quiet`` seconds;
 - or once the oldest task has waited ``max_wait`` seconds, or more than ``max_pending`` wait
   (so a busy engine still catches up, and what the tasks hold stays bounded);
 - or at once, in the caller's thread, when something needs one done (``expedite``): starting
@@ -22,11 +21,10 @@ is left to do when it runs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -56,28 +54,11 @@ class Housekeeper:
         self._waiting: list[_Task] = []
         self._running: dict[str, list[_Task]] = {}
         self._last_request = clock()
-        self._busy = 0
         self._worker: threading.Thread | None = None
 
     def request_started(self) -> None:
         """An API request came in: the engine is not quiet (one float store, no lock)."""
         self._last_request = self._clock()
-
-    @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """Work a client waits on, in one long request (a pull): the engine is not quiet until
-        it ends, however long ago that request started. A pull right after a `run --rm` or
-        an `rmi` otherwise paid for their clean-up half a second in (the nginx pull of the
-        benchmark: ~0.3 s more when it did). ``max_wait`` still holds."""
-        with self._cond:
-            self._busy += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._busy -= 1
-                self._last_request = self._clock()  # quiet from the end of the work on
-                self._cond.notify_all()
 
     def defer(self, key: str, fn: Callable[[], None], what: str) -> None:
         """Run ``fn`` later, unless a task for ``key`` is already waiting (that one runs instead)."""
@@ -91,8 +72,8 @@ class Housekeeper:
             self._cond.notify_all()
 
     def is_quiet(self) -> bool:
-        """No API request has started for ``quiet`` seconds, and none is ``busy``."""
-        return not self._busy and self._clock() - self._last_request >= self.quiet
+        """No API request has started for ``quiet`` seconds."""
+        return self._clock() - self._last_request >= self.quiet
 
     def pending(self, key: str | None = None) -> int:
         with self._cond:
@@ -116,10 +97,7 @@ class Housekeeper:
         """How long the worker may still wait before the oldest task runs (0: run it now)."""
         if len(self._waiting) > self.max_pending:
             return 0.0
-        oldest = self._waiting[0].queued + self.max_wait
-        if self._busy:
-            return max(0.0, oldest - now)
-        return max(0.0, min(oldest, self._last_request + self.quiet) - now)
+        return max(0.0, min(self._waiting[0].queued + self.max_wait, self._last_request + self.quiet) - now)
 
     def _work(self) -> None:
         while True:

@@ -528,9 +528,6 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "start excluded): `skopeo copy` to an OCI layout downloads and verifies the same blobs and",
         "writes them to disk but does not decompress or unpack them. Each run starts with none of",
         "nginx's blobs in either store; the runs alternate, and which goes first alternates too.",
-        "A pull keeps the engine busy for its housekeeper (2026-12-04): the clean-ups a `run --rm` or an",
-        "`rmi` left wait for its end instead of starting half a second into it, as they did in this",
-        "benchmark, where each pull follows the removal of the previous nginx and a skopeo container.",
         "Where the pull's time goes (in-guest measurements, 2026-12-04): the two blobs download in",
         "~0.5 s over the host-service forward (the same path skopeo uses; ~12 MB/s through the agent's",
         "SSH channel). For nginx's 4 MB layer, sha256 of the blob takes 65–89 ms, gunzip to 9.8 MB",
@@ -538,8 +535,10 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "165–212 ms, and extracting it with the standard library's tarfile, for scale, 236–270 ms; the",
         "1 MB busybox layer's 282 entries took 305–468 ms to extract. skopeo hashes and writes the 5 MB",
         "of blobs and does none of the rest:",
-        "the engine's figure is CPU on two vCPUs. A third thread gunzipping ahead of the unpacker read no",
-        "better (ABA in one VM), nor did a qcow2 with preallocation=metadata.",
+        "the engine's figure is CPU on two vCPUs. Tried on 2026-12-04 and dropped, neither better in ABA",
+        "runs in one VM: a third thread gunzipping ahead of the unpacker, and keeping the housekeeper's",
+        "clean-ups (of the skopeo container and the removed nginx) from starting during a pull. A data",
+        "disk made with qcow2's preallocation=metadata read no better either (in VMs of its own).",
         "",
     ]
     path = ROOT / "docs" / "benchmarks.md"

@@ -136,36 +136,3 @@ def test_is_quiet_follows_the_last_request() -> None:
     assert not hk.is_quiet()
     clock.t += 0.01
     assert hk.is_quiet()
-
-
-def test_work_a_client_waits_on_keeps_the_engine_busy_until_it_ends() -> None:
-    """A pull is one request that started long ago: while it runs, the clean-up a `run --rm`
-    left behind waits; once it ends, the quiet time counts from its end."""
-    clock = Clock()
-    hk = Housekeeper(quiet=0.5, max_wait=10, clock=clock)
-    hk.request_started()
-    hk.defer("a", lambda: None, "clean-up")
-    with hk.busy():
-        clock.t += 5
-        assert not hk.is_quiet()
-        with hk._cond:
-            assert hk._due(clock()) == pytest.approx(5)  # max_wait still holds: 10 s after it was queued
-        clock.t += 5
-        with hk._cond:
-            assert hk._due(clock()) == 0
-        clock.t -= 4
-    assert not hk.is_quiet()
-    with hk._cond:
-        assert hk._due(clock()) == pytest.approx(0.5)
-    clock.t += 0.5
-    assert hk.is_quiet()
-    hk.expedite()
-
-
-def test_a_task_waits_for_busy_work_and_runs_after_it() -> None:
-    hk = Housekeeper(quiet=0.1, max_wait=60)
-    done = threading.Event()
-    with hk.busy():
-        hk.defer("a", done.set, "clean-up")
-        assert not done.wait(0.5)  # five quiet times without a request: still waiting
-    assert done.wait(5)
