@@ -651,8 +651,7 @@ class Engine:
                             error = _crun_error(launch.crun_log) if proc.proc.poll() is not None else ""
                             if not error:
                                 raise
-                            message = docker_message(error)
-                            raise EngineError(_start_status(message), message) from exc
+                            raise _crun_refused(error) from exc
                     except BaseException:
                         proc.kill()
                         raise
@@ -666,10 +665,9 @@ class Engine:
                 log.info("started %s: %s", c.name, steps)
                 error = _crun_error(launch.crun_log) if rc not in (None, 0) else ""
                 if error:  # crun could not create or start it; a quick normal exit is not an error
-                    message = docker_message(error)
                     proc.drain(1)
                     held.release(drop=error)
-                    raise EngineError(_start_status(message), message)
+                    raise _crun_refused(error)
                 held.release()
                 pid = pid or int((runtime.state(c.runtime_id) or {}).get("pid") or 0)
             except EngineError as exc:
@@ -1437,6 +1435,12 @@ def docker_message(message: str) -> str:
     if "No such file or directory" in message:
         return f"failed to create task for container: {message.replace('No such file or directory', 'no such file or directory')}: unknown"
     return message
+
+
+def _crun_refused(error: str) -> EngineError:
+    """crun's reason for not starting a container, as Docker answers it."""
+    message = docker_message(error)
+    return EngineError(_start_status(message), message)
 
 
 def _start_status(message: str) -> int:

@@ -153,9 +153,6 @@ class LogReader:
         (or its close, which comes after the exit is recorded), never past one. Without it
         we poll."""
         wanted = {s for s, on in (("stdout", stdout), ("stderr", stderr)) if on}
-        if self._f is None:
-            with contextlib.suppress(FileNotFoundError):
-                self._f = open(self.path, "rb")
         buf = b""
         last_look = False
         while True:
@@ -187,8 +184,9 @@ class LogReader:
                 time.sleep(0.2)
 
     def _rotated_away(self) -> bool:
-        """Whether the file read so far was rotated (and the new one is now read). A path
-        that is gone is not a rotation: the container was removed, its open file still reads."""
+        """Whether the path now names another file than the one read so far (rotated, or
+        made since the reader was), which is then read from here on. A path that is gone is
+        not a rotation: the container was removed, and its open file still reads."""
         try:
             ino = os.stat(self.path).st_ino
         except FileNotFoundError:

@@ -167,54 +167,49 @@ def _await_line(sock: socket.socket, want: bytes, until: float) -> bool:
     return True
 
 
-class ChannelWatchdog:
-    """Closes a channel that one step (a block of the ``with``) keeps waiting longer than
-    ``seconds``, and then raises ``error`` naming ``what``.
+@contextlib.contextmanager
+def _watchdog(chan: paramiko.Channel, seconds: float, what: str,
+              error: type[AgentTimeout] = AgentTimeout) -> Iterator[None]:
+    """Close ``chan`` if the block still waits after ``seconds``, and raise ``error``.
 
     paramiko waits without a timeout for the answer to a channel request
     (``exec_command``) and for the exit status (``recv_exit_status``); ``settimeout`` covers
     only reads (paramiko#2599). A guest sshd that never answered an exec once held `vm start`
-    for good. Closing the channel wakes both waits."""
+    for good. Closing the channel marks it closed, which wakes both waits."""
+    fired = threading.Event()
 
-    def __init__(self, chan: paramiko.Channel, what: str, error: type[AgentTimeout] = AgentTimeout) -> None:
-        self.chan, self.what, self.error = chan, what, error
-
-    @contextlib.contextmanager
-    def step(self, seconds: float) -> Iterator[None]:
-        fired = threading.Event()
-
-        def fire() -> None:
-            fired.set()
-            try:
-                self.chan.close()  # marks it closed, which wakes the waits, then tells sshd
-            except (paramiko.SSHException, EOFError, OSError) as exc:  # the connection is gone too
-                log.debug("closing a channel after %s: %s", self.what, exc)
-
-        timer = threading.Timer(seconds, fire)
-        timer.daemon = True
-        timer.start()
+    def fire() -> None:
+        fired.set()
         try:
-            yield
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            if fired.is_set():
-                raise self.error(f"{self.what}: no answer from the guest in {seconds:g}s") from exc
-            raise
-        finally:
-            timer.cancel()
+            chan.close()
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # the connection is gone too
+            log.debug("closing a channel after %s: %s", what, exc)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except (paramiko.SSHException, EOFError, OSError) as exc:
         if fired.is_set():
-            raise self.error(f"{self.what}: no answer from the guest in {seconds:g}s")
+            raise error(f"{what}: no answer from the guest in {seconds:g}s") from exc
+        raise
+    finally:
+        timer.cancel()
+    if fired.is_set():
+        raise error(f"{what}: no answer from the guest in {seconds:g}s")
 
 
 def exec_command(chan: paramiko.Channel, command: str, timeout: float) -> None:
     """``chan.exec_command`` that gives up after ``timeout`` seconds with ChannelStuck: sshd
     only forks to answer, so no answer means the connection is stuck."""
-    with ChannelWatchdog(chan, "starting a guest command", ChannelStuck).step(timeout):
+    with _watchdog(chan, timeout, "starting a guest command", ChannelStuck):
         chan.exec_command(command)
 
 
 def exit_status(chan: paramiko.Channel, timeout: float) -> int:
     """``chan.recv_exit_status`` that gives up after ``timeout`` seconds (AgentTimeout)."""
-    with ChannelWatchdog(chan, "waiting for a guest command").step(timeout):
+    with _watchdog(chan, timeout, "waiting for a guest command"):
         return chan.recv_exit_status()
 
 

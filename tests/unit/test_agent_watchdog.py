@@ -1,5 +1,5 @@
 """Guest commands over the agent connection that never get an answer (vmkit/agent.py's
-ChannelWatchdog), against a real paramiko server that holds its answers back.
+_watchdog), against a real paramiko server that holds its answers back.
 
 paramiko waits without a timeout for sshd's answer to an exec request and for the exit
 status. A guest sshd that never answered the virtiofs mount's exec once held `vm start` (the
