@@ -26,6 +26,7 @@ from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
 from vmkit.ports import ForwardTable, PortPublisher
 from vmkit.qemu import QemuProcess, create_data_disk
+from vmkit import bootwatch
 from vmkit import shares as sharing
 from vmkit import virtiofs
 from vmkit.settings import Settings, parse_host_service
@@ -135,6 +136,16 @@ class VM:
         self._prepare(progress)
         progress(f"booting the guest ({self.spec.accel}, {self.spec.cpus} CPUs, {self.spec.memory_mib} MiB)")
         t0 = time.monotonic()
+        self._launch()
+        self.started_at = time.time()
+        progress("waiting for the agent")
+        self._connect_agent(t0 + READY_TIMEOUT, progress)
+        self.ready_seconds = round(time.monotonic() - t0, 2)
+        self._publish_ports()
+        self._forward_changes()
+        self._wait_shares(progress)
+
+    def _launch(self) -> None:
         if self.spec.virtiofs:
             self.virtiofsd.start()
         try:
@@ -142,13 +153,6 @@ class VM:
         except BaseException:
             self.virtiofsd.close(force=True)
             raise
-        self.started_at = time.time()
-        progress("waiting for the agent")
-        self._connect_agent(t0 + READY_TIMEOUT)
-        self.ready_seconds = round(time.monotonic() - t0, 2)
-        self._publish_ports()
-        self._forward_changes()
-        self._wait_shares(progress)
 
     def adopt(self, pid: int, progress: Progress) -> None:
         progress(f"reattaching to the running VM (QEMU pid {pid})")
@@ -215,10 +219,13 @@ class VM:
                                        self.guest_writes)
         self.changes.start()
 
-    def _wait_port_open(self, deadline: float) -> None:
+    def _wait_port_open(self, deadline: float, progress: Progress | None = None) -> bool:
         """Wait until the guest has opened the agent port (QMP tells us), so the first SSH
-        attempt meets a listening sshd instead of timing out on a booting guest."""
+        attempt meets a listening sshd instead of timing out on a booting guest; True once it
+        has. A fresh boot (``progress`` given) that stays silent for BOOT_SILENCE seconds is
+        started again, once (vmkit/bootwatch.py)."""
         assert self.qemu.monitor is not None
+        silent_until = time.monotonic() + bootwatch.BOOT_SILENCE if progress is not None else None
         while time.monotonic() < deadline and self.qemu.alive():
             try:
                 devs = self.qemu.monitor.execute("query-chardev", timeout=5)
@@ -226,15 +233,49 @@ class VM:
                 log.debug("query-chardev failed: %s", exc)
                 break
             if any(d.get("label") == "agent" and d.get("frontend-open") for d in devs):
-                return
+                return True
+            if silent_until is not None and progress is not None and time.monotonic() > silent_until:
+                silent_until = None
+                if bootwatch.console_silent(self.paths.console_log):
+                    self._relaunch_silent_guest(progress)
             time.sleep(0.05)
+        return False
 
-    def _connect_agent(self, deadline: float) -> None:
+    def _vcpu_state(self) -> str:
+        """The guest's vCPUs in one line (full dump in the daemon's log); never raises."""
+        assert self.qemu.monitor is not None
+        try:
+            dump = self.qemu.monitor.hmp("info registers -a", timeout=5)
+        except Exception as exc:
+            return f"vCPU state unavailable: {exc}"
+        log.debug("guest vCPU registers:\n%s", dump)
+        return bootwatch.vcpu_summary(dump)
+
+    def _relaunch_silent_guest(self, progress: Progress) -> None:
+        """A new QEMU for a guest stuck before userspace. (A QMP system_reset was tried
+        first: one reset guest in two stayed in its firmware under TCG.) Nothing of the data
+        disk is mounted before the guest's first console line, so nothing is lost."""
+        log.warning("the guest printed nothing and opened no agent port in %.0f s (%s); starting it again",
+                    bootwatch.BOOT_SILENCE, self._vcpu_state())
+        progress(f"the guest printed nothing in {bootwatch.BOOT_SILENCE:.0f} s; starting it again")
+        self.qemu.kill()
+        if not self.qemu.wait(10):
+            raise LaunchError(f"QEMU (pid {self.qemu.pid}) did not die after SIGKILL")
+        self.qemu.close()
+        self.virtiofsd.close(force=True)
+        self._launch()
+
+    def _connect_agent(self, deadline: float, progress: Progress | None = None) -> None:
         self.agent = AgentChannel(self.spec.files.agent, self.paths.client_key, self.paths.known_host, self.spec.name)
         self.agent.on_connect.append(self._forward_host_services)
         self.agent.on_connect.append(self._attach_shares)
         try:
-            self._wait_port_open(deadline)
+            opened = self._wait_port_open(deadline, progress)
+            if not opened and self.qemu.alive() and time.monotonic() >= deadline:
+                console = "nothing on its console" if bootwatch.console_silent(self.paths.console_log) \
+                    else "see its console"
+                raise LaunchError(f"the guest did not finish booting: its agent port never opened "
+                                  f"({console}; {self._vcpu_state()})", hint="see `pydesk vm logs`")
             self.agent.connect(deadline, alive=self.qemu.alive)
             self.release = self.agent.release()
         except AgentError:

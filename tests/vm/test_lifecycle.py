@@ -341,3 +341,75 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
     assert sorted(r.name for r in client().containers.list()) == ["always", "web"]
     # crun's states are the running containers' and no others
     assert sorted(after["states"].values()) == running, (after, running)
+
+
+def _machine(home, guest_image, monkeypatch):  # type: ignore[no-untyped-def]
+    """A VM object as the daemon builds one, in this process, whose first QEMU is paused as
+    soon as it answers on QMP: that guest stays silent, as the ones that hung before userspace
+    did. QEMUs launched after it run."""
+    from vmkit import accel
+    from vmkit.host import detect
+    from vmkit.paths import VMPaths, cache_dir
+    from vmkit.qemu import QemuProcess
+    from vmkit.settings import Settings
+    from vmkit.vm import VM, build_spec, guest_config
+
+    monkeypatch.setenv("PYDESK_HOME", str(home))
+    launched = QemuProcess._post_launch
+
+    launches: list[int] = []
+
+    def paused(self: QemuProcess) -> None:
+        launched(self)
+        assert self.monitor is not None and self.pid is not None
+        if not launches:
+            self.monitor.execute("stop")
+        launches.append(self.pid)
+
+    monkeypatch.setattr(QemuProcess, "_post_launch", paused)
+    host = detect()
+    choice = accel.choose(host, guest_image.arch, str(guest_image.kernel), cache_file=cache_dir() / "accel-probe.json")
+    settings = Settings(memory_mib=1024, disk_gib=4, share_home=False, restrict_network=True, dns=("127.0.0.1",))
+    paths = VMPaths("default")
+    spec = build_spec("default", settings, guest_image, choice, paths, host.os)
+    return VM(spec, host, paths, choice, guest_config(settings, spec.shares)), launches
+
+
+def test_a_guest_silent_at_boot_is_started_again(tmp_path, guest_image, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from vmkit import bootwatch
+
+    monkeypatch.setattr(bootwatch, "BOOT_SILENCE", 5.0)
+    machine, launches = _machine(tmp_path / "home", guest_image, monkeypatch)
+    said: list[str] = []
+    try:
+        machine.start(said.append)
+        first = machine.paths.console_log.with_suffix(".log.1")  # the silent boot's console
+        assert first.exists() and bootwatch.console_silent(first)
+        assert machine.agent is not None
+        assert machine.agent.exec("echo booted") == (0, b"booted\n", b"")
+        assert "the guest printed nothing in 5 s; starting it again" in said, said
+        assert len(launches) == 2 and not psutil.pid_exists(launches[0])  # the stuck QEMU is gone
+        assert not bootwatch.console_silent(machine.paths.console_log)
+    finally:
+        machine.qemu.kill()
+        machine.close()
+
+
+def test_a_guest_that_never_boots_says_where_its_vcpus_are(tmp_path, guest_image, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from vmkit import bootwatch, vm
+    from vmkit.errors import LaunchError
+
+    monkeypatch.setattr(bootwatch, "BOOT_SILENCE", 3600.0)  # no reset: the guest stays paused
+    monkeypatch.setattr(vm, "READY_TIMEOUT", 8.0)
+    machine, _ = _machine(tmp_path / "home", guest_image, monkeypatch)
+    try:
+        with pytest.raises(LaunchError) as err:
+            machine.start(lambda _: None)
+        message = str(err.value)
+        assert message.startswith("the guest did not finish booting: its agent port never opened "
+                                  "(nothing on its console; vCPU0 "), message
+        assert "vCPU1 " in message  # two vCPUs, each with where it stopped
+        assert err.value.hint == "see `pydesk vm logs`"
+    finally:
+        machine.qemu.kill()
+        machine.close()
