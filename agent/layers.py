@@ -22,12 +22,13 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -43,6 +44,7 @@ MAX_HEADER_BYTES = 1 << 20  # PAX / GNU long-name header cap
 MAX_NAME_BYTES = 4096  # PATH_MAX: an image built on Linux never has longer names
 MAX_DEPTH = 256  # keeps every tree we make removable by (recursive) shutil.rmtree
 _MAX_ID = (1 << 32) - 2  # uid/gid; -1 / 2**32-1 would mean "leave unchanged"
+_OPEN_DIRS = 128  # directory fds kept open between entries
 _META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
                tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 
@@ -188,21 +190,50 @@ class _Unpacker:
         self.stats = LayerStats()
         self.is_root = os.geteuid() == 0
         self.dir_times: list[tuple[list[str], int]] = []
+        # Directories opened so far, by path (each opened from its parent's fd with O_NOFOLLOW,
+        # as ``parent`` does): most entries share a parent with the one before. Valid while
+        # no directory is removed, and emptied when one is (``remove``).
+        self._dirs: dict[tuple[str, ...], int] = {}
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def dir_fd(self, label: str, path: tuple[str, ...], create: bool = True) -> int:
+        """An fd (the cache's: valid until the next ``entry``, or until a directory above
+        it is removed) of the directory ``path``, opened component by component without
+        following symlinks; missing components are made if ``create``."""
+        if not path:
+            return self.root_fd
+        fd = self._dirs.get(path)
+        if fd is None:
+            fd = self._open_dir(self.dir_fd(label, path[:-1], create), path[-1], label, create)
+            self._dirs[path] = fd
+        return fd
+
+    def remove(self, parent: tuple[str, ...], dir_fd: int, name: str, st: os.stat_result) -> None:
+        """Remove an earlier entry that a later one replaces (tar semantics)."""
+        if stat.S_ISDIR(st.st_mode):
+            gone = (*parent, name)
+            for key in [k for k in self._dirs if k[:len(gone)] == gone]:
+                os.close(self._dirs.pop(key))
+            shutil.rmtree(name, dir_fd=dir_fd)  # fd-based, does not follow symlinks
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def make(self, parent: tuple[str, ...], dir_fd: int, name: str, create: Callable[[], T]) -> T:
+        """``create()`` a new ``name``; an earlier entry in the way is removed first (the
+        check costs nothing in the usual case, where nothing is there)."""
+        try:
+            return create()
+        except FileExistsError:
+            st = _lstat(dir_fd, name)
+            if st is not None:
+                self.remove(parent, dir_fd, name, st)
+            return create()
 
     # -- path resolution ---------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def parent(self, label: str, parts: list[str], create: bool = True) -> Iterator[int]:
-        """Yield an fd of the directory holding parts[-1], opened component by component."""
-        fd = os.dup(self.root_fd)
-        try:
-            for comp in parts[:-1]:
-                nfd = self._open_dir(fd, comp, label, create)
-                os.close(fd)
-                fd = nfd
-            yield fd
-        finally:
-            os.close(fd)
 
     def _open_dir(self, fd: int, comp: str, label: str, create: bool) -> int:
         try:
@@ -222,6 +253,8 @@ class _Unpacker:
     # -- entries -------------------------------------------------------------------------
 
     def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        if len(self._dirs) > _OPEN_DIRS:  # here, where no fd of the cache is in use
+            self.close()
         self.stats.entries += 1
         if self.stats.entries > self.max_entries:
             raise LayerError(f"entry {m.name!r}: more than {self.max_entries} entries in layer")
@@ -246,42 +279,42 @@ class _Unpacker:
         if kind == "hardlink":
             self.hardlink(m, parts)
             return
-        with self.parent(f"entry {m.name!r}", parts) as pfd:
-            leaf = parts[-1]
-            existing = _lstat(pfd, leaf)
-            if existing is not None and not (kind == "dir" and stat.S_ISDIR(existing.st_mode)):
-                _remove(pfd, leaf, existing)
-            if kind == "file":
-                self.regular(tf, m, pfd, leaf)
-            elif kind == "dir":
-                if existing is None or not stat.S_ISDIR(existing.st_mode):
+        parent = tuple(parts[:-1])
+        pfd = self.dir_fd(f"entry {m.name!r}", parent)
+        leaf = parts[-1]
+        if kind == "file":
+            self.regular(tf, m, parent, pfd, leaf)
+        elif kind == "dir":
+            try:
+                os.mkdir(leaf, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                st = _lstat(pfd, leaf)
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    self.remove(parent, pfd, leaf, st)
                     os.mkdir(leaf, 0o700, dir_fd=pfd)
-                dfd = os.open(leaf, _DIR_FLAGS, dir_fd=pfd)
-                try:
-                    self.meta_dir(m, dfd, parts)
-                finally:
-                    os.close(dfd)
-            elif kind == "symlink":
-                if "\x00" in m.linkname:
-                    raise LayerError(f"entry {m.name!r}: symlink target contains NUL")
-                os.symlink(m.linkname, leaf, dir_fd=pfd)
-                if self.is_root:
-                    os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-                ns = _mtime_ns(m)
-                os.utime(leaf, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
-            elif kind == "fifo":
-                os.mkfifo(leaf, 0o600, dir_fd=pfd)
-                fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             dir_fd=pfd)
-                try:
-                    self.meta_fd(m, fd)
-                finally:
-                    os.close(fd)
+            self.meta_dir(m, self.dir_fd(f"entry {m.name!r}", tuple(parts)), parts)
+        elif kind == "symlink":
+            if "\x00" in m.linkname:
+                raise LayerError(f"entry {m.name!r}: symlink target contains NUL")
+            self.make(parent, pfd, leaf, lambda: os.symlink(m.linkname, leaf, dir_fd=pfd))
+            if self.is_root:
+                os.chown(leaf, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+            ns = _mtime_ns(m)
+            os.utime(leaf, ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
+        elif kind == "fifo":
+            self.make(parent, pfd, leaf, lambda: os.mkfifo(leaf, 0o600, dir_fd=pfd))
+            fd = os.open(leaf, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         dir_fd=pfd)
+            try:
+                self.meta_fd(m, fd)
+            finally:
+                os.close(fd)
 
-    def regular(self, tf: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, leaf: str) -> None:
+    def regular(self, tf: tarfile.TarFile, m: tarfile.TarInfo, parent: tuple[str, ...], pfd: int,
+                leaf: str) -> None:
         if self.max_bytes is not None and self.stats.bytes + m.size > self.max_bytes:
             raise LayerError(f"entry {m.name!r}: layer exceeds the limit of {self.max_bytes} bytes")
-        fd = os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=pfd)
+        fd = self.make(parent, pfd, leaf, lambda: os.open(leaf, _FILE_FLAGS, 0o600, dir_fd=pfd))
         try:
             src = tf.fileobj
             assert isinstance(src, _ForwardReader)
@@ -335,20 +368,23 @@ class _Unpacker:
         tparts = split_name(m.linkname, what=f"entry {m.name!r}: hardlink target")
         if not tparts:
             raise LayerError(f"{label} is the layer root")
-        with self.parent(label, tparts, create=False) as tfd:
-            tst = _lstat(tfd, tparts[-1])
-            if tst is None:
-                raise LayerError(f"{label} is not an earlier entry of this layer")
-            if not (stat.S_ISREG(tst.st_mode) or stat.S_ISFIFO(tst.st_mode)):
-                raise LayerError(f"{label} is not a regular file")
-            with self.parent(f"entry {m.name!r}", parts) as pfd:
-                leaf = parts[-1]
-                existing = _lstat(pfd, leaf)
-                if existing is not None:
-                    if (existing.st_dev, existing.st_ino) == (tst.st_dev, tst.st_ino):
-                        return
-                    _remove(pfd, leaf, existing)
-                os.link(tparts[-1], leaf, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        tfd = self.dir_fd(label, tuple(tparts[:-1]), create=False)
+        tst = _lstat(tfd, tparts[-1])
+        if tst is None:
+            raise LayerError(f"{label} is not an earlier entry of this layer")
+        if not (stat.S_ISREG(tst.st_mode) or stat.S_ISFIFO(tst.st_mode)):
+            raise LayerError(f"{label} is not a regular file")
+        parent = tuple(parts[:-1])
+        pfd = self.dir_fd(f"entry {m.name!r}", parent)
+        leaf = parts[-1]
+        existing = _lstat(pfd, leaf)
+        if existing is not None:
+            if (existing.st_dev, existing.st_ino) == (tst.st_dev, tst.st_ino):
+                return
+            self.remove(parent, pfd, leaf, existing)
+            # the target's directory may have been under what was removed, and closed
+            tfd = self.dir_fd(label, tuple(tparts[:-1]), create=False)
+        os.link(tparts[-1], leaf, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
 
     def whiteout(self, m: tarfile.TarInfo, parts: list[str], kind: str) -> None:
         leaf = parts[-1]
@@ -357,19 +393,18 @@ class _Unpacker:
         if leaf == WHITEOUT_OPAQUE:
             if len(parts) < 2:
                 raise LayerError(f"entry {m.name!r}: opaque marker is not inside a directory")
-            with self.parent(f"entry {m.name!r}", parts) as pfd:
-                os.setxattr(pfd, OPAQUE_XATTR, b"y")
+            os.setxattr(self.dir_fd(f"entry {m.name!r}", tuple(parts[:-1])), OPAQUE_XATTR, b"y")
             self.stats.opaque += 1
             return
         target = leaf[len(WHITEOUT_PREFIX):]
         if target in ("", ".", "..") or "/" in target or target.startswith(WHITEOUT_PREFIX):
             raise LayerError(f"entry {m.name!r}: malformed whiteout")
-        with self.parent(f"entry {m.name!r}", parts) as pfd:
-            if _lstat(pfd, target) is not None:
-                # OCI: a whiteout never hides an entry of its own layer
-                log.debug("entry %s: whiteout of a same-layer entry ignored", m.name)
-                return
-            os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
+        pfd = self.dir_fd(f"entry {m.name!r}", tuple(parts[:-1]))
+        if _lstat(pfd, target) is not None:
+            # OCI: a whiteout never hides an entry of its own layer
+            log.debug("entry %s: whiteout of a same-layer entry ignored", m.name)
+            return
+        os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=pfd)
         self.stats.whiteouts += 1
 
     def finish(self) -> None:
@@ -379,10 +414,10 @@ class _Unpacker:
                 if not parts:
                     os.utime(self.root_fd, ns=(ns, ns))
                     continue
-                with self.parent("directory", parts, create=False) as pfd:
-                    st = _lstat(pfd, parts[-1])
-                    if st is not None and stat.S_ISDIR(st.st_mode):
-                        os.utime(parts[-1], ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
+                pfd = self.dir_fd("directory", tuple(parts[:-1]), create=False)
+                st = _lstat(pfd, parts[-1])
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.utime(parts[-1], ns=(ns, ns), dir_fd=pfd, follow_symlinks=False)
             except (LayerError, OSError):
                 continue  # the directory was replaced later in the layer
 
@@ -408,14 +443,6 @@ def _lstat(dir_fd: int, name: str) -> os.stat_result | None:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
-
-
-def _remove(dir_fd: int, name: str, st: os.stat_result) -> None:
-    """Remove an earlier entry that a later one replaces (tar semantics)."""
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)  # fd-based, does not follow symlinks
-    else:
-        os.unlink(name, dir_fd=dir_fd)
 
 
 def unpack_layer(stream: BinaryIO, dest: Path, *, max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -450,6 +477,8 @@ def unpack_layer(stream: BinaryIO, dest: Path, *, max_entries: int = DEFAULT_MAX
             raise LayerError(f"corrupt or truncated tar at entry {current!r}: {e}") from None
         except OSError as e:
             raise LayerError(f"entry {current!r}: {e.strerror or e}") from None
+        finally:
+            u.close()
         return u.stats
     finally:
         os.close(root_fd)

@@ -161,6 +161,29 @@ def test_later_entries_replace_earlier_ones(dest: Path) -> None:
     assert (dest / "h").read_bytes() == b"h"
 
 
+def test_a_replaced_directory_is_not_written_through(dest: Path) -> None:
+    """The unpacker keeps directories open between entries: one that a later entry replaces
+    (by a file, then a new directory) is not where later entries go."""
+    tar = make_tar([
+        mkdir("c"), mkdir("c/d"), reg("c/d/old", b"old"),
+        reg("c", b"a file now"), mkdir("c"), reg("c/d/new", b"new"),
+        mkdir("e"), reg("e/x", b"x"), mkdir("e"), reg("e/y", b"y"),  # a dir entry again keeps it
+        reg("f", b"target"), mkdir("g"), reg("g/h"), link("g", "f", hard=True), reg("g2/i", b"i"),
+    ])
+    unpack_layer(io.BytesIO(tar), dest)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "c", "c/d", "c/d/new", "e", "e/x", "e/y", "f", "g", "g2", "g2/i"]
+    assert (dest / "c/d/new").read_bytes() == b"new"
+    assert (dest / "g").read_bytes() == b"target" and (dest / "g").stat().st_ino == (dest / "f").stat().st_ino
+
+
+def test_many_directories_keep_few_open(dest: Path) -> None:
+    before = len(os.listdir("/proc/self/fd"))
+    unpack_layer(io.BytesIO(make_tar([reg(f"d{i}/s/f", b"x") for i in range(400)])), dest)
+    assert len(os.listdir(dest)) == 400 and (dest / "d399/s/f").read_bytes() == b"x"
+    assert len(os.listdir("/proc/self/fd")) == before  # all closed at the end
+
+
 def test_fifo_allowed_and_whiteout_of_same_layer_entry_ignored(dest: Path) -> None:
     unpack_layer(io.BytesIO(make_tar([special("run/fifo", tarfile.FIFOTYPE),
                                       reg("keep", b"k"), reg(".wh.keep", b"")])), dest)
@@ -204,6 +227,13 @@ HOSTILE: list[tuple[str, list[tuple[tarfile.TarInfo, bytes | None]], str]] = [
     ("whiteout-empty", [reg(".wh.", b"")], "'.wh.': malformed whiteout"),
     ("whiteout-as-dir", [reg("dir/.wh.a/b", b"")], "'dir/.wh.a/b': malformed whiteout"),
     ("opaque-at-root", [reg(".wh..wh..opq", b"")], "'.wh..wh..opq': opaque marker"),
+    # a directory already opened (and kept open by the unpacker) is replaced by a symlink
+    ("write-through-replaced-dir", [mkdir("c"), reg("c/x"), link("c", str(OUTSIDE)), reg("c/y", b"pwned")],
+     "'c/y': path goes through symlink 'c'"),
+    ("write-through-replaced-subdir", [mkdir("c"), mkdir("c/d"), reg("c/d/x"), link("c", str(OUTSIDE)),
+                                       reg("c/d/y", b"pwned")], "'c/d/y': path goes through symlink 'c'"),
+    ("hardlink-into-replaced-dir", [mkdir("c"), reg("c/x"), link("c", "/etc"), link("pw", "c/passwd", hard=True)],
+     "'pw': hardlink target 'c/passwd': path goes through symlink 'c'"),
 
 ]
 
