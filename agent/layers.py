@@ -4,7 +4,10 @@ This is hostile-input code. tarfile is used only to *parse* the stream; every fi
 here with fd-relative syscalls: each parent directory is opened one component at a time with
 O_NOFOLLOW starting from an fd of ``dest``, so no entry can reach outside ``dest`` through
 ``..``, an absolute name, or a symlink (including one planted earlier in the same layer).
-Symlink targets are stored verbatim and never followed.
+Those directory fds stay open from entry to entry (most entries share a parent with the one
+before); an entry that removes a directory closes the fds of it and of everything under it,
+so a symlink or file put in its place is met again by the next lookup. Symlink targets are
+stored verbatim and never followed.
 
 OCI whiteouts become overlayfs whiteouts: ``.wh.NAME`` -> a 0:0 character device ``NAME``,
 ``DIR/.wh..wh..opq`` -> xattr ``trusted.overlay.opaque=y`` on ``DIR``.
