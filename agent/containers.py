@@ -76,8 +76,10 @@ class RecordWriter:
     most the writes of its last few milliseconds, which are also what a synchronous write
     could lose.
 
-    A removed container's directory moves to the trash while a write for it may be waiting:
-    that write fails (or lands in the trash) and is dropped silently.
+    A removed container's record is not written any more: ``drop`` forgets one still waiting
+    (the engine calls it as it moves the directory to the trash), and a removed container's
+    ``save`` submits nothing. A write already under way when the directory moves fails (or
+    lands in the trash) and is dropped silently.
     """
 
     def __init__(self, write: Callable[[Path, bytes], None] = write_record) -> None:
@@ -94,6 +96,12 @@ class RecordWriter:
                 self._thread = threading.Thread(target=self._run, name="records", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
+
+    def drop(self, root: Path) -> None:
+        """Forget the record waiting for ``root``, if any (its container is being removed)."""
+        with self._cond:
+            if self._pending.pop(root, None) is not None:
+                self._cond.notify_all()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every record submitted so far is written; False on a timeout."""
@@ -175,7 +183,9 @@ class Container:
 
     def save(self) -> None:
         """Have the record written (by ``RECORDS``, soon): what it holds now, as the caller sees
-        it, is what gets written."""
+        it, is what gets written. Nothing, once the container is removed."""
+        if self.removed:
+            return
         RECORDS.submit(self.root, json.dumps(self.r).encode())
 
     @classmethod

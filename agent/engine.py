@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import reference, runtime, seccomp, workers
-from agent.containers import ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
+from agent.containers import RECORDS, ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
 from agent.launcher import Launcher, exit_status
@@ -903,6 +903,7 @@ class Engine:
             with self.lock:
                 self.containers.pop(c.id, None)
                 self.removing[c.id] = c
+            RECORDS.drop(c.root)  # a record still waiting to be written is moot now
             c.root = self._to_trash(c.root)
             c.exited.notify_all()
         self.housekeeper.defer(c.id, lambda: self._settle(c), "removal")

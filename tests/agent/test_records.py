@@ -62,3 +62,33 @@ def test_a_removed_containers_write_is_dropped_quietly_and_a_real_failure_is_log
     w.submit(tmp_path, b'{"after": 1}')  # the thread goes on after a failure
     assert w.flush(10)
     assert json.loads((tmp_path / RECORD).read_text()) == {"after": 1}
+
+
+def test_a_record_waiting_for_a_removed_container_is_not_written(tmp_path: Path) -> None:
+    gate = threading.Event()
+    written: list[Path] = []
+
+    def slow_write(root: Path, data: bytes) -> None:
+        gate.wait(10)
+        written.append(root)
+
+    w = RecordWriter(slow_write)
+    first, removed, kept = tmp_path / "first", tmp_path / "removed", tmp_path / "kept"
+    w.submit(first, b"{}")  # taken by the thread, held at the gate
+    w.submit(removed, b"{}")
+    w.submit(kept, b"{}")
+    w.drop(removed)
+    w.drop(tmp_path / "never-submitted")  # nothing to forget: no error
+    gate.set()
+    assert w.flush(10)
+    assert written == [first, kept]
+
+
+def test_a_removed_container_saves_nothing(tmp_path: Path) -> None:
+    from agent.containers import RECORDS
+
+    c = Container(tmp_path, {"Id": "b" * 64, "Name": "/y", "State": {"Status": "exited"}})
+    c.removed = True
+    c.save()
+    assert RECORDS.flush(10)
+    assert not (tmp_path / RECORD).exists()
