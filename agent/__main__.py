@@ -9,12 +9,15 @@ import signal
 import sys
 from pathlib import Path
 
+from agent import runtime
 from agent.api import serve
 from agent.containers import RECORDS
 from agent.engine import ENGINE_ROOT, Engine
 from agent.hostchanges import HostChanges
 
 SOCKET = "/run/pydesk/engine.sock"
+GUEST_CONFIG = Path("/run/pydesk/config")
+log = logging.getLogger("agent")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    accel = guest_accel()
+    runtime.use_fixed_addresses(accel == "tcg")
+    log.info("accelerator %s: crun starts at %s addresses", accel or "unknown", "fixed" if accel == "tcg" else "random")
     engine = Engine(args.root)
     engine.startup()
     engine.ports.serve()
@@ -46,6 +52,19 @@ def main(argv: list[str] | None = None) -> int:
         RECORDS.flush(30)  # the containers' records still being written
         engine.launcher.close()  # the cruns waiting for containers that will not come
     return 0
+
+
+def guest_accel(config_file: Path = GUEST_CONFIG) -> str | None:
+    """How the VM runs (the host's ``accel=`` line of the guest settings), if it says."""
+    try:
+        lines = config_file.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "accel":
+            return value.strip()
+    return None
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -296,8 +296,9 @@ class Process:
             at = next(i for i, a in enumerate(argv) if a in ("run", "exec", "create")) + 1
             argv = argv[:at] + ["--console-socket", str(sock)] + argv[at:]
             try:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                             stderr=subprocess.PIPE)
+                with runtime.fixed_addresses():
+                    self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.PIPE)
             except BaseException:
                 self._close_console()
                 raise
@@ -306,7 +307,8 @@ class Process:
             err_r, err_w = os.pipe()
             in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
             try:
-                self.proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True)
+                with runtime.fixed_addresses():
+                    self.proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=err_w, close_fds=True)
             finally:
                 for fd in (out_w, err_w, in_r):
                     os.close(fd)

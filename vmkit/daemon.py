@@ -141,7 +141,7 @@ class Daemon:
                               requested=settings.requested_accel)
         progress.emit("accel", accel=str(choice.accel), message=choice.reason)
         spec = build_spec(self.name, settings, image, choice, self.paths, host.os)
-        self.vm = VM(spec, host, self.paths, choice, guest_config(settings, spec.shares))
+        self.vm = VM(spec, host, self.paths, choice, guest_config(settings, spec.shares, choice.accel))
         self.listener = Listener(self.paths.control)
         if adopt:
             assert pid is not None

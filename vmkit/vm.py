@@ -31,7 +31,7 @@ from vmkit import shares as sharing
 from vmkit import virtiofs
 from vmkit.settings import Settings, parse_host_service
 from vmkit.sftp_share import ShareServer, wait_mounted
-from vmkit.spec import GuestImage, HostOS, RuntimeFiles, Share, VMSpec
+from vmkit.spec import Accel, GuestImage, HostOS, RuntimeFiles, Share, VMSpec
 from vmkit.transport import pump, qemu_endpoint
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,12 @@ def build_spec(name: str, settings: Settings, image: GuestImage, choice: AccelCh
     )
 
 
-def guest_config(settings: Settings, shares: tuple[Share, ...] = ()) -> str:
-    """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line."""
-    lines = [f"dns={d}" for d in settings.dns[:3]]  # resolv.conf reads at most three
+def guest_config(settings: Settings, shares: tuple[Share, ...] = (), accel: Accel | None = None) -> str:
+    """The settings the guest reads (fw_cfg opt/org.pydesk/config), one key=value a line;
+    ``accel`` tells the engine how its code runs (under TCG it starts crun at fixed
+    addresses, agent/runtime.py)."""
+    lines = [f"accel={accel}"] if accel is not None else []
+    lines += [f"dns={d}" for d in settings.dns[:3]]  # resolv.conf reads at most three
     lines += [f"host-service={parse_host_service(s)[0]}" for s in settings.host_services]
     lines += sharing.guest_config_lines(shares)
     lines += [f"mirror={m}" for m in settings.registry_mirrors]

@@ -6,7 +6,7 @@ import pytest
 
 from vmkit import settings as st
 from vmkit.errors import ConfigError
-from vmkit.spec import PortForward, Protocol
+from vmkit.spec import Accel, PortForward, Protocol
 
 
 def test_defaults_when_missing(tmp_path: Path) -> None:
@@ -60,3 +60,4 @@ def test_guest_config_lines() -> None:
                     registry_mirrors=("docker.io=http://127.0.0.1:5000",), mirror_only=True)
     assert guest_config(s).splitlines() == ["dns=1.1.1.1", "dns=9.9.9.9", "host-service=5000",
                                             "mirror=docker.io=http://127.0.0.1:5000", "mirror-only=1"]
+    assert guest_config(s, accel=Accel.TCG).splitlines()[0] == "accel=tcg"

@@ -172,6 +172,28 @@ def test_containers_run_on_cruns_started_ahead(shared_vm: Pydesk, docker_client)
     assert not left, left
 
 
+def test_crun_at_fixed_addresses_under_tcg_and_containers_randomised(shared_vm: Pydesk, docker_client) -> None:  # type: ignore[no-untyped-def]
+    """Under TCG the engine starts crun without address-space randomisation (QEMU reuses the
+    code it translated for it; agent/runtime.py), and only crun: every container's processes,
+    exec'd ones too, run with the default personality."""
+    accel = json.loads(shared_vm("vm", "status", "--format", "json", check=True).stdout)["accel"]
+    docker_client.containers.run("busybox", ["true"], remove=True)  # a start has them topped up
+    deadline = time.monotonic() + 60
+    while not guest_cruns(shared_vm)["waiting"] and time.monotonic() < deadline:
+        time.sleep(1)
+    personalities = shared_vm.sh("for p in $(pgrep -x crun); do cat /proc/$p/personality; done", check=True).stdout.split()
+    assert personalities, "no crun in the guest"
+    no_randomize = 0x0040000
+    assert all(bool(int(p, 16) & no_randomize) == (accel == "tcg") for p in personalities), (accel, personalities)
+    assert docker_client.containers.run("busybox", ["cat", "/proc/self/personality"], remove=True) == b"00000000\n"
+    c = docker_client.containers.run("busybox", ["sleep", "300"], detach=True)
+    try:
+        for tty in (False, True):
+            assert c.exec_run(["cat", "/proc/self/personality"], tty=tty).output.strip() == b"00000000"
+    finally:
+        c.remove(force=True)
+
+
 @pytest.mark.parametrize("tty", [False, True], ids=["pipes", "tty"])
 def test_a_start_that_fails_says_why_and_leaves_no_crun_behind(shared_vm: Pydesk, docker_client,  # type: ignore[no-untyped-def]
                                                                tty: bool) -> None:

@@ -372,7 +372,7 @@ def _machine(home, guest_image, monkeypatch):  # type: ignore[no-untyped-def]
     settings = Settings(memory_mib=1024, disk_gib=4, share_home=False, restrict_network=True, dns=("127.0.0.1",))
     paths = VMPaths("default")
     spec = build_spec("default", settings, guest_image, choice, paths, host.os)
-    return VM(spec, host, paths, choice, guest_config(settings, spec.shares)), launches
+    return VM(spec, host, paths, choice, guest_config(settings, spec.shares, choice.accel)), launches
 
 
 def test_a_guest_silent_at_boot_is_started_again(tmp_path, guest_image, monkeypatch) -> None:  # type: ignore[no-untyped-def]
