@@ -1,10 +1,11 @@
 """Telling a guest stuck before userspace from a slow one, and what its vCPUs were doing.
 
 A fresh guest prints its first console line ("file systems mounted", guest rc.boot) about 3 s
-into a TCG boot here, before it mounts the data disk or opens the agent port. Once in a few
-hundred TCG boots a guest printed nothing at all and never opened the port; the same VM
-booted at once the next time. ``VM.start`` resets such a guest once, after logging the state
-of its vCPUs (``vcpu_summary``), and reports that state if the boot still fails.
+into a TCG boot here, before it mounts the data disk or opens the agent port. Once (cycle 15
+of the twenty start/stop cycles test, in a full test run) a guest printed nothing at all and
+never opened the port; the test passed when run again. ``VM.start`` starts such a guest again,
+with a new QEMU, once, after logging the state of its vCPUs (``vcpu_summary``), and reports
+that state if the boot still fails.
 """
 
 from __future__ import annotations
