@@ -193,15 +193,20 @@ class _Unpacker:
         self.stats = LayerStats()
         self.is_root = os.geteuid() == 0
         self.dir_times: list[tuple[list[str], int]] = []
-        # Directories opened so far, by path (each opened from its parent's fd with O_NOFOLLOW,
-        # as ``parent`` does): most entries share a parent with the one before. Valid while
-        # no directory is removed, and emptied when one is (``remove``).
+        # Directories opened so far, by path (``dir_fd``): most entries share a parent with
+        # the one before. Removing a directory drops it and what is under it (``remove``).
         self._dirs: dict[tuple[str, ...], int] = {}
 
     def close(self) -> None:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+
+    def bound(self) -> None:
+        """Keep at most about _OPEN_DIRS directories open: called where no fd of the cache is
+        in use (before an entry, before each directory's times)."""
+        if len(self._dirs) > _OPEN_DIRS:
+            self.close()
 
     def dir_fd(self, label: str, path: tuple[str, ...], create: bool = True) -> int:
         """An fd (the cache's: valid until the next ``entry``, or until a directory above
@@ -256,8 +261,7 @@ class _Unpacker:
     # -- entries -------------------------------------------------------------------------
 
     def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
-        if len(self._dirs) > _OPEN_DIRS:  # here, where no fd of the cache is in use
-            self.close()
+        self.bound()
         self.stats.entries += 1
         if self.stats.entries > self.max_entries:
             raise LayerError(f"entry {m.name!r}: more than {self.max_entries} entries in layer")
@@ -413,6 +417,7 @@ class _Unpacker:
     def finish(self) -> None:
         """Set directory mtimes, deepest first, re-resolving each without following links."""
         for parts, ns in sorted(self.dir_times, key=lambda t: -len(t[0])):
+            self.bound()
             try:
                 if not parts:
                     os.utime(self.root_fd, ns=(ns, ns))

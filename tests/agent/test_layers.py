@@ -178,9 +178,24 @@ def test_a_replaced_directory_is_not_written_through(dest: Path) -> None:
 
 
 def test_many_directories_keep_few_open(dest: Path) -> None:
+    """Directory entries as real images have them, more of them than the process may open at
+    once: the unpacker keeps a bounded number open, also while it sets their times at the end."""
+    import resource
+
+    entries = []
+    for i in range(600):
+        entries += [mkdir(f"d{i}"), mkdir(f"d{i}/s"), reg(f"d{i}/s/f", b"x")]
+    tar = make_tar(entries)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     before = len(os.listdir("/proc/self/fd"))
-    unpack_layer(io.BytesIO(make_tar([reg(f"d{i}/s/f", b"x") for i in range(400)])), dest)
-    assert len(os.listdir(dest)) == 400 and (dest / "d399/s/f").read_bytes() == b"x"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (before + 400, hard))
+    try:
+        unpack_layer(io.BytesIO(tar), dest)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert len(os.listdir(dest)) == 600 and (dest / "d599/s/f").read_bytes() == b"x"
+    untimed = [d for i in range(600) for d in (f"d{i}", f"d{i}/s") if (dest / d).stat().st_mtime != 1_500_000_000]
+    assert untimed == []  # the times set at the end, every one
     assert len(os.listdir("/proc/self/fd")) == before  # all closed at the end
 
 
