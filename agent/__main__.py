@@ -9,14 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
-from agent import runtime
+from agent import guest_settings, runtime
 from agent.api import serve
 from agent.containers import RECORDS
 from agent.engine import ENGINE_ROOT, Engine
 from agent.hostchanges import HostChanges
 
 SOCKET = "/run/pydesk/engine.sock"
-GUEST_CONFIG = Path("/run/pydesk/config")
 log = logging.getLogger("agent")
 
 
@@ -54,17 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def guest_accel(config_file: Path = GUEST_CONFIG) -> str | None:
+def guest_accel(path: Path = guest_settings.GUEST_SETTINGS) -> str | None:
     """How the VM runs (the host's ``accel=`` line of the guest settings), if it says."""
-    try:
-        lines = config_file.read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        key, _, value = line.partition("=")
-        if key == "accel":
-            return value.strip()
-    return None
+    found = guest_settings.values("accel", path)
+    return found[0].strip() if found else None
 
 
 def _terminate(signum: int, frame: object) -> None:

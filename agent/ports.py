@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from agent import guest_settings
+
 log = logging.getLogger(__name__)
 
 SOCKET = "/run/pydesk/ports.sock"
@@ -398,10 +400,6 @@ def _read_exact(f: Any, n: int) -> bytes | None:
     return buf
 
 
-def host_service_ports(config_file: str = "/run/pydesk/config") -> list[int]:
+def host_service_ports() -> list[int]:
     """The guest ports of the VM's host services (``host-service=PORT`` lines)."""
-    try:
-        lines = open(config_file, encoding="utf-8").read().splitlines()
-    except OSError:
-        return []
-    return [int(v) for k, _, v in (line.partition("=") for line in lines) if k == "host-service" and v.isdigit()]
+    return [int(v) for v in guest_settings.values("host-service") if v.isdigit()]

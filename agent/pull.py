@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent import reference
+from agent import guest_settings, reference
 from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
                             RegistryError, TransportError, run_all)
 from agent.layers import LayerError
@@ -19,25 +19,19 @@ from agent.store import StoreError, chain_id
 
 log = logging.getLogger(__name__)
 
-GUEST_CONFIG = Path("/run/pydesk/config")
 PROGRESS_EVERY = 0.1  # seconds between two "Downloading" messages of a layer (as dockerd)
 
 Emit = Callable[[dict[str, Any]], None]
 
 
 def registry_config(auth: dict[str, str] | None = None, ref: reference.Reference | None = None,
-                    config_file: Path = GUEST_CONFIG, stored_auths: dict[str, Any] | None = None) -> RegistryConfig:
+                    config_file: Path = guest_settings.GUEST_SETTINGS, stored_auths: dict[str, Any] | None = None) -> RegistryConfig:
     """Mirrors and insecure registries from the VM settings; credentials from the request
     (X-Registry-Auth) or from `pydesk login`."""
     mirrors: dict[str, list[str]] = {}
     insecure: set[str] = set()
     mirror_only = False
-    try:
-        lines = config_file.read_text().splitlines()
-    except OSError:
-        lines = []
-    for line in lines:
-        key, _, value = line.partition("=")
+    for key, value in guest_settings.read(config_file):
         if key == "mirror":
             registry, _, url = value.partition("=")
             mirrors.setdefault(registry, []).append(url)

@@ -25,9 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from agent import guest_settings
+
 ANONYMOUS_LABEL = "com.docker.volume.anonymous"
 VOLUME_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
-GUEST_CONFIG = Path("/run/pydesk/config")
 #: VM paths a bind may name although they are not shares: the engine socket, as Docker
 #: Desktop offers /var/run/docker.sock to containers.
 ENGINE_SOCKET = "/run/pydesk/engine.sock"
@@ -55,15 +56,10 @@ def du(path: Path) -> int:
     return total
 
 
-def guest_shares(config: Path = GUEST_CONFIG) -> list[tuple[str, bool]]:
+def guest_shares() -> list[tuple[str, bool]]:
     """(guest path, read-only) of each host folder shared into the VM."""
-    out: list[tuple[str, bool]] = []
-    with contextlib.suppress(OSError):
-        for line in config.read_text().splitlines():
-            key, _, value = line.partition("=")
-            if key in ("share", "share-ro") and value.startswith("/"):
-                out.append((os.path.normpath(value), key == "share-ro"))
-    return out
+    return [(os.path.normpath(value), key == "share-ro") for key, value in guest_settings.read()
+            if key in ("share", "share-ro") and value.startswith("/")]
 
 
 def _under(path: str, root: str) -> bool:
