@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 #: Seconds a fresh boot may stay silent (nothing on the console, the agent port closed) before
-#: the guest is reset: 20 times a normal boot's first console line, under TCG.
+#: the guest is started again: 20 times a normal boot's first console line, under TCG.
 BOOT_SILENCE = 60.0
 
 _CPU = re.compile(r"^CPU#(\d+)", re.MULTILINE)
