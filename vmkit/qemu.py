@@ -142,6 +142,10 @@ class QemuProcess:
             if self._popen is not None and self._popen.poll() is not None:
                 raise LaunchError(f"QEMU exited at start: {self.last_error() or f'status {self._popen.returncode}'}",
                                   hint="see `pydesk vm logs`")
+            qmp_path = self.spec.files.qmp.path
+            if qmp_path and not Path(qmp_path).exists() and time.monotonic() < deadline:
+                time.sleep(0.02)  # not there yet: qemu.qmp would log each refused attempt as an error
+                continue
             try:
                 self._connect_monitor()
                 return
@@ -206,8 +210,11 @@ class QemuProcess:
 
     # --- shutdown -----------------------------------------------------------------------
     def shutdown(self, gentle: Callable[[], None] | None = None, *, gentle_timeout: float = 15.0,
-                 acpi_timeout: float = 10.0, quit_timeout: float = 5.0) -> str:
-        """Stop QEMU; returns which step did it. Raises HostError if even SIGKILL fails."""
+                 acpi_timeout: float = 10.0, quit_timeout: float = 5.0,
+                 on_missed: Callable[[str], None] | None = None) -> str:
+        """Stop QEMU; returns which step did it. Raises HostError if even SIGKILL fails.
+        ``on_missed(step)`` runs when the agent or ACPI step did not stop the guest (to
+        record its state while it is still there)."""
         self.state = RunState.STOPPING
         steps: list[tuple[str, Callable[[], None], float]] = []
         if gentle is not None:
@@ -221,11 +228,13 @@ class QemuProcess:
                 action()
             except Exception as exc:  # a failed step falls through to the next, stronger one
                 log.info("shutdown step %s failed: %s", name, exc)
-                continue
-            if self.wait(timeout):
-                log.info("QEMU stopped by %s", name)
-                return name
-            log.info("QEMU still running %.0fs after %s", timeout, name)
+            else:
+                if self.wait(timeout):
+                    log.info("QEMU stopped by %s", name)
+                    return name
+                log.info("QEMU still running %.0fs after %s", timeout, name)
+            if on_missed is not None and name != "quit" and self.alive():
+                on_missed(name)
         self.kill()
         if not self.wait(5):
             raise HostError(f"QEMU (pid {self.pid}) did not die after SIGKILL")

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 #: boot takes seconds; the deadline only guards against a guest that will never answer.
 READY_TIMEOUT = 180.0
 MOUNT_TIMEOUT = 60.0  # for a share's mount command in the guest
+POWEROFF_ANSWER = 10.0  # for the guest's `poweroff` command to answer (it returns at once)
+POWEROFF_WAIT = 15.0  # then for QEMU to exit
+ACPI_WAIT = 10.0  # for QEMU to exit after the ACPI power button, if the agent's poweroff did not do it
 
 Progress = Callable[[str], None]
 
@@ -246,7 +249,8 @@ class VM:
 
     def _vcpu_state(self) -> str:
         """The guest's vCPUs in one line (full dump in the daemon's log); never raises."""
-        assert self.qemu.monitor is not None
+        if self.qemu.monitor is None:
+            return "vCPU state unavailable: no QMP connection"
         try:
             dump = self.qemu.monitor.hmp("info registers -a", timeout=5)
         except Exception as exc:
@@ -327,10 +331,14 @@ class VM:
     def _poweroff_via_agent(self) -> None:
         if self.agent is None:
             raise AgentError("no agent connection")
-        self.agent.exec("poweroff", timeout=10)
+        self.agent.exec("poweroff", timeout=POWEROFF_ANSWER)
+
+    def _log_missed_shutdown(self, step: str) -> None:
+        log.warning("the guest did not power off through %s (%s)", step, self._vcpu_state())
 
     def stop(self) -> str:
-        how = self.qemu.shutdown(self._poweroff_via_agent)
+        how = self.qemu.shutdown(self._poweroff_via_agent, gentle_timeout=POWEROFF_WAIT, acpi_timeout=ACPI_WAIT,
+                                 on_missed=self._log_missed_shutdown)
         self.close()
         return how
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -375,8 +376,8 @@ def _machine(home, guest_image, monkeypatch):  # type: ignore[no-untyped-def]
     return VM(spec, host, paths, choice, guest_config(settings, spec.shares, choice.accel)), launches
 
 
-def test_a_guest_silent_at_boot_is_started_again(tmp_path, guest_image, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from vmkit import bootwatch
+def test_a_silent_guest_is_started_again_and_a_stuck_one_stopped(tmp_path, guest_image, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    from vmkit import bootwatch, vm
 
     monkeypatch.setattr(bootwatch, "BOOT_SILENCE", 5.0)
     machine, launches = _machine(tmp_path / "home", guest_image, monkeypatch)
@@ -390,6 +391,20 @@ def test_a_guest_silent_at_boot_is_started_again(tmp_path, guest_image, monkeypa
         assert "the guest printed nothing in 5 s; starting it again" in said, said
         assert len(launches) == 2 and not psutil.pid_exists(launches[0])  # the stuck QEMU is gone
         assert not bootwatch.console_silent(machine.paths.console_log)
+        # A guest that stops answering before its stop: each gentle step that misses says
+        # where the vCPUs were, and the stop still ends it.
+        monkeypatch.setattr(vm, "POWEROFF_ANSWER", 2.0)
+        monkeypatch.setattr(vm, "ACPI_WAIT", 2.0)
+        assert machine.qemu.monitor is not None
+        machine.qemu.monitor.execute("stop")
+        pid = machine.qemu.pid
+        with caplog.at_level(logging.WARNING, logger="vmkit.vm"):
+            assert machine.stop() == "quit"
+        missed = [r.getMessage() for r in caplog.records if "did not power off" in r.getMessage()]
+        assert [m.split(" (")[0] for m in missed] == ["the guest did not power off through agent",
+                                                      "the guest did not power off through acpi"], missed
+        assert all("(vCPU0 " in m and "vCPU1 " in m for m in missed), missed
+        assert pid is not None and not psutil.pid_exists(pid)
     finally:
         machine.qemu.kill()
         machine.close()
