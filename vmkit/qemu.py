@@ -210,18 +210,23 @@ class QemuProcess:
 
     # --- shutdown -----------------------------------------------------------------------
     def shutdown(self, gentle: Callable[[], None] | None = None, *, gentle_timeout: float = 15.0,
+                 gentle_progress: Callable[[], object] | None = None, gentle_max: float = 60.0,
                  acpi_timeout: float = 10.0, quit_timeout: float = 5.0,
                  on_missed: Callable[[str], None] | None = None) -> str:
         """Stop QEMU; returns which step did it. Raises HostError if even SIGKILL fails.
-        ``on_missed(step)`` runs when the agent or ACPI step did not stop the guest (to
-        record its state while it is still there)."""
+
+        After ``gentle`` (the guest's own poweroff), QEMU gets ``gentle_timeout`` seconds to
+        exit, and again as long as ``gentle_progress()`` changed in the last such window (a
+        guest still flushing its disk), up to ``gentle_max`` in all: a slow flush is waited
+        for, a guest that stopped moving is not. ``on_missed(step)`` runs when the agent or
+        ACPI step did not stop the guest (to record its state while it is still there)."""
         self.state = RunState.STOPPING
-        steps: list[tuple[str, Callable[[], None], float]] = []
+        steps: list[tuple[str, Callable[[], None], Callable[[], bool]]] = []
         if gentle is not None:
-            steps.append(("agent", gentle, gentle_timeout))
-        steps.append(("acpi", lambda: self._qmp("system_powerdown"), acpi_timeout))
-        steps.append(("quit", lambda: self._qmp("quit"), quit_timeout))
-        for name, action, timeout in steps:
+            steps.append(("agent", gentle, lambda: self._wait_while_moving(gentle_timeout, gentle_progress, gentle_max)))
+        steps.append(("acpi", lambda: self._qmp("system_powerdown"), lambda: self.wait(acpi_timeout)))
+        steps.append(("quit", lambda: self._qmp("quit"), lambda: self.wait(quit_timeout)))
+        for name, action, wait in steps:
             if not self.alive():
                 return name
             try:
@@ -229,16 +234,32 @@ class QemuProcess:
             except Exception as exc:  # a failed step falls through to the next, stronger one
                 log.info("shutdown step %s failed: %s", name, exc)
             else:
-                if self.wait(timeout):
+                if wait():
                     log.info("QEMU stopped by %s", name)
                     return name
-                log.info("QEMU still running %.0fs after %s", timeout, name)
+                log.info("QEMU still running after %s", name)
             if on_missed is not None and name != "quit" and self.alive():
                 on_missed(name)
         self.kill()
         if not self.wait(5):
             raise HostError(f"QEMU (pid {self.pid}) did not die after SIGKILL")
         return "kill"
+
+    def _wait_while_moving(self, window: float, progress: Callable[[], object] | None, limit: float) -> bool:
+        """Wait for QEMU to exit, ``window`` seconds at a time while ``progress()`` keeps
+        changing, ``limit`` seconds at most; True if it exited."""
+        deadline = time.monotonic() + limit
+        last = progress() if progress is not None else None
+        while True:
+            if self.wait(max(0.0, min(window, deadline - time.monotonic()))):
+                return True
+            if progress is None or time.monotonic() >= deadline:
+                return False
+            now = progress()
+            if now == last:
+                return False
+            log.info("the guest is still shutting down (%s); waiting", now)
+            last = now
 
     def _qmp(self, cmd: str) -> None:
         if self.monitor is None:

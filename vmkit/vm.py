@@ -26,7 +26,7 @@ from vmkit.keys import ensure_keys
 from vmkit.paths import VMPaths
 from vmkit.ports import ForwardTable, PortPublisher
 from vmkit.qemu import QemuProcess, create_data_disk
-from vmkit import bootwatch
+from vmkit import bootwatch, stuck
 from vmkit import shares as sharing
 from vmkit import virtiofs
 from vmkit.settings import Settings, parse_host_service
@@ -40,8 +40,16 @@ log = logging.getLogger(__name__)
 #: boot takes seconds; the deadline only guards against a guest that will never answer.
 READY_TIMEOUT = 180.0
 MOUNT_TIMEOUT = 60.0  # for a share's mount command in the guest
-POWEROFF_ANSWER = 10.0  # for the guest's `poweroff` command to answer (it returns at once)
-POWEROFF_WAIT = 15.0  # then for QEMU to exit
+POWEROFF_ANSWER = 10.0  # for the guest's `poweroff -n` to answer (it signals init and returns)
+POWEROFF_WAIT = 15.0  # then for QEMU to exit, and again while the data disk is still being written
+POWEROFF_MAX = 60.0  # ... up to this in all (`vm stop` waits 120 s for the daemon's answer)
+BLOCKED_TASKS_ANSWER = 3.0
+#: Lists the guest's tasks in uninterruptible sleep (D) with their kernel stack, and the data
+#: disk's requests in flight: what a `poweroff` that never returns waits for.
+BLOCKED_TASKS = (
+    "for p in /proc/[0-9]*; do grep -q '^State:.D' $p/status 2>/dev/null || continue; "
+    "echo \"$(cat $p/comm)[${p#/proc/}]:\" $(sed 's/^\\[<[0-9a-f]*>\\] //; s/+.*//' $p/stack 2>/dev/null | head -6) ';'; "
+    "done; echo in flight: $(grep -H . /sys/block/vd*/inflight 2>/dev/null | sed 's|^/sys/block/||; s|/inflight:| |')")
 ACPI_WAIT = 10.0  # for QEMU to exit after the ACPI power button, if the agent's poweroff did not do it
 
 Progress = Callable[[str], None]
@@ -256,14 +264,35 @@ class VM:
         except Exception as exc:
             return f"vCPU state unavailable: {exc}"
         log.debug("guest vCPU registers:\n%s", dump)
-        return bootwatch.vcpu_summary(dump)
+        return stuck.vcpu_summary(dump)
+
+    def _virtqueue_state(self) -> str:
+        """Every virtqueue not at rest, in one line; never raises."""
+        monitor = self.qemu.monitor
+        if monitor is None:
+            return "virtqueue state unavailable: no QMP connection"
+        try:
+            return stuck.virtqueue_summary(lambda command: monitor.hmp(command, timeout=5))
+        except Exception as exc:
+            return f"virtqueue state unavailable: {exc}"
+
+    def _blocked_tasks(self) -> str:
+        """The guest's tasks in uninterruptible sleep and where, through the agent if it still
+        answers (a guest whose disk writes hang still runs commands); never raises."""
+        if self.agent is None:
+            return "no agent connection"
+        try:
+            status, out, _ = self.agent.exec(BLOCKED_TASKS, timeout=BLOCKED_TASKS_ANSWER)
+        except Exception as exc:
+            return f"the agent did not answer either ({exc})"
+        return " ".join(out.decode(errors="replace").split()) or f"none (status {status})"
 
     def _relaunch_silent_guest(self, progress: Progress) -> None:
         """A new QEMU for a guest stuck before userspace. (A QMP system_reset was tried
         first: one reset guest in two stayed in its firmware under TCG.) Nothing of the data
         disk is mounted before the guest's first console line, so nothing is lost."""
-        log.warning("the guest printed nothing and opened no agent port in %.0f s (%s); starting it again",
-                    bootwatch.BOOT_SILENCE, self._vcpu_state())
+        log.warning("the guest printed nothing and opened no agent port in %.0f s (%s; %s); starting it again",
+                    bootwatch.BOOT_SILENCE, self._vcpu_state(), self._virtqueue_state())
         progress(f"the guest printed nothing in {bootwatch.BOOT_SILENCE:.0f} s; starting it again")
         self.qemu.kill()
         if not self.qemu.wait(10):
@@ -331,14 +360,39 @@ class VM:
     def _poweroff_via_agent(self) -> None:
         if self.agent is None:
             raise AgentError("no agent connection")
-        self.agent.exec("poweroff", timeout=POWEROFF_ANSWER)
+        # -n: no sync in the command; the guest's rc.shutdown flushes after stopping everything,
+        # while stop() watches the data disk move (a sync here could outlast POWEROFF_ANSWER).
+        self.agent.exec("poweroff -n", timeout=POWEROFF_ANSWER)
+
+    def _shutdown_progress(self) -> str:
+        """What moves while the guest shuts down: its data disk's completed writes and
+        flushes, and its console. Never raises."""
+        try:
+            console = self.paths.console_log.stat().st_size
+        except OSError:
+            console = -1
+        disk = "data disk unknown"
+        if self.qemu.monitor is not None:
+            try:
+                for dev in self.qemu.monitor.execute("query-blockstats", timeout=5):
+                    if dev.get("device") == "data":
+                        st = dev["stats"]
+                        disk = (f"data disk {st['wr_bytes']} bytes in {st['wr_operations']} writes, "
+                                f"{st['flush_operations']} flushes")
+            except Exception as exc:
+                disk = f"data disk unknown: {exc}"
+        return f"{disk}; console {console} bytes"
 
     def _log_missed_shutdown(self, step: str) -> None:
-        log.warning("the guest did not power off through %s (%s)", step, self._vcpu_state())
+        log.warning("the guest did not power off through %s (%s; %s)", step, self._vcpu_state(),
+                    self._virtqueue_state())
+        if step == "agent":
+            log.warning("tasks waiting in the guest: %s", self._blocked_tasks())
 
     def stop(self) -> str:
-        how = self.qemu.shutdown(self._poweroff_via_agent, gentle_timeout=POWEROFF_WAIT, acpi_timeout=ACPI_WAIT,
-                                 on_missed=self._log_missed_shutdown)
+        how = self.qemu.shutdown(self._poweroff_via_agent, gentle_timeout=POWEROFF_WAIT,
+                                 gentle_progress=self._shutdown_progress, gentle_max=POWEROFF_MAX,
+                                 acpi_timeout=ACPI_WAIT, on_missed=self._log_missed_shutdown)
         self.close()
         return how
 

@@ -344,10 +344,10 @@ def test_images_and_containers_survive_vm_restart(pydesk: Pydesk, registry) -> N
     assert sorted(after["states"].values()) == running, (after, running)
 
 
-def _machine(home, guest_image, monkeypatch):  # type: ignore[no-untyped-def]
-    """A VM object as the daemon builds one, in this process, whose first QEMU is paused as
-    soon as it answers on QMP: that guest stays silent, as the ones that hung before userspace
-    did. QEMUs launched after it run."""
+def _machine(home, guest_image, monkeypatch, pause_first: bool = True):  # type: ignore[no-untyped-def]
+    """A VM object as the daemon builds one, in this process. With ``pause_first``, its first
+    QEMU is paused as soon as it answers on QMP: that guest stays silent, as the ones that hung
+    before userspace did. QEMUs launched after it run."""
     from vmkit import accel
     from vmkit.host import detect
     from vmkit.paths import VMPaths, cache_dir
@@ -367,7 +367,8 @@ def _machine(home, guest_image, monkeypatch):  # type: ignore[no-untyped-def]
             self.monitor.execute("stop")
         launches.append(self.pid)
 
-    monkeypatch.setattr(QemuProcess, "_post_launch", paused)
+    if pause_first:
+        monkeypatch.setattr(QemuProcess, "_post_launch", paused)
     host = detect()
     choice = accel.choose(host, guest_image.arch, str(guest_image.kernel), cache_file=cache_dir() / "accel-probe.json")
     settings = Settings(memory_mib=1024, disk_gib=4, share_home=False, restrict_network=True, dns=("127.0.0.1",))
@@ -392,7 +393,7 @@ def test_a_silent_guest_is_started_again_and_a_stuck_one_stopped(tmp_path, guest
         assert len(launches) == 2 and not psutil.pid_exists(launches[0])  # the stuck QEMU is gone
         assert not bootwatch.console_silent(machine.paths.console_log)
         # A guest that stops answering before its stop: each gentle step that misses says
-        # where the vCPUs were, and the stop still ends it.
+        # where the vCPUs and virtqueues were, and the stop still ends it.
         monkeypatch.setattr(vm, "POWEROFF_ANSWER", 2.0)
         monkeypatch.setattr(vm, "ACPI_WAIT", 2.0)
         assert machine.qemu.monitor is not None
@@ -403,7 +404,9 @@ def test_a_silent_guest_is_started_again_and_a_stuck_one_stopped(tmp_path, guest
         missed = [r.getMessage() for r in caplog.records if "did not power off" in r.getMessage()]
         assert [m.split(" (")[0] for m in missed] == ["the guest did not power off through agent",
                                                       "the guest did not power off through acpi"], missed
-        assert all("(vCPU0 " in m and "vCPU1 " in m for m in missed), missed
+        assert all("(vCPU0 " in m and "vCPU1 " in m and "; virtqueues: " in m for m in missed), missed
+        tasks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tasks waiting in the guest: ")]
+        assert len(tasks) == 1 and "the agent did not answer either" in tasks[0], tasks
         assert pid is not None and not psutil.pid_exists(pid)
     finally:
         machine.qemu.kill()
@@ -428,3 +431,42 @@ def test_a_guest_that_never_boots_says_where_its_vcpus_are(tmp_path, guest_image
     finally:
         machine.qemu.kill()
         machine.close()
+
+
+def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The data disk writes slowly while the guest shuts down (QEMU throttles it to 2 MiB/s, so
+    24 MiB of unwritten data take ~12 s against a 3 s wait): the stop keeps waiting while the
+    disk moves, ends through the agent, and the data is there at the next boot."""
+    from vmkit import vm
+
+    monkeypatch.setattr(vm, "POWEROFF_WAIT", 3.0)
+    home = tmp_path / "home"
+    machine, _ = _machine(home, guest_image, monkeypatch, pause_first=False)
+    try:
+        machine.start(lambda _: None)
+        assert machine.agent is not None and machine.qemu.monitor is not None
+        status, out, err = machine.agent.exec(
+            "dd if=/dev/urandom of=/var/lib/pydesk/unsynced bs=1M count=24 2>/dev/null && "
+            "md5sum /var/lib/pydesk/unsynced && grep -E '^Dirty:' /proc/meminfo")
+        assert status == 0, err
+        digest, _, dirty = out.decode().partition(" /var/lib/pydesk/unsynced\n")
+        digest = digest.strip()
+        assert int(dirty.split()[1]) > 16 * 1024, dirty  # most of it still only in the guest's memory
+        machine.qemu.monitor.execute("block_set_io_throttle", {
+            "device": "data", "bps": 0, "bps_rd": 0, "bps_wr": 2 << 20, "iops": 0, "iops_rd": 0, "iops_wr": 0})
+        with caplog.at_level(logging.INFO, logger="vmkit"):
+            assert machine.stop() == "agent"
+        assert any(r.getMessage().startswith("the guest is still shutting down (data disk ") for r in caplog.records)
+        console = machine.paths.console_log.read_text()
+        assert "pydesk-guest: flushing the data disk" in console and "data disk flushed; powering off" in console
+    finally:
+        machine.qemu.kill()
+        machine.close()
+    again, _ = _machine(home, guest_image, monkeypatch, pause_first=False)
+    try:
+        again.start(lambda _: None)
+        assert again.agent is not None
+        assert again.agent.exec("md5sum /var/lib/pydesk/unsynced")[1].decode().split()[0] == digest
+    finally:
+        again.qemu.kill()
+        again.close()
