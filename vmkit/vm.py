@@ -44,12 +44,8 @@ POWEROFF_ANSWER = 10.0  # for the guest's `poweroff -n` to answer (it signals in
 POWEROFF_WAIT = 15.0  # then for QEMU to exit, and again while the data disk is still being written
 POWEROFF_MAX = 60.0  # ... up to this in all (`vm stop` waits 120 s for the daemon's answer)
 BLOCKED_TASKS_ANSWER = 3.0
-#: Lists the guest's tasks in uninterruptible sleep (D) with their kernel stack, and the data
-#: disk's requests in flight: what a `poweroff` that never returns waits for.
-BLOCKED_TASKS = (
-    "for p in /proc/[0-9]*; do grep -q '^State:.D' $p/status 2>/dev/null || continue; "
-    "echo \"$(cat $p/comm)[${p#/proc/}]:\" $(sed 's/^\\[<[0-9a-f]*>\\] //; s/+.*//' $p/stack 2>/dev/null | head -6) ';'; "
-    "done; echo in flight: $(grep -H . /sys/block/vd*/inflight 2>/dev/null | sed 's|^/sys/block/||; s|/inflight:| |')")
+#: The guest's tasks in uninterruptible sleep, their kernel stacks, the disks' requests in flight.
+BLOCKED_TASKS = "/etc/pydesk/blocked-tasks"
 ACPI_WAIT = 10.0  # for QEMU to exit after the ACPI power button, if the agent's poweroff did not do it
 
 Progress = Callable[[str], None]
@@ -285,7 +281,8 @@ class VM:
             status, out, _ = self.agent.exec(BLOCKED_TASKS, timeout=BLOCKED_TASKS_ANSWER)
         except Exception as exc:
             return f"the agent did not answer either ({exc})"
-        return " ".join(out.decode(errors="replace").split()) or f"none (status {status})"
+        return "; ".join(" ".join(line.split()) for line in out.decode(errors="replace").splitlines()
+                         if line.strip()) or f"nothing (status {status})"
 
     def _relaunch_silent_guest(self, progress: Progress) -> None:
         """A new QEMU for a guest stuck before userspace. (A QMP system_reset was tried

@@ -6,8 +6,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
+import threading
 import time
 
 import psutil
@@ -435,7 +437,7 @@ def test_a_guest_that_never_boots_says_where_its_vcpus_are(tmp_path, guest_image
 
 def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
     """The data disk writes slowly while the guest shuts down (QEMU throttles it to 2 MiB/s, so
-    24 MiB of unwritten data take ~12 s against a 3 s wait): the stop keeps waiting while the
+    32 MiB of unwritten data take ~16 s against a 3 s wait): the stop keeps waiting while the
     disk moves, ends through the agent, and the data is there at the next boot."""
     from vmkit import vm
 
@@ -446,7 +448,7 @@ def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, 
         machine.start(lambda _: None)
         assert machine.agent is not None and machine.qemu.monitor is not None
         status, out, err = machine.agent.exec(
-            "dd if=/dev/urandom of=/var/lib/pydesk/unsynced bs=1M count=24 2>/dev/null && "
+            "dd if=/dev/urandom of=/var/lib/pydesk/unsynced bs=1M count=32 2>/dev/null && "
             "md5sum /var/lib/pydesk/unsynced && grep -E '^Dirty:' /proc/meminfo")
         assert status == 0, err
         digest, _, dirty = out.decode().partition(" /var/lib/pydesk/unsynced\n")
@@ -454,11 +456,21 @@ def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, 
         assert int(dirty.split()[1]) > 16 * 1024, dirty  # most of it still only in the guest's memory
         machine.qemu.monitor.execute("block_set_io_throttle", {
             "device": "data", "bps": 0, "bps_rd": 0, "bps_wr": 2 << 20, "iops": 0, "iops_rd": 0, "iops_wr": 0})
+        # What the daemon logs when a stop step misses: a `sync` waiting on the slow disk
+        # shows up with its kernel stack, and the data disk with writes in flight.
+        syncing = threading.Thread(target=machine.agent.exec, args=("sync",), daemon=True)
+        syncing.start()
+        time.sleep(1.5)
+        blocked = machine._blocked_tasks()
+        assert re.search(r"\bsync\[\d+\]: \w", blocked), blocked
+        assert (m := re.search(r"in flight: vda \d+ \d+ vdb (\d+) (\d+)", blocked)) and int(m[2]) > 0, blocked
         with caplog.at_level(logging.INFO, logger="vmkit"):
             assert machine.stop() == "agent"
         assert any(r.getMessage().startswith("the guest is still shutting down (data disk ") for r in caplog.records)
         console = machine.paths.console_log.read_text()
         assert "pydesk-guest: flushing the data disk" in console and "data disk flushed; powering off" in console
+        # after 10 s of flushing, the guest itself lists what it waits on
+        assert re.search(r"still flushing the data disk; waiting tasks:\n(  .*\n)*  in flight: vda \d+ \d+ vdb", console), console
     finally:
         machine.qemu.kill()
         machine.close()
