@@ -9,8 +9,8 @@ answer:
 - ``virtqueue_summary``: every virtqueue that is not at rest, from HMP ``info virtio`` and
   ``info virtio-queue-status`` (QEMU 7.2+). A queue with requests in use is one whose
   requests the device (QEMU) has not completed; a used index ahead of the last signalled one
-  is a completion the guest was not told about; an available index ahead of the device's is
-  work the device has not picked up. A guest whose disk writes never complete and one whose
+  is a completion the guest was not told about; on a disk, an available index ahead of the
+  device's is requests the device has not picked up. A guest whose disk writes never complete and one whose
   completions are never seen look the same from inside; these say which.
 """
 
@@ -69,7 +69,9 @@ def queue_note(fields: dict[str, str]) -> str | None:
         notes.append(f"{inuse} in use")
     if fields.get("signalled_used_valid") == "true" and used != signalled:
         notes.append(f"used {used} signalled {signalled}")
-    if shadow != avail:
+    if shadow != avail and fields.get("device_name") == "virtio-blk":
+        # Only a disk's queues carry requests; on the others the guest posts buffers ahead for
+        # the device to fill (serial input, entropy), so buffers not taken are normal there.
         notes.append(f"available {shadow} taken {avail}")
     return ", ".join(notes) or None
 

@@ -113,6 +113,8 @@ def test_what_makes_a_queue_worth_naming() -> None:
     assert note(used=41, signalled=40, avail=41, shadow=41) == "used 41 signalled 40"
     assert note(used=41, signalled=40, valid=False, avail=41, shadow=41) is None  # nothing signalled yet
     assert note(used=40, signalled=40, avail=40, shadow=42) == "available 42 taken 40"
+    serial = queue_fields(queue_status("/p", "virtio-serial", 4, used=17, signalled=17, avail=17, shadow=145))
+    assert serial is not None and queue_note(serial) is None  # input buffers posted ahead: normal
     assert note(inuse=3, used=5, signalled=4, avail=8, shadow=9) == "3 in use, used 5 signalled 4, available 9 taken 8"
     assert note(inuse=1, desc=0) is None  # a queue the guest never set up
 
@@ -131,8 +133,14 @@ def test_summary_names_devices_in_creation_order() -> None:
     stuck = dict(quiet)
     stuck[(data, 1)] = queue_status(data, "virtio-blk", 1, inuse=1, used=30, signalled=30, avail=31, shadow=31)
     stuck[(serial, 5)] = queue_status(serial, "virtio-serial", 5, used=77, signalled=76, avail=80, shadow=80)
+    # an input queue with buffers posted ahead, as a running guest's serial ports always have
+    stuck[(serial, 4)] = queue_status(serial, "virtio-serial", 4, used=17, signalled=17, avail=17, shadow=145)
     assert virtqueue_summary(fake_monitor(stuck)) == (
         "virtqueues: virtio-blk#1 q1: 1 in use; virtio-serial#0 q5: used 77 signalled 76")
+    stuck[(data, 0)] = queue_status(data, "virtio-blk", 0, used=12, signalled=12, avail=12, shadow=14)
+    assert virtqueue_summary(fake_monitor(stuck)) == (
+        "virtqueues: virtio-blk#1 q0: available 14 taken 12; virtio-blk#1 q1: 1 in use; "
+        "virtio-serial#0 q5: used 77 signalled 76")
 
 
 def test_console_silence(tmp_path: Path) -> None:
