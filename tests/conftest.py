@@ -81,7 +81,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         # by name: test modules import this file as tests.conftest, pytest as conftest
         if type(value).__name__ != Pydesk.__name__:
             continue
-        for log, keep in (("daemon.log", 40), ("console.log", 15)):
+        for log, keep in (("daemon.log", 60), ("console.log", 40)):  # room for a stop's diagnostics
             path = value.state / log
             with contextlib.suppress(OSError):
                 lines = [ln for ln in path.read_text(errors="replace").splitlines() if " DEBUG " not in ln]
