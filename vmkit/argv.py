@@ -13,6 +13,7 @@ from vmkit.spec import Accel, Arch, NicModel, Protocol, VMSpec, qemu_escape
 AGENT_PORT_NAME = "org.pydesk.agent"
 SHARE_PORT_PREFIX = "org.pydesk.share."
 FW_CFG_PREFIX = "opt/org.pydesk"
+DATA_DRIVE = "data"  # the data disk's drive id: QMP names it so (query-blockstats, throttling)
 
 #: Kernel options shared by every boot: quiet, no waiting for slow hardware checks.
 KERNEL_CMDLINE = ("quiet", "loglevel=4", "panic=-1", "i8042.noaux", "i8042.nopnp", "cryptomgr.notests",
@@ -96,8 +97,8 @@ def qemu_argv(spec: VMSpec, host: Host) -> list[str]:
             "-device", "virtio-blk-pci,drive=root,serial=pydesk-root",
         ]
     argv += [
-        "-drive", f"if=none,id=data,file={qemu_escape(str(f.data_disk))},format=qcow2,discard=unmap",
-        "-device", "virtio-blk-pci,drive=data,serial=pydesk-data",
+        "-drive", f"if=none,id={DATA_DRIVE},file={qemu_escape(str(f.data_disk))},format=qcow2,discard=unmap",
+        "-device", f"virtio-blk-pci,drive={DATA_DRIVE},serial=pydesk-data",
         "-netdev", netdev_opts(spec),
         "-device", f"{nic_model(spec.arch, spec.accel)},netdev=net0",
         "-device", "virtio-rng-pci",

@@ -27,6 +27,7 @@ from vmkit.paths import VMPaths
 from vmkit.ports import ForwardTable, PortPublisher
 from vmkit.qemu import QemuProcess, create_data_disk
 from vmkit import bootwatch, stuck
+from vmkit.argv import DATA_DRIVE
 from vmkit import shares as sharing
 from vmkit import virtiofs
 from vmkit.settings import Settings, parse_host_service
@@ -43,10 +44,11 @@ MOUNT_TIMEOUT = 60.0  # for a share's mount command in the guest
 POWEROFF_ANSWER = 10.0  # for the guest's `poweroff -n` to answer (it signals init and returns)
 POWEROFF_WAIT = 15.0  # then for QEMU to exit, and again while the data disk is still being written
 POWEROFF_MAX = 60.0  # ... up to this in all (`vm stop` waits 120 s for the daemon's answer)
-BLOCKED_TASKS_ANSWER = 3.0
-#: The guest's tasks in uninterruptible sleep, their kernel stacks, the disks' requests in flight.
-BLOCKED_TASKS = "/etc/pydesk/blocked-tasks"
 ACPI_WAIT = 10.0  # for QEMU to exit after the ACPI power button, if the agent's poweroff did not do it
+#: The guest's tasks in uninterruptible sleep, their kernel stacks, the disks' requests in flight
+#: (logged when a stop step misses), and how long the agent gets to answer with them.
+BLOCKED_TASKS = "/etc/pydesk/blocked-tasks"
+BLOCKED_TASKS_ANSWER = 3.0
 
 Progress = Callable[[str], None]
 
@@ -372,7 +374,7 @@ class VM:
         if self.qemu.monitor is not None:
             try:
                 for dev in self.qemu.monitor.execute("query-blockstats", timeout=5):
-                    if dev.get("device") == "data":
+                    if dev.get("device") == DATA_DRIVE:
                         st = dev["stats"]
                         disk = (f"data disk {st['wr_bytes']} bytes in {st['wr_operations']} writes, "
                                 f"{st['flush_operations']} flushes")

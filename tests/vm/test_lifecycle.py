@@ -441,6 +441,7 @@ def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, 
     40 MiB of unwritten data take ~20 s against a 3 s wait): the stop keeps waiting while the
     disk moves, ends through the agent, and the data is there at the next boot."""
     from vmkit import vm
+    from vmkit.argv import DATA_DRIVE
 
     monkeypatch.setattr(vm, "POWEROFF_WAIT", 3.0)
     home = tmp_path / "home"
@@ -456,7 +457,7 @@ def test_a_slow_flush_at_stop_is_waited_for(tmp_path, guest_image, monkeypatch, 
         digest = digest.strip()
         assert int(dirty.split()[1]) > 16 * 1024, dirty  # most of it still only in the guest's memory
         machine.qemu.monitor.execute("block_set_io_throttle", {
-            "device": "data", "bps": 0, "bps_rd": 0, "bps_wr": 2 << 20, "iops": 0, "iops_rd": 0, "iops_wr": 0})
+            "device": DATA_DRIVE, "bps": 0, "bps_rd": 0, "bps_wr": 2 << 20, "iops": 0, "iops_rd": 0, "iops_wr": 0})
         # What the daemon logs when a stop step misses: a `sync` waiting on the slow disk
         # shows up with its kernel stack, and the data disk with writes in flight.
         def sync() -> None:  # ended by the stop below (its session is killed; the sync is not)
