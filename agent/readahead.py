@@ -14,6 +14,8 @@ import collections
 import threading
 from typing import Any, BinaryIO
 
+from agent import workers
+
 CHUNK = 256 * 1024
 LIMIT = 8 * 1024 * 1024
 
@@ -34,8 +36,7 @@ class ReadAhead:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._fill, name=name, daemon=True)
-        self._thread.start()
+        self._job = workers.spawn(self._fill, name=name)  # a waiting worker: no thread start
 
     def __enter__(self) -> ReadAhead:
         return self

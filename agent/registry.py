@@ -30,12 +30,12 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 from . import digest as digest_impl
+from . import workers as worker_pool
 from .reference import Reference, validate_digest
 
 log = logging.getLogger(__name__)
@@ -724,18 +724,38 @@ class RegistryClient:
 
 
 def run_all(fn: Callable[[_T], None], items: list[_T], workers: int = 3, name: str = "blob") -> None:
-    """``fn`` on every item, ``workers`` at a time; the first failure cancels the items not yet
-    started and is raised once the running ones end."""
+    """``fn`` on every item, ``workers`` at a time, on the engine's worker threads (a thread
+    start costs ~6 ms of guest CPU under TCG; a pool's threads are usually waiting). The first
+    failure cancels the items not yet started and is raised once the running ones end."""
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name) as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        _, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in pending:
-            f.cancel()
-    for f in futures:
-        if not f.cancelled() and f.exception() is not None:
-            raise f.exception()  # type: ignore[misc]
+    todo = iter(items)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def drain() -> None:
+        while True:
+            with lock:
+                if failures:
+                    return
+                item = next(todo, _END)
+            if item is _END:
+                return
+            try:
+                fn(item)  # type: ignore[arg-type]
+            except BaseException as exc:  # raised to run_all's caller, not lost in the thread
+                with lock:
+                    failures.append(exc)
+                return
+
+    jobs = [worker_pool.spawn(drain, name=f"{name}_{i}") for i in range(max(1, min(workers, len(items))))]
+    for job in jobs:
+        job.join()
+    if failures:
+        raise failures[0]
+
+
+_END = object()
 
 
 class BlobStream:
