@@ -8,10 +8,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from agent import guest_settings, reference
+from agent import guest_settings, reference, workers
 from agent.registry import (BlobStream, Descriptor, DigestMismatch, Platform, RegistryClient, RegistryConfig,
                             RegistryError, TransportError, run_all)
 from agent.layers import LayerError
@@ -109,28 +110,47 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
             emit({"status": "Downloading", "progressDetail": {"current": cur, "total": d.size},
                   "progress": _bar(cur, d.size), "id": d.digest.split(":")[1][:12]})
 
-        if not store.has_blob(resolved.config.digest):
-            client.fetch_blob(ref, resolved.config, store.ingest_path(resolved.config.digest))
-            store.commit_blob(store.ingest_path(resolved.config.digest), resolved.config.digest,
-                              resolved.config.size)
-            committed.append(resolved.config.digest)
-        config_bytes = store.open_blob(resolved.config.digest).read()
-        plan = _layer_plan(config_bytes, resolved.layers)
+        # The config (for the layers' diff_ids) comes on a thread of its own while the layers'
+        # requests go out: each is a round trip through the VM's forward, and a layer waits
+        # for the config only once its own answer has come.
+        config: Future[tuple[bytes, dict[str, tuple[str | None, str, str]]]] = Future()
+
+        def load_config() -> None:
+            try:
+                if not store.has_blob(resolved.config.digest):
+                    client.fetch_blob(ref, resolved.config, store.ingest_path(resolved.config.digest))
+                    store.commit_blob(store.ingest_path(resolved.config.digest), resolved.config.digest,
+                                      resolved.config.size)
+                    with lock:
+                        committed.append(resolved.config.digest)
+                with store.open_blob(resolved.config.digest) as f:
+                    config_bytes = f.read()
+                config.set_result((config_bytes, _layer_plan(config_bytes, resolved.layers)))
+            except BaseException as exc:  # raised where the config is wanted
+                config.set_exception(exc)
+
+        def layer_plan() -> dict[str, tuple[str | None, str, str]]:
+            try:
+                return config.result()[1]
+            except Exception:
+                raise _ConfigFailed from None  # not a failure of this layer's download
 
         def get(d: Descriptor) -> None:
             """Download a layer, unpacking it as it arrives when the store can; a stream that
             breaks is resumed as a plain download, unpacked later by add_image."""
-            parent, diff_id, chain = plan.get(d.digest, (None, "", ""))
-            if chain and store.streamable(d.media_type):
+            if store.streamable(d.media_type):
                 try:
                     with client.open_blob(ref, d) as stream:  # (read ahead by the store as it unpacks)
-                        work = store.ingest_layer(_Counting(stream, lambda n: progress(d, n)), d.digest, d.size,
-                                                  d.media_type, parent, diff_id)
-                    with lock:
-                        prepared[chain] = work
-                        committed.append(d.digest)
-                    emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
-                    return
+                        parent, diff_id, chain = layer_plan().get(d.digest, (None, "", ""))
+                        if chain:
+                            work = store.ingest_layer(_Counting(stream, lambda n: progress(d, n)), d.digest,
+                                                      d.size, d.media_type, parent, diff_id)
+                            with lock:
+                                prepared[chain] = work
+                                committed.append(d.digest)
+                            emit({"status": "Download complete", "progressDetail": {},
+                                  "id": d.digest.split(":")[1][:12]})
+                            return
                 except TransportError as exc:
                     log.info("layer %s: %s; resuming it as a download", d.digest, exc)
                 except DigestMismatch:  # more bytes than declared: nothing of it is worth resuming
@@ -142,7 +162,14 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
                 committed.append(d.digest)
             emit({"status": "Download complete", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
 
-        run_all(get, list({d.digest: d for d in todo}.values()), name="layer")
+        config_job = workers.spawn(load_config, name="config")
+        try:
+            run_all(get, list({d.digest: d for d in todo}.values()), name="layer")
+        except _ConfigFailed:
+            pass  # the config's own error is raised just below
+        finally:
+            config_job.join()  # before a failure's clean-up reads ``committed``
+        config_bytes = config.result()[0]
         fresh = [d for d in resolved.layers if any(t.digest == d.digest for t in todo)]  # not "Already exists"
         for d in fresh:
             emit({"status": "Extracting", "progressDetail": {}, "id": d.digest.split(":")[1][:12]})
@@ -172,6 +199,10 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
     emit({"status": f"Status: {status} for {ref.familiar}"})
     engine.events.emit("image", "pull", image_id, {"name": ref.familiar})
     return image_id
+
+
+class _ConfigFailed(Exception):
+    """A layer stopped because the image config could not be had."""
 
 
 class _Counting:

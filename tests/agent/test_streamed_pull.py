@@ -216,3 +216,34 @@ def test_pull_of_an_oversized_blob_fails_and_keeps_nothing(registry: RunningRegi
     assert len(errors) == 1 and "larger than its declared size" in errors[0], errors
     assert snapshot(store.root) == before
     assert os.listdir(store.root / "tmp") == []
+
+
+def test_a_tampered_config_fails_the_pull_and_keeps_nothing(registry: RunningRegistry, store: Store,
+                                                            tmp_path: Path) -> None:
+    """The config comes while the layers' requests are out: its failure is the pull's one
+    error, and what the layers got is not kept."""
+    image = registry.images["nginx"]
+    before = snapshot(store.root)
+    messages: list[dict[str, Any]] = []
+    with tampered(registry.blob_path(image.manifest.config_digest), lambda b: b.replace(b"{", b"{ ", 1)):
+        assert pull.pull(_Engine(store, tmp_path), f"{registry.address}/nginx:latest", None, None,
+                         messages.append) is None
+    errors = [m["error"] for m in messages if "error" in m]
+    assert len(errors) == 1 and image.manifest.config_digest in errors[0], errors
+    assert snapshot(store.root) == before
+    assert os.listdir(store.root / "tmp") == [] and os.listdir(store.root / "ingest") == []
+
+
+def test_a_config_the_registry_cannot_serve_fails_the_pull_with_its_own_error(registry: RunningRegistry,
+                                                                              store: Store, tmp_path: Path) -> None:
+    image = registry.images["nginx"]
+    config_path = f"/blobs/{image.manifest.config_digest}"
+    plan = lambda n, path: "503" if path.endswith(config_path) else "pass"  # noqa: E731
+    before = snapshot(store.root)
+    messages: list[dict[str, Any]] = []
+    with FaultProxy(registry.address, plan) as proxy:
+        hostport = proxy.url.removeprefix("http://")
+        assert pull.pull(_Engine(store, tmp_path), f"{hostport}/nginx:latest", None, None, messages.append) is None
+    errors = [m["error"] for m in messages if "error" in m]
+    assert len(errors) == 1 and "503" in errors[0] and image.manifest.config_digest in errors[0], errors
+    assert snapshot(store.root) == before
