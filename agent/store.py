@@ -18,6 +18,7 @@ Every file is written to tmp/, fsynced and renamed into place; an operation that
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Self, cast
 
+from . import workers
 from .digest import sha256 as fast_sha256
 from .gunzip import GunzipReader
 from .layers import LayerError, LayerStats, unpack_layer
@@ -171,6 +173,68 @@ class _HashReader(_Drains):
 
     @property
     def digest(self) -> str:
+        return "sha256:" + self.h.hexdigest()
+
+
+class _HashBehind(_HashReader):
+    """A _HashReader whose sha256 runs on a worker thread, up to ``limit_behind`` bytes behind
+    the reads (hashlib lets go of the interpreter lock): the unpacker's thread gunzips and
+    writes while the other vCPU hashes. ``digest`` waits for the hash to catch up; ``close``
+    ends the thread (the digest is then unusable)."""
+
+    def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream",
+                 limit_behind: int = 8 << 20) -> None:
+        super().__init__(raw, limit, what)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[bytes | None] = collections.deque()
+        self._queued = 0
+        self._limit_behind = limit_behind
+        self._done = False
+        self._job = workers.spawn(self._hash, name="hash-behind")
+
+    def _hash(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                data = self._queue.popleft()
+            if data is None:
+                with self._cond:
+                    self._done = True
+                    self._cond.notify_all()
+                return
+            self.h.update(data)
+            with self._cond:
+                self._queued -= len(data)
+                self._cond.notify_all()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.n += len(data)
+        if self.limit is not None and self.n > self.limit:
+            raise LayerError(f"{self.what} exceeds the limit of {self.limit} bytes")
+        if data:
+            with self._cond:
+                while self._queued > self._limit_behind:
+                    self._cond.wait()
+                self._queue.append(data)
+                self._queued += len(data)
+                self._cond.notify_all()
+        return data
+
+    def close(self) -> None:
+        with self._cond:
+            if self._done or (self._queue and self._queue[-1] is None):
+                return
+            self._queue.append(None)
+            self._cond.notify_all()
+
+    @property
+    def digest(self) -> str:
+        self.close()
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
         return "sha256:" + self.h.hexdigest()
 
 
@@ -361,7 +425,6 @@ class Store:
     def commit_blob(self, src: Path, digest: str, size: int | None) -> Path:
         """Verify sha256 (+ size) of ``src`` and move it into blobs/; bad ingest files are
         discarded, files outside the store are copied and left alone."""
-        dest = self.blob_path(digest)
         src = Path(src)
         rsrc = src.resolve()
         owned = any(rsrc.is_relative_to((self.root / d).resolve()) for d in ("ingest", "tmp"))
@@ -549,11 +612,12 @@ class Store:
         """Unpack the blob read from ``raw`` into a new tmp dir, checking the blob's digest and
         (if given) the diff_id; returns (tmp dir, chain id). The tmp dir is removed on failure."""
         work = self._tmpdir("unpack")
+        tar_reader: _HashBehind | None = None
         try:
             diff = work / "diff"
             diff.mkdir(mode=0o755)
             with self._decompressed(raw, layer_digest, media_type) as (tar, blob):
-                tar_reader = _HashReader(tar, self.max_layer_bytes, what=f"layer {layer_digest}")
+                tar_reader = _HashBehind(tar, self.max_layer_bytes, what=f"layer {layer_digest}")
                 try:
                     stats: LayerStats = unpack_layer(
                         tar_reader, diff, max_entries=self.max_layer_entries,  # type: ignore[arg-type]
@@ -588,6 +652,8 @@ class Store:
             log.info("unpacked layer %s -> %s (%d entries)", layer_digest, chain, stats.entries)
             return work, chain
         except BaseException:
+            if tar_reader is not None:
+                tar_reader.close()  # its hashing thread ends
             shutil.rmtree(work, ignore_errors=True)
             raise
 

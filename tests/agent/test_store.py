@@ -19,6 +19,7 @@ import pytest
 
 from agent.layers import LayerError
 from agent.store import DigestMismatch, ImageInUse, ImageNotFound, Store, StoreError, chain_id
+from tests.agent.test_hash_behind import _wait_for_no_hash_thread
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="store tests run as root")
 
@@ -269,6 +270,7 @@ def test_hostile_layer_leaves_store_unchanged(store: Store, guard: None, tar: by
     assert snapshot(store.root) == before
     with pytest.raises(ImageNotFound):
         store.image("evil:1")
+    _wait_for_no_hash_thread()  # the diff_id's hashing thread ended with the unpacking
 
 
 @pytest.mark.parametrize("media_type", [GZ, ZST])
