@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from guest.build import build, image_dir, load_image
 from guest.recipe import Recipe

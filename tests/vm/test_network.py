@@ -8,7 +8,6 @@ explicitly (the registry as a host service), which these tests also check.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.server
 import json
