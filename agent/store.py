@@ -193,19 +193,22 @@ class _HashBehind(_HashReader):
         self._job = workers.spawn(self._hash, name="hash-behind")
 
     def _hash(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                data = self._queue.popleft()
-            if data is None:
+        try:
+            while True:
                 with self._cond:
-                    self._done = True
+                    while not self._queue:
+                        self._cond.wait()
+                    data = self._queue.popleft()
+                if data is None:
+                    return
+                self.h.update(data)
+                with self._cond:
+                    self._queued -= len(data)
                     self._cond.notify_all()
-                return
-            self.h.update(data)
+        finally:  # whatever ends it, ``digest`` stops waiting (a hash cut short cannot match)
             with self._cond:
-                self._queued -= len(data)
+                self._done = True
+                self._queued = 0
                 self._cond.notify_all()
 
     def read(self, size: int = -1) -> bytes:
@@ -215,8 +218,10 @@ class _HashBehind(_HashReader):
             raise LayerError(f"{self.what} exceeds the limit of {self.limit} bytes")
         if data:
             with self._cond:
-                while self._queued > self._limit_behind:
+                while self._queued > self._limit_behind and not self._done:
                     self._cond.wait()
+                if self._done:  # the hashing thread is gone: nothing takes the bytes
+                    return data
                 self._queue.append(data)
                 self._queued += len(data)
                 self._cond.notify_all()

@@ -80,3 +80,20 @@ def test_the_reads_wait_when_the_hash_falls_behind_its_limit() -> None:
             most = max(most, r._queued)
     assert most <= 30_000 + 10_000  # the limit plus the read that crossed it
     assert r.digest == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class _BrokenHash(_SlowHash):
+    def update(self, data: bytes) -> None:
+        raise MemoryError("no room")
+
+
+def test_a_hash_that_breaks_cannot_hang_the_reads_or_the_digest() -> None:
+    data = os.urandom(100_000)
+    r = _HashBehind(io.BytesIO(data), what="layer x", limit_behind=10_000)
+    r.h = _BrokenHash()  # type: ignore[assignment]
+    got = b""
+    while chunk := r.read(5_000):  # none waits on a thread that is gone
+        got += chunk
+    assert got == data
+    assert r.digest != "sha256:" + hashlib.sha256(data).hexdigest()
+    _wait_for_no_hash_thread()
