@@ -96,8 +96,6 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         lock = threading.Lock()
 
         def progress(d: Descriptor, n: int) -> None:
-            if d is resolved.config:
-                return
             now = time.monotonic()
             with lock:
                 done[d.digest] = done.get(d.digest, 0) + n

@@ -36,7 +36,7 @@ class ReadAhead:
         self._ended = False
         self._error: BaseException | None = None
         self._closed = False
-        self._job = workers.spawn(self._fill, name=name)  # a waiting worker: no thread start
+        workers.spawn(self._fill, name=name)  # a waiting worker: no thread start
 
     def __enter__(self) -> ReadAhead:
         return self

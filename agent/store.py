@@ -18,7 +18,6 @@ Every file is written to tmp/, fsynced and renamed into place; an operation that
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -30,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import queue
 import re
 import shutil
 import subprocess
@@ -168,8 +168,11 @@ class _HashReader(_Drains):
         self.n += len(data)
         if self.limit is not None and self.n > self.limit:
             raise LayerError(f"{self.what} exceeds the limit of {self.limit} bytes")
-        self.h.update(data)
+        self._hash(data)
         return data
+
+    def _hash(self, data: bytes) -> None:
+        self.h.update(data)
 
     @property
     def digest(self) -> str:
@@ -177,69 +180,42 @@ class _HashReader(_Drains):
 
 
 class _HashBehind(_HashReader):
-    """A _HashReader whose sha256 runs on a worker thread, up to ``limit_behind`` bytes behind
-    the reads (hashlib lets go of the interpreter lock): the unpacker's thread gunzips and
-    writes while the other vCPU hashes. ``digest`` waits for the hash to catch up; ``close``
-    ends the thread (the digest is then unusable)."""
+    """A _HashReader whose sha256 runs on a worker thread, up to ``behind`` reads behind
+    (the unpacker reads 1 MiB at a time; hashlib lets go of the interpreter lock): the
+    unpacker's thread gunzips and writes while the other vCPU hashes. ``digest`` waits for
+    the hash to catch up; ``close`` ends the thread (the digest is then unusable)."""
 
-    def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream",
-                 limit_behind: int = 8 << 20) -> None:
+    def __init__(self, raw: BinaryIO, limit: int | None = None, what: str = "stream", behind: int = 8) -> None:
         super().__init__(raw, limit, what)
-        self._cond = threading.Condition()
-        self._queue: collections.deque[bytes | None] = collections.deque()
-        self._queued = 0
-        self._limit_behind = limit_behind
-        self._done = False
-        self._job = workers.spawn(self._hash, name="hash-behind")
+        self._pending: queue.Queue[bytes | None] = queue.Queue(maxsize=behind)
+        self._done = threading.Event()
+        self._closed = False
+        workers.spawn(self._hash_all, name="hash-behind")
 
-    def _hash(self) -> None:
+    def _hash_all(self) -> None:
         try:
-            while True:
-                with self._cond:
-                    while not self._queue:
-                        self._cond.wait()
-                    data = self._queue.popleft()
-                if data is None:
-                    return
+            while (data := self._pending.get()) is not None:
                 self.h.update(data)
-                with self._cond:
-                    self._queued -= len(data)
-                    self._cond.notify_all()
-        finally:  # whatever ends it, ``digest`` stops waiting (a hash cut short cannot match)
-            with self._cond:
-                self._done = True
-                self._queued = 0
-                self._cond.notify_all()
+        finally:  # however it ends, nothing waits on it (a hash cut short cannot match)
+            self._done.set()
+            with contextlib.suppress(queue.Empty):
+                while True:  # frees a read blocked on a full queue
+                    self._pending.get_nowait()
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.n += len(data)
-        if self.limit is not None and self.n > self.limit:
-            raise LayerError(f"{self.what} exceeds the limit of {self.limit} bytes")
-        if data:
-            with self._cond:
-                while self._queued > self._limit_behind and not self._done:
-                    self._cond.wait()
-                if self._done:  # the hashing thread is gone: nothing takes the bytes
-                    return data
-                self._queue.append(data)
-                self._queued += len(data)
-                self._cond.notify_all()
-        return data
+    def _hash(self, data: bytes) -> None:
+        if data and not self._done.is_set():
+            self._pending.put(data)
 
     def close(self) -> None:
-        with self._cond:
-            if self._done or (self._queue and self._queue[-1] is None):
-                return
-            self._queue.append(None)
-            self._cond.notify_all()
+        if not self._closed:
+            self._closed = True
+            if not self._done.is_set():
+                self._pending.put(None)
 
     @property
     def digest(self) -> str:
         self.close()
-        with self._cond:
-            while not self._done:
-                self._cond.wait()
+        self._done.wait()
         return "sha256:" + self.h.hexdigest()
 
 
