@@ -25,9 +25,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent import archive, workers
+from agent import archive, detach_keys, workers
 from agent import logs as logmod
-from agent.engine import Engine, EngineError, familiar, normalize
+from agent.engine import Engine, EngineError, console_size, familiar, normalize
 from agent.http_request import RequestParsing
 from agent.store import ImageInUse, StoreError
 from agent.volumes import VolumeError
@@ -700,10 +700,13 @@ def container_attach(h: Handler, ref: str) -> None:
         from agent.logs import LogFile
 
         c.logfile = LogFile(c.log_path)
+    keys = _detach_keys(h.query.get("detachKeys")) if use_stdin and tty else b""
     sub = c.logfile.subscribe()
     sock = h.hijack("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
     if use_stdin:
-        threading.Thread(target=_pump_stdin, args=(h, lambda: h.engine.procs.get(c.id)), daemon=True).start()
+        threading.Thread(target=_pump_stdin, daemon=True, kwargs={
+            "h": h, "target": lambda: h.engine.procs.get(c.id), "keys": keys,
+            "close_stdin": bool(c.r["Config"].get("StdinOnce")), "on_end": lambda: sub.put(None)}).start()
     try:
         if h.qbool("logs"):
             for rec in logmod.read_logs(c.log_path, stdout="stdout" in want, stderr="stderr" in want):
@@ -726,34 +729,62 @@ def container_attach(h: Handler, ref: str) -> None:
             sock.shutdown(socket.SHUT_WR)
 
 
-def _pump_stdin(h: Handler, target: Callable[[], Any]) -> None:
-    """Client input (after the hijack) to the process's stdin; EOF closes it."""
+def _detach_keys(spec: str | None) -> bytes:
+    try:
+        return detach_keys.parse(spec)
+    except detach_keys.DetachKeysError as exc:
+        raise EngineError(400, f"Invalid detach keys ({spec}) provided: {exc}") from None
+
+
+def _pump_stdin(h: Handler, target: Callable[[], Any], *, keys: bytes = b"", close_stdin: bool = True,
+                on_end: Callable[[], None] | None = None) -> None:
+    """Client input (after the hijack) to the process's stdin, until the client's input ends.
+
+    A terminal session (``keys``, the detach sequence, given) ends there, as Docker's does:
+    at the sequence or at the end of the input, ``on_end`` ends its output too, and the
+    process keeps its terminal. Otherwise the end of the input closes the process's stdin if
+    ``close_stdin`` (an exec; a container's only with StdinOnce, as Docker)."""
     proc = None
     for _ in range(300):  # attach comes before start: wait for the process
         proc = target()
         if proc is not None:
             break
         time.sleep(0.05)
+    scanner = detach_keys.Scanner(keys) if keys else None
     try:
         while True:
             data = h.rfile.read1(65536)
             if not data:
                 break
+            detached = False
+            if scanner is not None:
+                data, detached = scanner.feed(data)
             if proc is None:
                 proc = target()
-            if proc is not None:
+            if proc is not None and data:
                 proc.write_stdin(data)
+            if detached:
+                log.debug("detach keys: the session ends, the process runs on")
+                break
     except (OSError, ValueError):
         pass
     finally:
-        if proc is not None:
+        if scanner is not None:
+            if on_end is not None:
+                on_end()
+        elif proc is not None and close_stdin:
             proc.close_stdin()
 
 
 # --- exec -----------------------------------------------------------------------------------
 @routes.add("POST", r"/containers/(?P<ref>[^/]+)/exec")
 def exec_create(h: Handler, ref: str) -> None:
-    e = h.engine.exec_create(h.engine.container(ref), h.body_json())
+    body = h.body_json()
+    if "detachKeys" in body:  # docker-py's spelling (Go's JSON matches names in any case)
+        body.setdefault("DetachKeys", body.pop("detachKeys"))
+    if body.get("DetachKeys"):
+        _detach_keys(body["DetachKeys"])
+    e = h.engine.exec_create(h.engine.container(ref), body)
     h.reply(201, {"Id": e.id})
 
 
@@ -766,14 +797,17 @@ def exec_start(h: Handler, eid: str) -> None:
     if e.running or e.exit_code is not None:
         raise EngineError(409, f"exec {eid} has already started")
     tty = bool(e.config.get("Tty") or body.get("Tty"))
+    size = console_size(body.get("ConsoleSize"))
+    keys = _detach_keys(e.config.get("DetachKeys")) if tty and e.config.get("AttachStdin") else b""
     if body.get("Detach"):
-        h.engine.exec_start(e, lambda s, d: None)
+        h.engine.exec_start(e, lambda s, d: None, size)
         return h.reply(200, b"", "application/json")
     out: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
-    proc = h.engine.exec_start(e, lambda s, d: out.put((s, d)))
+    proc = h.engine.exec_start(e, lambda s, d: out.put((s, d)), size)
     sock = h.hijack("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
     if e.config.get("AttachStdin"):
-        threading.Thread(target=_pump_stdin, args=(h, lambda: proc), daemon=True).start()
+        threading.Thread(target=_pump_stdin, daemon=True, kwargs={
+            "h": h, "target": lambda: proc, "keys": keys, "on_end": lambda: out.put(None)}).start()
 
     def closer() -> None:
         e.done.wait()

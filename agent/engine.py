@@ -95,7 +95,7 @@ class ExecInstance:
                 "user": c.get("User") or ""},
             "OpenStdin": bool(c.get("AttachStdin")), "OpenStderr": bool(c.get("AttachStderr")),
             "OpenStdout": bool(c.get("AttachStdout")), "CanRemove": False, "ContainerID": self.container.id,
-            "DetachKeys": "", "Pid": self.pid,
+            "DetachKeys": c.get("DetachKeys") or "", "Pid": self.pid,
         }
 
 
@@ -297,6 +297,7 @@ class Engine:
             raise EngineError(400, f"invalid restart policy '{host['RestartPolicy']['Name']}'")
         if host.get("AutoRemove") and host["RestartPolicy"]["Name"] != "no":
             raise EngineError(400, "can't create 'AutoRemove' container with restart policy")
+        console_size(host.get("ConsoleSize"))
         env: dict[str, str] = {}
         for e in list(icfg.get("Env") or []) + list(body.get("Env") or []):
             k, _, v = e.partition("=")
@@ -526,7 +527,8 @@ class Engine:
         return runtime.ContainerSpec(
             id=c.id, rootfs=str(c.rootfs),
             process=runtime.ProcessSpec(args=tuple(args), env=tuple(cfg.get("Env") or ()), cwd=cfg.get("WorkingDir") or "/",
-                                        uid=uid, gid=gid, additional_gids=_with_primary(gid, extra), terminal=c.tty),
+                                        uid=uid, gid=gid, additional_gids=_with_primary(gid, extra), terminal=c.tty,
+                                        console_size=console_size(host.get("ConsoleSize")) if c.tty else None),
             hostname=cfg["Hostname"], mounts=tuple(mounts),
             resources=runtime.Resources(memory=memory, memory_swap=(swap if swap and swap > 0 else (memory if memory and swap in (None, 0) else None)),
                                         nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
@@ -1093,13 +1095,18 @@ class Engine:
             raise EngineError(409, f"Container {c.id} is paused, unpause the container before exec")
         if not config.get("Cmd"):
             raise EngineError(400, "No exec command specified")
+        console_size(config.get("ConsoleSize"))
         e = ExecInstance(c, config)
         with self.lock:
             self.execs[e.id] = e
         return e
 
-    def exec_start(self, e: ExecInstance, on_output: Callable[[str, bytes], None]) -> Process:
+    def exec_start(self, e: ExecInstance, on_output: Callable[[str, bytes], None],
+                   size: tuple[int, int] | None = None) -> Process:
+        """Start an exec; ``size`` is its terminal's (rows, columns) from the start request, else
+        the one given when it was created."""
         c, cfg = e.container, e.config
+        size = (size or console_size(cfg.get("ConsoleSize"))) if cfg.get("Tty") else None
         argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec"]
         if cfg.get("Tty"):
             argv.append("--tty")
@@ -1121,7 +1128,7 @@ class Engine:
             except KeyError as exc:
                 raise EngineError(400, str(exc).strip("'\"")) from exc
             argv += ["--user", f"{uid}:{gid}"]
-        process = self._exec_process(c, e, uid, gid, extra)
+        process = self._exec_process(c, e, uid, gid, extra, size)
         if process is not None:  # the container's own process spec: its groups, caps, rlimits
             argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.runtime_id]
         else:
@@ -1135,6 +1142,9 @@ class Engine:
 
         proc = Process(argv, tty=bool(cfg.get("Tty")), stdin=bool(cfg.get("AttachStdin")), console_dir=c.root,
                        on_output=output)
+        if size and process is None:  # no process spec to carry it: as soon as the terminal is ours
+            with contextlib.suppress(OSError):
+                proc.resize(*size)
         e.process = proc
         e.running = True
         e.pid = proc.proc.pid
@@ -1158,7 +1168,8 @@ class Engine:
         workers.spawn(waiter, name=f"exec-{e.id[:12]}")
         return proc
 
-    def _exec_process(self, c: Container, e: ExecInstance, uid: int, gid: int, extra: tuple[int, ...]) -> Path | None:
+    def _exec_process(self, c: Container, e: ExecInstance, uid: int, gid: int, extra: tuple[int, ...],
+                      size: tuple[int, int] | None) -> Path | None:
         """An OCI process for `crun exec --process`, from the container's config.json: the
         same capabilities, rlimits and no_new_privs as the container, and the supplementary
         groups Docker gives (crun's --user takes none)."""
@@ -1176,6 +1187,8 @@ class Engine:
                     cwd=cfg.get("WorkingDir") or c.r["Config"].get("WorkingDir") or "/",
                     user={"uid": uid, "gid": gid, "additionalGids": list(_with_primary(gid, extra))})
         spec.pop("consoleSize", None)
+        if size:
+            spec["consoleSize"] = {"height": size[0], "width": size[1]}
         path = c.root / f"exec-{e.id}.json"
         path.write_text(json.dumps(spec))
         return path
@@ -1442,6 +1455,20 @@ def _crun_refused(error: str) -> EngineError:
     """crun's reason for not starting a container, as Docker answers it."""
     message = docker_message(error)
     return EngineError(_start_status(message), message)
+
+
+def console_size(value: Any) -> tuple[int, int] | None:
+    """Docker's ConsoleSize, ``[rows, columns]`` (API 1.42): the size a container's or an
+    exec's terminal has when its process starts, so that a program that looks at once (an
+    editor, ``stty size``) sees it; a resize after the start comes too late for that. Absent
+    or a zero in it: none."""
+    if value is None or value == []:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(type(v) is int and 0 <= v <= 0xFFFF for v in value)):
+        raise EngineError(400, f"invalid ConsoleSize {json.dumps(value)}: want [height, width]")
+    rows, cols = value
+    return (rows, cols) if rows and cols else None
 
 
 def _start_status(message: str) -> int:

@@ -85,6 +85,7 @@ class ProcessSpec:
     gid: int = 0
     additional_gids: tuple[int, ...] = ()
     terminal: bool = False
+    console_size: tuple[int, int] | None = None  # (rows, columns) of the terminal at the start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +217,8 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
             "noNewPrivileges": not spec.privileged,
             "oomScoreAdj": 0,
+            **({"consoleSize": {"height": p.console_size[0], "width": p.console_size[1]}}
+               if p.terminal and p.console_size else {}),
         },
         "root": {"path": spec.rootfs, "readonly": spec.readonly_rootfs},
         "hostname": spec.hostname,

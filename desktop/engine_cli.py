@@ -428,6 +428,8 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
     exposed, bindings = opts.parse_publish(args.publish or [])
     if bindings:
         host["PortBindings"] = bindings
+    if args.tty and (size := streams.terminal_size()):
+        host["ConsoleSize"] = list(size)
     cfg: dict[str, Any] = {
         "Image": args.image,
         "Tty": bool(args.tty),
@@ -563,17 +565,31 @@ class SignalProxy:
             signal.signal(sig, prev)
 
 
+def detach_keys(args: argparse.Namespace, code: int = EXIT_ERROR) -> str | None:
+    """``--detach-keys``, checked before anything starts."""
+    from agent.detach_keys import DetachKeysError, parse
+
+    spec = getattr(args, "detach_keys", None) or None
+    try:
+        parse(spec)
+    except DetachKeysError as exc:
+        raise Fail(str(exc), code) from None
+    return spec
+
+
 def _run_attached(client: Any, cid: str, *, tty: bool, stdin: bool, condition: str,
-                  start: bool = True, sig_proxy: bool = True) -> int:
+                  start: bool = True, sig_proxy: bool = True, keys: str | None = None) -> int | None:
+    """The container's exit code, or None if the user detached (it runs on)."""
     api = client.api
-    h = streams.attach(api, cid, stdin=stdin)
+    h = streams.attach(api, cid, stdin=stdin, detach_keys=keys)
     try:
         waiter = Waiter(api, cid, condition)
         if start:
             _start_or_fail(client, cid)
         proxy = SignalProxy(api, cid) if sig_proxy and not tty else None
         try:
-            streams.stream(h, tty=tty, stdin=stdin)
+            if streams.stream(h, tty=tty, stdin=stdin, detach_keys=keys):
+                return None
         finally:
             if proxy:
                 proxy.close()
@@ -582,9 +598,21 @@ def _run_attached(client: Any, cid: str, *, tty: bool, stdin: bool, condition: s
         h.close()
 
 
+def _detached(code: int | None, *, quiet: bool) -> int:
+    """docker's ends of a session the user detached from: `run -it` and `start -ai` return 0
+    quietly, `attach` and `exec -it` say so and return 1."""
+    if code is not None:
+        return code
+    if quiet:
+        return 0
+    print("read escape sequence", file=sys.stderr)
+    return EXIT_ERROR
+
+
 @handles_errors(opts.EXIT_ENGINE)
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _prepare(args)
+    keys = detach_keys(args, opts.EXIT_ENGINE)
     if args.tty and args.interactive and not streams.stdin_is_tty():
         raise Fail("the input device is not a TTY", EXIT_ERROR)
     client = engine(args, autostart=True)
@@ -593,13 +621,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         _start_or_fail(client, cid)
         print(cid)
         return 0
-    return _run_attached(client, cid, tty=args.tty, stdin=args.interactive,
-                         condition="removed" if args.rm else "next-exit", sig_proxy=args.sig_proxy)
+    return _detached(_run_attached(client, cid, tty=args.tty, stdin=args.interactive,
+                                   condition="removed" if args.rm else "next-exit", sig_proxy=args.sig_proxy,
+                                   keys=keys), quiet=True)
 
 
 # --- containers: lifecycle ------------------------------------------------------------------
 @handles_errors()
 def cmd_start(args: argparse.Namespace) -> int:
+    keys = detach_keys(args)
     client = engine(args)
     if args.attach or args.interactive:
         if len(args.containers) > 1:
@@ -609,7 +639,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         stdin = bool(args.interactive and info["Config"].get("OpenStdin"))
         if tty and stdin and not streams.stdin_is_tty():
             raise Fail("the input device is not a TTY")
-        return _run_attached(client, info["Id"], tty=tty, stdin=stdin, condition="next-exit")
+        return _detached(_run_attached(client, info["Id"], tty=tty, stdin=stdin, condition="next-exit", keys=keys),
+                         quiet=True)
 
     def start(name: str) -> None:
         client.api.start(name)
@@ -665,6 +696,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_attach(args: argparse.Namespace) -> int:
+    keys = detach_keys(args)
     client = engine(args)
     info = client.api.inspect_container(args.container)
     state = info.get("State") or {}
@@ -676,8 +708,8 @@ def cmd_attach(args: argparse.Namespace) -> int:
     stdin = bool(info["Config"].get("OpenStdin")) and not args.no_stdin
     if tty and stdin and not streams.stdin_is_tty():
         raise Fail("the input device is not a TTY")
-    return _run_attached(client, info["Id"], tty=tty, stdin=stdin, condition="not-running", start=False,
-                         sig_proxy=args.sig_proxy)
+    return _detached(_run_attached(client, info["Id"], tty=tty, stdin=stdin, condition="not-running", start=False,
+                                   sig_proxy=args.sig_proxy, keys=keys), quiet=False)
 
 
 # --- containers: looking -------------------------------------------------------------------
@@ -861,6 +893,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise Fail("exec requires at least 2 arguments")
+    keys = detach_keys(args)
     if args.tty and args.interactive and not args.detach and not streams.stdin_is_tty():
         raise Fail("the input device is not a TTY")
     try:
@@ -869,14 +902,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise Fail(str(exc)) from None
     ex = api.exec_create(args.container, command, stdout=True, stderr=True, stdin=args.interactive,
                          tty=args.tty, environment=env or None, workdir=args.workdir or None,
-                         user=args.user or "", privileged=args.privileged)
+                         user=args.user or "", privileged=args.privileged, detach_keys=keys)
     eid = ex["Id"]
     if args.detach:
         api.exec_start(eid, detach=True, tty=args.tty)
         return 0
     h = streams.exec_start(api, eid, tty=args.tty)
     try:
-        streams.stream(h, tty=args.tty, stdin=args.interactive)
+        if streams.stream(h, tty=args.tty, stdin=args.interactive, detach_keys=keys):
+            return _detached(None, quiet=False)
     finally:
         h.close()
     for _ in range(50):
@@ -1026,6 +1060,8 @@ def register(sub: Any) -> None:
     p.add_argument("-d", "--detach", action="store_true", help="run in the background and print the ID")
     p.add_argument("--sig-proxy", action=argparse.BooleanOptionalAction, default=True,
                    help="send received signals on to the container")
+    p.add_argument("--detach-keys", metavar="KEYS", help="the keys that detach from the container's terminal "
+                   "(default ctrl-p,ctrl-q)")
     _container_flags(p)
     p = add("create", cmd_create, "create a container")
     _container_flags(p)
@@ -1038,6 +1074,8 @@ def register(sub: Any) -> None:
     p = add("start", cmd_start, "start stopped containers")
     p.add_argument("-a", "--attach", action="store_true", help="attach output and wait for the exit code")
     p.add_argument("-i", "--interactive", action="store_true", help="attach stdin")
+    p.add_argument("--detach-keys", metavar="KEYS", help="the keys that detach from the container's terminal "
+                   "(default ctrl-p,ctrl-q)")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     for name, func, help in (("stop", cmd_stop, "stop running containers"),
                              ("restart", cmd_restart, "restart containers")):
@@ -1058,6 +1096,8 @@ def register(sub: Any) -> None:
     p = add("attach", cmd_attach, "attach to a running container")
     p.add_argument("--no-stdin", action="store_true")
     p.add_argument("--sig-proxy", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--detach-keys", metavar="KEYS", help="the keys that detach from the container's terminal "
+                   "(default ctrl-p,ctrl-q)")
     p.add_argument("container")
 
     p = add("ps", cmd_ps, "list containers")
@@ -1084,6 +1124,8 @@ def register(sub: Any) -> None:
     p.add_argument("-w", "--workdir")
     p.add_argument("-u", "--user")
     p.add_argument("--privileged", action="store_true")
+    p.add_argument("--detach-keys", metavar="KEYS", help="the keys that detach from the container's terminal "
+                   "(default ctrl-p,ctrl-q)")
     p.add_argument("container")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p = add("inspect", cmd_inspect, "low-level information on containers and images (JSON)")

@@ -82,16 +82,22 @@ class Hijacked:
 
 
 def attach(api: Any, container: str, *, stdin: bool, stdout: bool = True, stderr: bool = True,
-           logs: bool = False) -> Hijacked:
-    params = {"stdin": int(stdin), "stdout": int(stdout), "stderr": int(stderr), "stream": 1, "logs": int(logs)}
+           logs: bool = False, detach_keys: str | None = None) -> Hijacked:
+    params: dict[str, Any] = {"stdin": int(stdin), "stdout": int(stdout), "stderr": int(stderr), "stream": 1,
+                              "logs": int(logs)}
+    if detach_keys:  # the engine watches for them too (and must not for ours' default)
+        params["detachKeys"] = detach_keys
     res = api._post(api._url("/containers/{0}/attach", container), params=params, stream=True, headers=UPGRADE)
     api._raise_for_status(res)
     return Hijacked(res, lambda h, w: api.resize(container, h, w))
 
 
 def exec_start(api: Any, exec_id: str, *, tty: bool) -> Hijacked:
-    res = api._post_json(api._url("/exec/{0}/start", exec_id), headers=UPGRADE,
-                         data={"Tty": tty, "Detach": False}, stream=True)
+    data: dict[str, Any] = {"Tty": tty, "Detach": False}
+    size = terminal_size() if tty else None
+    if size:
+        data["ConsoleSize"] = list(size)
+    res = api._post_json(api._url("/exec/{0}/start", exec_id), headers=UPGRADE, data=data, stream=True)
     api._raise_for_status(res)
     return Hijacked(res, lambda h, w: api.exec_resize(exec_id, height=h, width=w))
 
@@ -144,6 +150,16 @@ def pump_stdin(h: Hijacked) -> threading.Thread:
     return t
 
 
+def terminal_size() -> tuple[int, int] | None:
+    """Our terminal's (rows, columns) for the engine's ConsoleSize, so that the process's
+    terminal has it from its first instruction; None when stdout is not a terminal."""
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (size.lines, size.columns) if size.lines and size.columns else None
+
+
 def stdin_is_tty() -> bool:
     try:
         return sys.stdin is not None and sys.stdin.isatty()
@@ -151,8 +167,10 @@ def stdin_is_tty() -> bool:
         return False
 
 
-def interactive(h: Hijacked) -> None:
-    """The local terminal in raw mode, pumped to and from the stream (SIGWINCH resizes)."""
+def interactive(h: Hijacked, detach_keys: str | None = None) -> bool:
+    """The local terminal in raw mode, pumped to and from the stream (SIGWINCH resizes).
+    True if the user detached (typed the detach keys)."""
+    from agent.detach_keys import parse
     from desktop import terminal
 
     cols, rows = shutil.get_terminal_size()
@@ -160,18 +178,18 @@ def interactive(h: Hijacked) -> None:
     if h.pending:
         os.write(sys.stdout.fileno(), h.pending)
         h.pending = b""
-    terminal.attach(h)
+    return terminal.attach(h, parse(detach_keys))
 
 
-def stream(h: Hijacked, *, tty: bool, stdin: bool) -> None:
+def stream(h: Hijacked, *, tty: bool, stdin: bool, detach_keys: str | None = None) -> bool:
     """Run one attached session to its end: interactive when we have a TTY on both ends,
-    else demultiplexed output with stdin piped in if asked."""
+    else demultiplexed output with stdin piped in if asked. True if the user detached."""
     if tty and stdin and stdin_is_tty():
-        interactive(h)
-        return
+        return interactive(h, detach_keys)
     if stdin:
         pump_stdin(h)
     copy_frames(frames(h.recv_exactly if not tty else h.recv, tty))
+    return False
 
 
 # --- pull ---------------------------------------------------------------------------------

@@ -10,12 +10,16 @@ the Makefile installed.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
+import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,21 +68,32 @@ class DockerCLI:
         return subprocess.Popen([self.binary, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, cwd=cwd)
 
-    def pty(self, *args: str) -> PtySession:
-        return PtySession([self.binary, *args], self.env)
+    def pty(self, *args: str, size: tuple[int, int] = (24, 80)) -> PtySession:
+        return PtySession([self.binary, *args], self.env, size=size)
 
 
 class PtySession:
-    """A client under a real pseudo-terminal (as `docker exec -it` needs), read with expect()."""
+    """A client under a real pseudo-terminal (as `docker exec -it` needs), read with expect().
 
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+    ``size`` is the terminal's (rows, columns) when the client starts; ``resize`` changes it
+    as a terminal window would, and the kernel sends the client SIGWINCH."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], *, size: tuple[int, int] = (24, 80),
+                 cwd: str | Path | None = None) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child: the pty is our controlling terminal and stdio
             try:
+                _set_size(0, size)  # before exec, so the client's first look sees it
+                if cwd is not None:
+                    os.chdir(cwd)
                 os.execve(argv[0], argv, {**env, "TERM": "xterm"})
             finally:
                 os._exit(127)
         self.output = b""
+        self.code: int | None = None
+
+    def resize(self, rows: int, cols: int) -> None:
+        _set_size(self.fd, (rows, cols))
 
     def send(self, data: str) -> None:
         os.write(self.fd, data.encode())
@@ -100,6 +115,23 @@ class PtySession:
                 self.output += chunk
         return self.output.decode(errors="replace")
 
+    def wait_for_size(self, rows: int, cols: int, timeout: float = 30) -> None:
+        """Ask the shell on the other end for its terminal's size until it is ``rows cols``: a
+        resize reaches the container asynchronously, as with Docker. The echoed command
+        line cannot match: the shell computes the markers."""
+        deadline = time.monotonic() + timeout
+        n = 0
+        while True:
+            n += 1
+            self.send(f"echo size-$(({n}*1000+1)) $(stty size) end-$(({n}*1000+2))\r")
+            out = self.expect(f"end-{n * 1000 + 2}")
+            got = re.findall(rf"size-{n * 1000 + 1} (\d+ \d+) end", out)
+            if got == [f"{rows} {cols}"]:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"terminal size stayed {got}, not {rows} {cols}: {out[-400:]!r}")
+            time.sleep(0.3)
+
     def wait(self, timeout: float = 60) -> int:
         deadline = time.monotonic() + timeout
         while True:
@@ -111,10 +143,21 @@ class PtySession:
                     pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
+                self.code = os.waitstatus_to_exitcode(status)
                 os.close(self.fd)
-                return os.waitstatus_to_exitcode(status)
+                return self.code
             if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                os.close(self.fd)
+                self.close()
                 raise AssertionError(f"client did not exit; output {self.output!r}")
+
+    def close(self) -> None:
+        """Kill the client if it still runs (a test that failed half-way)."""
+        if self.code is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self.code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            os.close(self.fd)
+
+
+def _set_size(fd: int, size: tuple[int, int]) -> None:
+    rows, cols = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

@@ -153,11 +153,14 @@ def test_exec_it_under_a_pty(docker: DockerCLI) -> None:
     n = name()
     docker.ok("run", "-d", "--name", n, "busybox", "sleep", "600")
     try:
-        term = docker.pty("exec", "-it", n, "sh")
+        term = docker.pty("exec", "-it", n, "sh", size=(30, 99))
         term.expect("# ")
-        term.send("tty; echo $((6*7)); stty size\r")
+        term.send("tty; echo $((6*7))\r")
         out = term.expect("42")
         assert "/dev/pts/" in out
+        term.wait_for_size(30, 99)  # this client (API 1.41) resizes right after the start
+        term.resize(45, 140)        # and on SIGWINCH
+        term.wait_for_size(45, 140)
         term.send("exit 5\r")
         assert term.wait() == 5
         # without a terminal: separate streams and the exit code
@@ -166,6 +169,30 @@ def test_exec_it_under_a_pty(docker: DockerCLI) -> None:
         piped = docker("exec", "-i", n, "cat", input="through stdin\n")
         assert piped.stdout == "through stdin\n"
     finally:
+        docker("rm", "-f", n)
+
+
+def test_detach_keys_leave_the_container_running(docker: DockerCLI) -> None:
+    n = name()
+    run = docker.pty("run", "-it", "--name", n, "busybox", "sh")
+    try:
+        run.expect("# ")
+        run.send("echo a-$((1+1))\r")
+        run.expect("a-2")
+        run.send("\x10\x11")
+        assert run.wait(timeout=30) == 0
+        att = docker.pty("attach", n)
+        att.send("echo b-$((1+2))\r")
+        att.expect("b-3")
+        att.send("\x10\x11")
+        assert att.wait(timeout=30) == 1 and b"read escape sequence" in att.output
+        ex = docker.pty("exec", "-it", n, "sh")
+        ex.expect("# ")
+        ex.send("\x10\x11")
+        assert ex.wait(timeout=30) == 1
+        assert docker.ok("inspect", "-f", "{{.State.Running}}", n) == "true\n"
+    finally:
+        run.close()
         docker("rm", "-f", n)
 
 

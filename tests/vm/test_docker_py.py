@@ -99,6 +99,73 @@ def test_attach_socket_and_put_get(docker_client) -> None:  # type: ignore[no-un
         api.remove_container(cid, force=True)
 
 
+def _read_until(raw, text: bytes, timeout: float = 60) -> bytes:  # type: ignore[no-untyped-def]
+    raw.settimeout(timeout)
+    data = b""
+    while text not in data:
+        chunk = raw.recv(4096)
+        assert chunk, f"the stream ended before {text!r}: {data!r}"
+        data += chunk
+    return data
+
+
+def _ends(raw, timeout: float = 30) -> bytes:  # type: ignore[no-untyped-def]
+    """What comes until the engine ends the stream (a timeout fails the test)."""
+    raw.settimeout(timeout)
+    data = b""
+    while chunk := raw.recv(4096):
+        data += chunk
+    return data
+
+
+def test_the_engine_ends_a_terminal_session_at_its_detach_keys(docker_client) -> None:  # type: ignore[no-untyped-def]
+    # the engine's own watch (for API clients; the CLIs watch their terminals themselves):
+    # the session ends, the container and the exec run on
+    api = docker_client.api
+    cid = api.create_container("busybox", ["sh"], tty=True, stdin_open=True)["Id"]
+    try:
+        api.start(cid)
+        with pytest.raises(docker.errors.APIError, match="Invalid detach keys"):
+            api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stream": 1, "detachKeys": "ctrl-9"})
+        sock = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stream": 1, "detachKeys": "ctrl-x"})
+        raw = sock._sock
+        raw.sendall(b"echo one-$((1+1))\n")
+        _read_until(raw, b"one-2")
+        raw.sendall(b"\x10\x11\x15echo two-$((2+1))\n")  # the default keys are not this session's
+        _read_until(raw, b"two-3")
+        raw.sendall(b"\x18echo never-$((3+1))\n")  # ctrl-x: what follows it is not passed on
+        assert b"never-4" not in _ends(raw)
+        sock.close()
+        assert api.inspect_container(cid)["State"]["Running"] is True
+
+        with pytest.raises(docker.errors.APIError, match="Invalid detach keys"):
+            api.exec_create(cid, ["sh"], stdin=True, tty=True, detach_keys="xx")
+        eid = api.exec_create(cid, ["sh"], stdin=True, tty=True, detach_keys="ctrl-a,b")["Id"]
+        assert api.exec_inspect(eid)["DetachKeys"] == "ctrl-a,b"
+        sock = api.exec_start(eid, tty=True, socket=True)
+        raw = sock._sock
+        raw.sendall(b"echo three-$((1+2))\n")
+        _read_until(raw, b"three-3")
+        raw.sendall(b"\x01b")
+        _ends(raw)
+        sock.close()
+        assert api.exec_inspect(eid)["Running"] is True
+        # still the container's shell, which still reads its terminal
+        sock = api.attach_socket(cid, params={"stdin": 1, "stdout": 1, "stream": 1})
+        sock._sock.sendall(b"echo four-$((2+2))\n")
+        _read_until(sock._sock, b"four-4")
+        sock.close()
+    finally:
+        api.remove_container(cid, force=True)
+
+
+@pytest.mark.parametrize("size", [[24], [24, -1], ["24", "80"], [24, 80, 1], {"h": 24}, [24, 1 << 16]])
+def test_a_console_size_that_is_not_one_is_refused(docker_client, size) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(docker.errors.APIError, match=r"invalid ConsoleSize .*: want \[height, width\]"):
+        docker_client.api.create_container_from_config(
+            {"Image": "busybox", "Cmd": ["true"], "Tty": True, "HostConfig": {"ConsoleSize": size}}, name=name())
+
+
 def test_networks_and_volumes(docker_client) -> None:  # type: ignore[no-untyped-def]
     net = docker_client.networks.create(name(), driver="bridge", labels={"pydesk.test": "1"})
     try:

@@ -7,12 +7,15 @@ from the test registry mirror). Container names are unique per test so tests do 
 from __future__ import annotations
 
 import json
+import re
+import sys
 import time
 import uuid
 
 import pytest
 
-from tests.conftest import Pydesk
+from tests.conftest import ROOT, Pydesk
+from tests.support.docker_cli import PtySession
 
 pytestmark = pytest.mark.vm
 
@@ -158,6 +161,127 @@ def test_create_start_attach_wait(vm: Pydesk) -> None:
         assert (att.returncode, att.stdout) == (5, "late\n")
     finally:
         vm("rm", "-f", m)
+
+
+def terminal(vm: Pydesk, *args: str, size: tuple[int, int]) -> PtySession:
+    """`pydesk <args>` under a real pseudo-terminal of ``size`` (rows, columns)."""
+    return PtySession([sys.executable, "-m", "desktop.cli", *args], vm.env, size=size, cwd=ROOT)
+
+
+def test_exec_it_is_a_terminal_that_follows_the_window(vm: Pydesk) -> None:
+    n = name()
+    vm("run", "-d", "--name", n, "busybox", "sleep", "600", check=True)
+    term = terminal(vm, "exec", "-it", n, "sh", size=(31, 101))
+    try:
+        term.expect("# ")
+        term.send("tty; echo answer-$((6*7))\r")
+        assert re.search(r"/dev/pts/\d+\s+answer-42", term.expect("answer-42"))
+        term.wait_for_size(31, 101)   # the window's size when the exec began
+        term.resize(42, 133)           # the user resizes the window: SIGWINCH to the CLI
+        term.wait_for_size(42, 133)
+        term.send("exit 5\r")
+        assert term.wait() == 5
+        # the container's own process never had a terminal
+        assert vm("exec", n, "sh", "-c", "tty; true").stdout == "not a tty\n"
+    finally:
+        term.close()
+        vm("rm", "-f", n)
+
+
+def test_run_it_is_a_terminal_with_the_exit_code(vm: Pydesk) -> None:
+    n = name()
+    term = terminal(vm, "run", "-it", "--rm", "--name", n, "busybox", "sh", size=(27, 91))
+    try:
+        term.expect("# ")
+        term.wait_for_size(27, 91)
+        term.resize(35, 120)
+        term.wait_for_size(35, 120)
+        term.send("exit 6\r")
+        assert term.wait() == 6
+    finally:
+        term.close()
+        vm("rm", "-f", n)
+    for _ in range(50):  # --rm: gone after it exits
+        if vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == "":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the --rm container was not removed")
+
+
+def test_a_terminal_has_the_window_size_from_the_first_instruction(vm: Pydesk) -> None:
+    # ConsoleSize: a program that asks at once (here `stty size` as the container's or the
+    # exec's only process) sees the window's size, not the 0x0 of a new pseudo-terminal
+    # that a resize after the start would mend too late
+    n = name()
+    run = terminal(vm, "run", "-it", "--name", n, "busybox", "stty", "size", size=(29, 97))
+    try:
+        assert run.wait() == 0
+        assert run.output.decode().split() == ["29", "97"], run.output
+        host = json.loads(vm("inspect", "-f", "{{json .HostConfig}}", n).stdout)
+        assert host["ConsoleSize"] == [29, 97]
+    finally:
+        run.close()
+        vm("rm", "-f", n)
+    vm("run", "-d", "--name", n, "busybox", "sleep", "600", check=True)
+    try:
+        for size in ((33, 77), (51, 160)):
+            ex = terminal(vm, "exec", "-it", n, "stty", "size", size=size)
+            try:
+                assert ex.wait() == 0
+                assert ex.output.decode().split() == [str(v) for v in size], ex.output
+            finally:
+                ex.close()
+    finally:
+        vm("rm", "-f", n)
+
+
+def test_detach_keys_end_the_session_and_leave_the_container_running(vm: Pydesk) -> None:
+    n = name()
+    run = terminal(vm, "run", "-it", "--name", n, "busybox", "sh", size=(24, 80))
+    try:
+        run.expect("# ")
+        run.send("echo ran-$((2*3))\r")
+        run.expect("ran-6")
+        run.send("\x10\x11")  # ctrl-p ctrl-q: `run -it` returns 0 at once, quietly
+        assert run.wait(timeout=30) == 0
+        assert "read escape sequence" not in run.output.decode()
+        assert vm("inspect", "-f", "{{.State.Running}}", n).stdout == "true\n"
+
+        att = terminal(vm, "attach", "--detach-keys", "ctrl-a,x", n, size=(24, 80))
+        try:
+            att.send("echo back-$((3*3))\r")
+            att.expect("back-9")
+            att.send("\x10\x11\x15")  # not the keys now: the shell gets them (ctrl-u clears its line)
+            att.send("echo still-$((4*4))\r")
+            att.expect("still-16")
+            att.send("\x01x")  # `attach` says so and returns 1
+            assert att.wait(timeout=30) == 1
+            assert "read escape sequence" in att.output.decode()
+        finally:
+            att.close()
+        assert vm("inspect", "-f", "{{.State.Running}}", n).stdout == "true\n"
+
+        ex = terminal(vm, "exec", "-it", n, "sh", "-c", "echo exec-$((5*5)) > /tmp/mark; exec sleep 600", size=(24, 80))
+        try:
+            deadline = time.monotonic() + 30
+            while vm("exec", n, "cat", "/tmp/mark").stdout != "exec-25\n":
+                assert time.monotonic() < deadline, "the exec did not start"
+                time.sleep(0.2)
+            ex.send("\x10\x11")
+            assert ex.wait(timeout=30) == 1
+            assert "read escape sequence" in ex.output.decode()
+        finally:
+            ex.close()
+        ps = vm("exec", n, "ps", "-o", "args").stdout
+        assert "sleep 600" in ps, ps  # the exec's process runs on
+        bad = vm("attach", "--detach-keys", "ctrl-1", n)
+        assert "invalid detach keys 'ctrl-1'" in one_line_error(bad) and bad.returncode == 1
+    finally:
+        run.close()
+        vm("rm", "-f", n)
+    bad_run = vm("run", "--rm", "--detach-keys", "ab", "busybox", "true")
+    assert bad_run.returncode == 125 and "invalid detach keys 'ab'" in one_line_error(bad_run)
 
 
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
