@@ -49,6 +49,7 @@ def frame(stream: int, data: bytes) -> bytes:
 
 
 STREAM_IDS = {"stdin": 0, "stdout": 1, "stderr": 2}
+STATS_INTERVAL = 1.0  # seconds between stats samples, as dockerd's collector
 
 
 class Routes:
@@ -625,14 +626,25 @@ def container_top(h: Handler, ref: str) -> None:
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/stats")
 def container_stats(h: Handler, ref: str) -> None:
+    """As dockerd: a sample a second, each with the one before as its ``precpu_stats``; one
+    sample with ``stream=false``, taken a second after a first one (so it has a CPU figure),
+    at once with ``one-shot`` too (and no ``precpu_stats``)."""
     c = h.engine.container(ref)
-    if not h.qbool("stream", True) or h.qbool("one-shot"):
-        return h.reply(200, h.engine.stats(c))
+    if not h.qbool("stream", True):
+        if h.qbool("one-shot") or not c.running:
+            return h.reply(200, h.engine.stats(c))
+        first = h.engine.stats(c)
+        time.sleep(STATS_INTERVAL)
+        return h.reply(200, h.engine.stats(c, first))
     h.start_stream()
     try:
-        while c.running:
-            h.chunk(json.dumps(h.engine.stats(c)).encode() + b"\n")
-            time.sleep(1)
+        pre = None
+        while True:
+            pre = h.engine.stats(c, pre)
+            h.chunk(json.dumps(pre).encode() + b"\n")
+            if not c.running:
+                break
+            time.sleep(STATS_INTERVAL)
         h.end_stream()
     except OSError:
         h.close_connection = True

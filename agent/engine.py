@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import reference, runtime, seccomp, workers
+from agent import reference, runtime, seccomp, stats, workers
 from agent.containers import RECORDS, ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
@@ -1269,31 +1269,23 @@ class Engine:
             rows.append([str(uid), str(pid), ppid, cmd])
         return {"Titles": ["UID", "PID", "PPID", "CMD"], "Processes": rows}
 
-    def stats(self, c: Container) -> dict[str, Any]:
+    def stats(self, c: Container, pre: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One stats sample; ``pre`` is the one before it (its CPU figures become
+        ``precpu_stats``, from which clients work out the CPU percentage)."""
         cg = runtime.cgroup_dir(c.id)
-
-        def read(name: str, default: str = "0") -> str:
-            try:
-                return (cg / name).read_text().strip()
-            except OSError:
-                return default
-
-        cpu = {k: int(v) for k, v in (line.split() for line in read("cpu.stat", "").splitlines() if line)}
-        mem_limit = read("memory.max", "max")
-        pids = read("pids.current")
-        total_mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+        cpus = os.cpu_count() or 1
+        machine = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+        running = c.running
         return {
-            "read": utc_now(), "preread": ZERO_TIME, "id": c.id, "name": c.r["Name"],
-            "pids_stats": {"current": int(pids or 0)},
-            "cpu_stats": {"cpu_usage": {"total_usage": cpu.get("usage_usec", 0) * 1000,
-                                        "usage_in_kernelmode": cpu.get("system_usec", 0) * 1000,
-                                        "usage_in_usermode": cpu.get("user_usec", 0) * 1000},
-                          "system_cpu_usage": int(time.monotonic() * 1e9), "online_cpus": os.cpu_count() or 1,
-                          "throttling_data": {}},
-            "precpu_stats": {"cpu_usage": {"total_usage": 0}, "system_cpu_usage": 0, "online_cpus": os.cpu_count() or 1},
-            "memory_stats": {"usage": int(read("memory.current") or 0),
-                             "limit": total_mem if mem_limit == "max" else int(mem_limit), "stats": {}},
-            "networks": {}, "blkio_stats": {},
+            "read": utc_now(), "preread": pre["read"] if pre else ZERO_TIME, "id": c.id, "name": c.r["Name"],
+            "num_procs": 0,
+            "pids_stats": stats.pids_stats(cg) if running else {},
+            "cpu_stats": stats.cpu_stats(cg, cpus) if running else {"cpu_usage": {"total_usage": 0}},
+            "precpu_stats": pre["cpu_stats"] if pre else {"cpu_usage": {"total_usage": 0}, "throttling_data": {}},
+            "memory_stats": stats.memory_stats(cg, machine) if running else {},
+            "networks": stats.networks(int(c.state.get("Pid") or 0)) if running else {},
+            "blkio_stats": {"io_service_bytes_recursive": stats.blkio(cg) if running else None},
+            "storage_stats": {},
         }
 
 

@@ -196,6 +196,29 @@ def test_detach_keys_leave_the_container_running(docker: DockerCLI) -> None:
         docker("rm", "-f", n)
 
 
+def test_stats_figures(docker: DockerCLI) -> None:
+    # docker's own arithmetic on the engine's samples: one busy thread is one CPU's worth
+    # (not one per CPU), the memory limit, a ping's bytes, a synced write's bytes, the PIDs
+    n = name()
+    docker.ok("run", "-d", "--name", n, "-m", "64m", "busybox", "sh", "-c", "while :; do :; done")
+    try:
+        gateway = docker.ok("inspect", "-f", "{{.NetworkSettings.Gateway}}", n).strip()
+        docker.ok("exec", n, "sh", "-c", f"ping -c 2 {gateway} >/dev/null && "
+                                         "dd if=/dev/zero of=/big bs=1M count=2 conv=fsync 2>/dev/null")
+        row = json.loads(docker.ok("stats", "--no-stream", "--format", "{{json .}}", n))
+        assert 20 <= float(row["CPUPerc"].rstrip("%")) <= 120, row
+        assert row["MemUsage"].endswith(" / 64MiB") and row["PIDs"] == "1", row
+        rx, tx = row["NetIO"].split(" / ")
+        assert rx != "0B" and tx != "0B", row
+        read, written = row["BlockIO"].split(" / ")
+        assert written.endswith("MB") and float(written[:-2]) >= 2.0, row
+        docker.ok("kill", n)
+        stopped = json.loads(docker.ok("stats", "--no-stream", "--format", "{{json .}}", n))
+        assert (stopped["CPUPerc"], stopped["MemUsage"], stopped["PIDs"]) == ("0.00%", "0B / 0B", "0"), stopped
+    finally:
+        docker("rm", "-f", n)
+
+
 def test_container_lifecycle_commands(docker: DockerCLI) -> None:
     n, renamed = name(), name()
     docker.ok("run", "-d", "--name", n, "busybox", "sh", "-c", "echo hi > /created.txt; rm /etc/hostname.x 2>/dev/null; "
