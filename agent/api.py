@@ -91,6 +91,10 @@ class Handler(RequestParsing):
     def version_string(self) -> str:
         return f"Docker/{ENGINE_VERSION} (linux)"
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._answered = True  # from here on an error cannot be a response of its own
+        super().send_response(code, message)
+
     def _common_headers(self) -> None:
         self.send_header("Api-Version", API_VERSION)
         self.send_header("Docker-Experimental", "false")
@@ -223,6 +227,7 @@ class Handler(RequestParsing):
 
     # --- dispatch -----------------------------------------------------------------------
     def _dispatch(self) -> None:
+        self._answered = False
         self.engine.housekeeper.request_started()
         url = urllib.parse.urlsplit(self.path)
         self._query = url.query
@@ -254,6 +259,11 @@ class Handler(RequestParsing):
             self._safe_error(500, f"internal error: {exc}")
 
     def _safe_error(self, status: int, message: str) -> None:
+        if self._answered:  # a stream was under way: end it unfinished (the client sees it cut
+            # short), rather than put a second response inside its body
+            log.warning("%s %s failed after its answer began: %s", self.command, self.path, message)
+            self.close_connection = True
+            return
         try:
             self.error(status, message)
         except OSError:
@@ -621,7 +631,7 @@ def _until(flt: dict[str, list[str]]) -> float | None:
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/top")
 def container_top(h: Handler, ref: str) -> None:
-    h.reply(200, h.engine.top(h.engine.container(ref)))
+    h.reply(200, h.engine.top(h.engine.container(ref), h.query.get("ps_args") or ""))
 
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/stats")
@@ -975,10 +985,26 @@ def image_remove(h: Handler, name: str) -> None:
 def image_prune(h: Handler) -> None:
     flt = h.filters()
     dangling = not (flt.get("dangling") and flt["dangling"][0] in ("false", "0"))
-    before = {i.id for i in h.engine.store.images()}
-    space = h.engine.store.prune(dangling_only=dangling)
+    images = h.engine.store.images()
+    until = _until(flt)
+    only = None
+    if until is not None or flt.get("label") or flt.get("label!"):
+        def labels(img: Any) -> dict[str, str]:
+            return (img.config.get("config") or {}).get("Labels") or {}
+
+        only = {i.id for i in images
+                if (until is None or _created(i.created) < until)
+                and (not flt.get("label") or _labels_match(labels(i), flt["label"]))
+                and not any(_labels_match(labels(i), [v]) for v in flt.get("label!") or [])}
+    space = h.engine.store.prune(dangling_only=dangling, only=only)
     after = {i.id for i in h.engine.store.images()}
-    h.reply(200, {"ImagesDeleted": [{"Deleted": i} for i in sorted(before - after)] or None, "SpaceReclaimed": space})
+    deleted: list[dict[str, str]] = []
+    for img in sorted((i for i in images if i.id not in after), key=lambda i: i.id):
+        deleted += [{"Untagged": familiar(t)} for t in img.tags]
+        deleted.append({"Deleted": img.id})
+        h.engine.events.emit("image", "delete", img.id, {"name": img.id})
+    h.engine.events.emit("image", "prune", "", {"reclaimed": str(space)})
+    h.reply(200, {"ImagesDeleted": deleted or None, "SpaceReclaimed": space})
 
 
 @routes.add("POST", "/images/create")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import reference, runtime, seccomp, stats, workers
+from agent import reference, runtime, seccomp, stats, top, workers
 from agent.containers import RECORDS, ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
@@ -1252,22 +1252,18 @@ class Engine:
             out.append(self.summary(c))
         return out[:limit] if limit and limit > 0 else out
 
-    def top(self, c: Container) -> dict[str, Any]:
+    def top(self, c: Container, ps_args: str = "") -> dict[str, Any]:
         if not c.running:
             raise EngineError(409, f"Container {c.id} is not running")
         procs_path = runtime.cgroup_dir(c.id) / "cgroup.procs"
-        pids = [int(p) for p in procs_path.read_text().split()] if procs_path.exists() else []
-        rows = []
-        for pid in pids:
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                uid = Path(f"/proc/{pid}").stat().st_uid
-            except OSError:
-                continue
-            ppid = stat.rsplit(")", 1)[1].split()[1]
-            rows.append([str(uid), str(pid), ppid, cmd])
-        return {"Titles": ["UID", "PID", "PPID", "CMD"], "Processes": rows}
+        try:
+            pids = {int(p) for p in procs_path.read_text().split()}
+        except OSError:
+            pids = set()
+        try:
+            return top.processes(pids, ps_args)
+        except top.TopError as exc:
+            raise EngineError(500, str(exc)) from None
 
     def stats(self, c: Container, pre: dict[str, Any] | None = None) -> dict[str, Any]:
         """One stats sample; ``pre`` is the one before it (its CPU figures become

@@ -35,8 +35,24 @@ class GunzipReader:
         return True
 
     def read(self, size: int = -1) -> bytes:
+        """``size`` bytes, fewer only at the end, as a buffered file reads (``tarfile``'s copy
+        takes a short read for the end of the data)."""
         if size is None or size < 0:
-            return b"".join(iter(lambda: self.read(_READ), b""))
+            return b"".join(iter(lambda: self.read1(_READ), b""))
+        first = self.read1(size)
+        if len(first) == size or not first:
+            return first
+        parts, got = [first], len(first)
+        while got < size and (more := self.read1(size - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
+
+    def read1(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes: fewer where what zlib made last runs out, so nothing is
+        copied to make up a full read; empty only at the end."""
+        if size is None or size < 0:
+            size = _OUT
         while self._pos >= len(self._out):
             if self._eof or not size:
                 return b""

@@ -76,6 +76,7 @@ class _ForwardReader:
 
     def __init__(self, raw: BinaryIO, chunk: int = _CHUNK) -> None:
         self.raw = raw
+        self._read = getattr(raw, "read1", raw.read)  # short reads welcome: no copy to fill them
         self.chunk = chunk
         self.pos = 0        # stream offset of the next byte handed out
         self.fetched = 0    # bytes read from ``raw``
@@ -90,7 +91,7 @@ class _ForwardReader:
         return True
 
     def _fill(self) -> bool:
-        data = self.raw.read(self.chunk)
+        data = self._read(self.chunk)
         if not data:
             return False
         self.fetched += len(data)

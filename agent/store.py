@@ -164,7 +164,14 @@ class _HashReader(_Drains):
         self.n = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        return self._through(self.raw.read(size))
+
+    def read1(self, size: int = -1) -> bytes:
+        """A short read where the source allows one (``read1``), else a read."""
+        read1 = getattr(self.raw, "read1", None)
+        return self._through(read1(size) if read1 is not None else self.raw.read(size))
+
+    def _through(self, data: bytes) -> bytes:
         self.n += len(data)
         if self.limit is not None and self.n > self.limit:
             raise LayerError(f"{self.what} exceeds the limit of {self.limit} bytes")
@@ -936,15 +943,16 @@ class Store:
         shutil.rmtree(trash, ignore_errors=True)
         return size
 
-    def prune(self, dangling_only: bool = True) -> int:
-        """Remove untagged (or, with dangling_only=False, all unused) images, then layers and
-        blobs no image references. Returns bytes reclaimed. Partial downloads are kept."""
+    def prune(self, dangling_only: bool = True, only: set[str] | None = None) -> int:
+        """Remove untagged (or, with dangling_only=False, all unused) images — of ``only``, if
+        given — then layers and blobs no image references. Returns bytes reclaimed. Partial
+        downloads are kept."""
         with self._locked():
             repos = self._repos()
             tagged = set(repos["tags"].values())
             freed = 0
             for image_id in self._image_ids():
-                if self.in_use(image_id):
+                if self.in_use(image_id) or (only is not None and image_id not in only):
                     continue
                 if dangling_only and image_id in tagged:
                     continue

@@ -327,6 +327,8 @@ def _save_auth(server: str, auth: str) -> None:
 
 @handles_errors()
 def cmd_save(args: argparse.Namespace) -> int:
+    import requests.exceptions
+
     client = engine(args)
     api = client.api
     if not args.output and sys.stdout.isatty():
@@ -334,9 +336,13 @@ def cmd_save(args: argparse.Namespace) -> int:
     res = api._get(api._url("/images/get"), params={"names": args.images}, stream=True)
     api._raise_for_status(res)
     chunks = res.iter_content(1 << 20, decode_unicode=False)
+    cut = "the engine stopped sending the archive part-way (its log in the VM, /run/pydesk/engine.log, says why)"
     if not args.output:
-        for chunk in chunks:
-            sys.stdout.buffer.write(chunk)
+        try:
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+        except requests.exceptions.ChunkedEncodingError:
+            raise Fail(f"failed to save: {cut}") from None
         sys.stdout.flush()
         return 0
     out = Path(args.output)
@@ -346,6 +352,9 @@ def cmd_save(args: argparse.Namespace) -> int:
             for chunk in chunks:
                 f.write(chunk)
         os.replace(tmp, out)
+    except requests.exceptions.ChunkedEncodingError:
+        tmp.unlink(missing_ok=True)
+        raise Fail(f"failed to save to {args.output}: {cut}") from None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise Fail(f"failed to save to {args.output}: {exc.strerror or exc}") from None
@@ -683,6 +692,25 @@ def cmd_kill(args: argparse.Namespace) -> int:
 
 
 @handles_errors()
+def cmd_pause(args: argparse.Namespace) -> int:
+    client = engine(args)
+    return _each(args.containers, client.api.pause)
+
+
+@handles_errors()
+def cmd_unpause(args: argparse.Namespace) -> int:
+    client = engine(args)
+    return _each(args.containers, client.api.unpause)
+
+
+@handles_errors()
+def cmd_rename(args: argparse.Namespace) -> int:
+    client = engine(args)
+    client.api.rename(args.container, args.new_name)
+    return 0
+
+
+@handles_errors()
 def cmd_rm(args: argparse.Namespace) -> int:
     client = engine(args)
     return _each(args.containers, lambda n: client.api.remove_container(n, v=args.volumes, force=args.force))
@@ -977,10 +1005,7 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
             what.append("all anonymous volumes not used by at least one container")
         what.append("all images without at least one container associated to them" if args.all
                     else "all dangling images")
-        print("WARNING! This will remove:\n" + "".join(f"  - {w}\n" for w in what), file=sys.stderr)
-        print("Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
-        answer = sys.stdin.readline() if sys.stdin else ""
-        if answer.strip().lower() not in ("y", "yes"):
+        if not confirm("WARNING! This will remove:\n" + "".join(f"  - {w}\n" for w in what)):
             return 0
     filters = _filters(args.filter) or None
     total = 0
@@ -997,10 +1022,21 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
     img_filters["dangling"] = ["false" if args.all else "true"]
     out = api.prune_images(filters=img_filters)
     total += out.get("SpaceReclaimed") or 0
-    _section("Deleted Images", [f"{k.lower()}: {v}" for item in out.get("ImagesDeleted") or []
-                                for k, v in item.items() if v])
+    _section("Deleted Images", image_prune_lines(out))
     print(f"Total reclaimed space: {opts.human_size(total)}")
     return 0
+
+
+def confirm(warning: str) -> bool:
+    """docker's prune prompt, on stderr; only y or yes goes on."""
+    print(warning, file=sys.stderr)
+    print("Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline() if sys.stdin else ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+def image_prune_lines(out: dict[str, Any]) -> list[str]:
+    return [f"{k.lower()}: {v}" for item in out.get("ImagesDeleted") or [] for k, v in item.items() if v]
 
 
 def _section(title: str, items: list[str] | None) -> None:
@@ -1087,6 +1123,13 @@ def register(sub: Any) -> None:
     p = add("kill", cmd_kill, "kill running containers")
     p.add_argument("-s", "--signal", default="KILL")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
+    p = add("pause", cmd_pause, "freeze all processes of containers")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+    p = add("unpause", cmd_unpause, "thaw paused containers")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+    p = add("rename", cmd_rename, "give a container another name")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("new_name", metavar="NEW_NAME")
     p = add("rm", cmd_rm, "remove containers")
     p.add_argument("-f", "--force", action="store_true", help="kill and remove a running container")
     p.add_argument("-v", "--volumes", action="store_true", help="remove anonymous volumes too")

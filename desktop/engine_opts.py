@@ -307,6 +307,17 @@ def human_size(n: float) -> str:
 
 
 # --- output -------------------------------------------------------------------------------
+def bytes_size(n: float) -> str:
+    """Go's units.BytesSize (binary, 4 significant digits), as `docker stats` shows memory:
+    593920 -> 580KiB, 67108864 -> 64MiB."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n /= 1024.0
+        i += 1
+    return f"{n:.4g}{units[i]}"
+
+
 def table(rows: list[list[str]]) -> str:
     """docker's tabwriter layout: columns padded to the widest cell plus three spaces."""
     if not rows:

@@ -183,16 +183,13 @@ def cmd_volume_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_prune(args: argparse.Namespace) -> int:
-    from desktop.engine_cli import engine
+    from desktop.engine_cli import confirm, engine
 
     api = engine(args).api
     if not args.force:
         what = "all local volumes not used by at least one container" if args.all else \
                "all anonymous local volumes not used by at least one container"
-        print(f"WARNING! This will remove {what}.", file=sys.stderr)
-        print("Are you sure you want to continue? [y/N] ", end="", file=sys.stderr, flush=True)
-        answer = sys.stdin.readline() if sys.stdin else ""
-        if answer.strip().lower() not in ("y", "yes"):
+        if not confirm(f"WARNING! This will remove {what}."):
             return 0
     filters = _filters(args.filter)
     if args.all:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import Fail, _filters, _print_formatted, engine, handles_errors
+from desktop.engine_cli import Fail, _filters, _print_formatted, confirm, engine, handles_errors
 
 
 @handles_errors()
@@ -112,8 +112,9 @@ def cmd_network_disconnect(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_network_prune(args: argparse.Namespace) -> int:
-    if not args.force:
-        raise Fail("network prune removes every unused network; pass -f to confirm")
+    if not args.force and not confirm("WARNING! This will remove all custom networks not used by at least one "
+                                      "container."):
+        return 0
     client = engine(args)
     out = client.api.prune_networks()
     deleted = out.get("NetworksDeleted") or []

@@ -117,3 +117,58 @@ def test_a_client_that_goes_away_is_not_reported_as_an_error(server: tuple[Serve
     time.sleep(0.3)
     assert get(path) in _Handler.threads  # answered: a thread was free for the next connection
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_an_error_after_a_stream_began_cuts_the_stream_short(tmp_path: Path) -> None:
+    """The engine's own handler: an error before the answer is a Docker-shaped error answer;
+    one after a streamed answer began ends the connection with the stream unfinished (no
+    last chunk), never a second response inside the body."""
+    from types import SimpleNamespace
+
+    from agent import api
+
+    class Engine:
+        housekeeper = SimpleNamespace(request_started=lambda: None)
+
+    class Handler(api.Handler):
+        engine = Engine()  # type: ignore[assignment]
+
+    def broken_stream(h: api.Handler) -> None:
+        h.start_stream("application/x-tar")
+        h.chunk(b"part of an archive")
+        raise api.EngineError(500, "the store broke half-way")
+
+    def broken_early(h: api.Handler) -> None:
+        raise api.EngineError(409, "refused before answering")
+
+    api.routes.add("GET", "/test/broken-stream")(broken_stream)
+    api.routes.add("GET", "/test/broken-early")(broken_early)
+    path = str(tmp_path / "engine.sock")
+    srv = Server(path, Handler, Workers(idle_seconds=0.5))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        def fetch(url: str) -> bytes:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(path)
+                s.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # keep-alive: only a close ends it
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+                return data
+
+        cut = fetch("/test/broken-stream")
+        assert cut.startswith(b"HTTP/1.1 200 ") and cut.endswith(b"part of an archive\r\n"), cut
+        assert cut.count(b"HTTP/1.1") == 1 and b"\r\n0\r\n\r\n" not in cut
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(b"GET /test/broken-early HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            early = b""
+            while chunk := s.recv(4096):
+                early += chunk
+        assert early.startswith(b"HTTP/1.1 409 ") and early.endswith(b'{"message": "refused before answering"}\n'), early
+    finally:
+        api.routes.table[:] = [r for r in api.routes.table if not r[1].pattern.startswith("^/test/")]
+        srv.shutdown()
+        srv.server_close()

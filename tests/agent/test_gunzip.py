@@ -29,6 +29,21 @@ def test_round_trip_in_bounded_reads(size: int) -> None:
     assert read_all(gzip.compress(data), size) == data
 
 
+def test_read_is_whole_and_read1_may_be_short() -> None:
+    blob = gzip.compress(DATA)
+    r = GunzipReader(io.BytesIO(blob))
+    sizes = []
+    while chunk := r.read(100_000):
+        sizes.append(len(chunk))
+    whole, rest = divmod(len(DATA), 100_000)
+    assert sizes == [100_000] * whole + ([rest] if rest else [])
+    r = GunzipReader(io.BytesIO(blob))
+    pieces = []
+    while chunk := r.read1(1 << 20):
+        pieces.append(chunk)
+    assert b"".join(pieces) == DATA and min(len(p) for p in pieces[:-1]) < 1 << 20
+
+
 def test_read_everything_and_empty_input() -> None:
     assert GunzipReader(io.BytesIO(gzip.compress(DATA))).read() == DATA
     assert GunzipReader(io.BytesIO(b"")).read(100) == b""

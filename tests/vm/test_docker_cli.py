@@ -210,13 +210,28 @@ def test_stats_figures(docker: DockerCLI) -> None:
         assert row["MemUsage"].endswith(" / 64MiB") and row["PIDs"] == "1", row
         rx, tx = row["NetIO"].split(" / ")
         assert rx != "0B" and tx != "0B", row
-        read, written = row["BlockIO"].split(" / ")
+        _read, written = row["BlockIO"].split(" / ")
         assert written.endswith("MB") and float(written[:-2]) >= 2.0, row
         docker.ok("kill", n)
         stopped = json.loads(docker.ok("stats", "--no-stream", "--format", "{{json .}}", n))
         assert (stopped["CPUPerc"], stopped["MemUsage"], stopped["PIDs"]) == ("0.00%", "0B / 0B", "0"), stopped
     finally:
         docker("rm", "-f", n)
+
+
+def test_save_and_load_a_pulled_image(docker: DockerCLI, tmp_path: Path) -> None:
+    # busybox's layer is gzip from the registry: the archive holds it uncompressed
+    tag = f"pdsave/{name()}:1"
+    docker.ok("tag", "busybox", tag)
+    try:
+        archive = tmp_path / "busybox.tar"
+        docker.ok("save", "-o", str(archive), tag)
+        assert archive.stat().st_size > 1_000_000
+        docker.ok("rmi", tag)
+        assert f"Loaded image: {tag}" in docker.ok("load", "-i", str(archive))
+        assert docker.ok("run", "--rm", tag, "echo", "from-the-archive") == "from-the-archive\n"
+    finally:
+        docker("rmi", tag)
 
 
 def test_container_lifecycle_commands(docker: DockerCLI) -> None:

@@ -284,6 +284,70 @@ def test_detach_keys_end_the_session_and_leave_the_container_running(vm: Pydesk)
     assert bad_run.returncode == 125 and "invalid detach keys 'ab'" in one_line_error(bad_run)
 
 
+def test_top_stats_pause_rename(vm: Pydesk) -> None:
+    n, m = name(), name()
+    vm("run", "-d", "--name", n, "-m", "48m", "busybox", "sh", "-c", "sleep 600; true", check=True)
+    try:
+        top = vm("top", n, check=True).stdout.splitlines()
+        assert top[0].split() == ["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"]
+        assert [line for line in top[1:] if line.endswith(" sh -c sleep 600; true")], top
+        assert [line for line in top[1:] if line.endswith(" sleep 600")], top
+        custom = vm("top", n, "-o", "pid,comm", check=True).stdout.split()
+        assert custom[:2] == ["PID", "COMMAND"] and "sh" in custom[2:], custom
+        bad = vm("top", n, "--no-such-ps-option")
+        assert bad.returncode == 1 and "ps: " in one_line_error(bad)
+
+        table = vm("stats", "--no-stream", n, check=True).stdout.splitlines()
+        assert table[0].split()[:3] == ["CONTAINER", "ID", "NAME"] and n in table[1]
+        row = json.loads(vm("stats", "--no-stream", "--format", "json", n, check=True).stdout)
+        assert row["Name"] == n and row["MemUsage"].endswith(" / 48MiB") and row["PIDs"] == "2", row
+        assert float(row["CPUPerc"].rstrip("%")) < 50, row  # sh and sleep are idle
+
+        assert vm("pause", n).stdout == f"{n}\n"
+        assert vm("inspect", "-f", "{{.State.Status}}", n).stdout == "paused\n"
+        assert vm("unpause", n).stdout == f"{n}\n"
+        assert vm("rename", n, m, check=True).stdout == ""
+        assert vm("container", "inspect", "-f", "{{.Name}} {{.State.Status}}", m).stdout == f"/{m} running\n"
+        assert "No such container" in one_line_error(vm("pause", n))
+    finally:
+        vm("rm", "-f", n, m)
+
+
+def test_image_and_container_groups_and_their_prunes(vm: Pydesk, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keep, gone = name(), name()
+    vm("run", "-d", "--name", keep, "-l", f"prune={keep}", "busybox", "sleep", "600", check=True)
+    vm("create", "--name", gone, "-l", f"prune={keep}", "busybox", "true", check=True)
+    try:
+        assert vm("container", "ls", "-q", "--filter", f"name={keep}").stdout.strip() != ""
+        assert set(vm("container", "ls", "-a", "--filter", f"label=prune={keep}", "--format", "{{.Names}}").stdout.split()) \
+            == {keep, gone}
+        declined = vm("container", "prune", input=b"n\n")
+        assert declined.returncode == 0 and "WARNING! This will remove all stopped containers." in declined.stderr
+        assert gone in vm("container", "ls", "-a", "--format", "{{.Names}}").stdout.split()
+        out = vm("container", "prune", "-f", "--filter", f"label=prune={keep}", check=True).stdout
+        assert out.startswith("Deleted Containers:\n") and out.rstrip().splitlines()[-1].startswith("Total reclaimed space: ")
+        names = vm("container", "ls", "-a", "--format", "{{.Names}}").stdout.split()
+        assert gone not in names and keep in names
+    finally:
+        vm("rm", "-f", keep, gone)
+
+    # a dangling image: one loaded without a name
+    vm("pull", "entrypoint", check=True)
+    image_id = vm("image", "inspect", "-f", "{{.Id}}", "entrypoint", check=True).stdout.strip()
+    archive = tmp_path / "untagged.tar"
+    vm("image", "save", "-o", str(archive), image_id, check=True)
+    vm("image", "rm", "entrypoint", check=True)
+    vm("image", "load", "-i", str(archive), check=True)
+    assert vm("image", "inspect", "-f", "{{.RepoTags}}", image_id).stdout == "[]\n"
+    assert image_id[7:19] in vm("image", "ls", "-q").stdout.split()
+    none = vm("image", "prune", "-a", "-f", "--filter", "until=2000-01-01T00:00:00Z", check=True).stdout
+    assert none == "Total reclaimed space: 0B\n"  # every image is newer than that: none goes
+    out = vm("image", "prune", "-f", check=True).stdout
+    assert f"deleted: {image_id}" in out.splitlines() and out.startswith("Deleted Images:\n"), out
+    assert "No such image" in one_line_error(vm("image", "inspect", image_id))
+    assert "busybox" in vm("image", "ls", "--format", "{{.Repository}}").stdout.split()  # in use, and tagged
+
+
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     n = name()
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
