@@ -279,6 +279,7 @@ class Process:
         self._pipes: dict[int, str] = {}
         self.master: int | None = None
         self.stdin_w: int | None = None
+        self._fds = threading.Lock()
         self._jobs: list[workers.Job] = []
         self._console: tuple[Path, workers.Job, dict[str, Any]] | None = None
         if tty:
@@ -402,31 +403,47 @@ class Process:
 
         self._jobs.append(workers.spawn(reader, name="output"))
 
+    # The fds below are used by request threads (input, resizes) while the process's waiter
+    # may close them: under ``_fds``, so that none is used after its close (its number may
+    # already be another file's).
+
     def write_stdin(self, data: bytes) -> None:
-        if self.stdin_w is not None:
-            os.write(self.stdin_w, data)
+        with self._fds:  # a copy to write on, outside the lock: the write may wait for the reader
+            fd = os.dup(self.stdin_w) if self.stdin_w is not None else None
+        if fd is None:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
 
     def close_stdin(self) -> None:
-        if self.stdin_w is not None and not self.tty:
-            with contextlib.suppress(OSError):
-                os.close(self.stdin_w)
-            self.stdin_w = None
+        with self._fds:
+            if self.stdin_w is not None and not self.tty:
+                with contextlib.suppress(OSError):
+                    os.close(self.stdin_w)
+                self.stdin_w = None
 
     def resize(self, rows: int, cols: int) -> None:
-        if self.master is not None:
-            import fcntl
-            import struct
-            import termios
+        import fcntl
+        import struct
+        import termios
 
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        with self._fds:
+            if self.master is not None:
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     def drain(self, timeout: float = 5) -> None:
         for t in self._jobs:
             t.join(timeout)
-        if self.master is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.master)
-            self.master = None
+        with self._fds:
+            if self.master is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.master)
+                self.master = None
+                self.stdin_w = None
 
 
 def _last_line(err: bytes | None) -> str:

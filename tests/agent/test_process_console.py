@@ -6,6 +6,7 @@ it makes a pty, sends the master over the socket with SCM_RIGHTS, and writes to 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,28 @@ def test_the_terminal_is_taken_when_connect_is_called(tmp_path: Path, console_di
     proc.drain(5)
     assert b"hello from the container" in b"".join(out)
     assert list(console_dir.iterdir()) == []  # the socket is gone once the terminal came
+
+
+def test_input_and_resizes_after_the_terminal_is_closed_touch_nothing(tmp_path: Path) -> None:
+    # an attach's input or a resize that comes as the process ends must not use the
+    # terminal's fd number after its close: by then it may be another file's
+    proc, _ = _process(tmp_path)
+    proc.connect()
+    number = proc.master
+    proc.resize(30, 100)
+    assert proc.proc.wait(20) == 0
+    proc.drain(5)
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_RDWR | os.O_CREAT)
+    assert number is not None
+    os.dup2(fd, number)  # another file now has the terminal's number
+    try:
+        proc.write_stdin(b"typed late")
+        proc.resize(40, 120)
+        assert other.read_bytes() == b""
+    finally:
+        os.close(number)
+        os.close(fd)
 
 
 def test_kill_before_connect_leaves_no_socket_and_no_waiting_worker(tmp_path: Path, console_dir: Path,
