@@ -308,21 +308,40 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
-def _save_auth(server: str, auth: str) -> None:
+@handles_errors()
+def cmd_logout(args: argparse.Namespace) -> int:
+    server = args.server or HUB
+    if not _save_auth(server, None):
+        print(f"Not logged in to {server}")
+        return 0
+    print(f"Removing login credentials for {server}")
+    return 0
+
+
+def _save_auth(server: str, auth: str | None) -> bool:
+    """Save (or with None, remove) the credentials for ``server``; False if there were none
+    to remove."""
     from vmkit.paths import ensure_private_dir
 
     path = auth_file()
-    ensure_private_dir(path.parent)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
-    data.setdefault("auths", {})[server] = {"auth": auth}
+    auths = data.setdefault("auths", {})
+    if auth is None:
+        if server not in auths:
+            return False
+        del auths[server]
+    else:
+        auths[server] = {"auth": auth}
+    ensure_private_dir(path.parent)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2)
     os.replace(tmp, path)
+    return True
 
 
 @handles_errors()
@@ -1195,6 +1214,8 @@ def register(sub: Any) -> None:
     p.add_argument("-u", "--username")
     p.add_argument("-p", "--password")
     p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("server", nargs="?")
+    p = add("logout", cmd_logout, "log out from a registry (forget its saved credentials)")
     p.add_argument("server", nargs="?")
     p = add("save", cmd_save, "save images to a tar archive")
     p.add_argument("-o", "--output", metavar="FILE")

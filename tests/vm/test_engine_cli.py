@@ -450,6 +450,11 @@ def test_login_password_stdin(vm: Pydesk) -> None:
     saved = json.loads((vm.home / "config" / "auth.json").read_text())
     assert "127.0.0.1:5000" in saved["auths"]
     assert "non TTY" in one_line_error(vm("login", "-u", "tester", "127.0.0.1:5000"))
+    out = vm("logout", "127.0.0.1:5000")
+    assert (out.returncode, out.stdout) == (0, "Removing login credentials for 127.0.0.1:5000\n")
+    assert "127.0.0.1:5000" not in json.loads((vm.home / "config" / "auth.json").read_text())["auths"]
+    again = vm("logout", "127.0.0.1:5000")
+    assert (again.returncode, again.stdout) == (0, "Not logged in to 127.0.0.1:5000\n")
 
 
 def test_tty_without_a_terminal_is_refused(vm: Pydesk) -> None:
