@@ -85,7 +85,7 @@ def attach(api: Any, container: str, *, stdin: bool, stdout: bool = True, stderr
            logs: bool = False, detach_keys: str | None = None) -> Hijacked:
     params: dict[str, Any] = {"stdin": int(stdin), "stdout": int(stdout), "stderr": int(stderr), "stream": 1,
                               "logs": int(logs)}
-    if detach_keys:  # the engine watches for them too (and must not for ours' default)
+    if detach_keys:  # the engine watches too: it must know ours, or it would stop at its default ones
         params["detachKeys"] = detach_keys
     res = api._post(api._url("/containers/{0}/attach", container), params=params, stream=True, headers=UPGRADE)
     api._raise_for_status(res)

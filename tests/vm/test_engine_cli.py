@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -302,6 +304,16 @@ def test_top_stats_pause_rename(vm: Pydesk) -> None:
         row = json.loads(vm("stats", "--no-stream", "--format", "json", n, check=True).stdout)
         assert row["Name"] == n and row["MemUsage"].endswith(" / 48MiB") and row["PIDs"] == "2", row
         assert float(row["CPUPerc"].rstrip("%")) < 50, row  # sh and sleep are idle
+        live = subprocess.Popen([sys.executable, "-m", "desktop.cli", "stats", "--format", "{{.Name}} {{.PIDs}}", n],
+                                cwd=ROOT, env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        guard = threading.Timer(60, live.kill)  # a client that prints nothing fails, not hangs
+        guard.start()
+        try:  # refreshed every second until stopped
+            assert [live.stdout.readline() for _ in range(3)] == [f"{n} 2\n"] * 3
+        finally:
+            guard.cancel()
+            live.terminate()
+            live.communicate(timeout=30)
 
         assert vm("pause", n).stdout == f"{n}\n"
         assert vm("inspect", "-f", "{{.State.Status}}", n).stdout == "paused\n"
@@ -332,11 +344,12 @@ def test_image_and_container_groups_and_their_prunes(vm: Pydesk, tmp_path) -> No
         vm("rm", "-f", keep, gone)
 
     # a dangling image: one loaded without a name
-    vm("pull", "entrypoint", check=True)
-    image_id = vm("image", "inspect", "-f", "{{.Id}}", "entrypoint", check=True).stdout.strip()
+    image = "127.0.0.1:5000/entrypoint"  # the test registry, by its address as the VM sees it
+    vm("pull", image, check=True)
+    image_id = vm("image", "inspect", "-f", "{{.Id}}", image, check=True).stdout.strip()
     archive = tmp_path / "untagged.tar"
     vm("image", "save", "-o", str(archive), image_id, check=True)
-    vm("image", "rm", "entrypoint", check=True)
+    vm("image", "rm", image, check=True)
     vm("image", "load", "-i", str(archive), check=True)
     assert vm("image", "inspect", "-f", "{{.RepoTags}}", image_id).stdout == "[]\n"
     assert image_id[7:19] in vm("image", "ls", "-q").stdout.split()
