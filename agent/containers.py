@@ -413,9 +413,7 @@ class Process:
         if fd is None:
             return
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            runtime.write_all(fd, data)
         finally:
             os.close(fd)
 

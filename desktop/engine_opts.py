@@ -298,24 +298,21 @@ def human_duration(seconds: float) -> str:
 
 def human_size(n: float) -> str:
     """Go's units.HumanSize (decimal, 3 significant digits): 1990000 -> 1.99MB."""
-    units = ["B", "kB", "MB", "GB", "TB", "PB"]
-    i = 0
-    while n >= 1000 and i < len(units) - 1:
-        n /= 1000.0
-        i += 1
-    return f"{n:.3g}{units[i]}"
+    return _scaled(n, 1000, ("B", "kB", "MB", "GB", "TB", "PB"), 3)
 
 
-# --- output -------------------------------------------------------------------------------
 def bytes_size(n: float) -> str:
     """Go's units.BytesSize (binary, 4 significant digits), as `docker stats` shows memory:
     593920 -> 580KiB, 67108864 -> 64MiB."""
-    units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    return _scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB"), 4)
+
+
+def _scaled(n: float, base: int, units: tuple[str, ...], digits: int) -> str:
     i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n /= 1024.0
+    while n >= base and i < len(units) - 1:
+        n /= base
         i += 1
-    return f"{n:.4g}{units[i]}"
+    return f"{n:.{digits}g}{units[i]}"
 
 
 def table(rows: list[list[str]]) -> str:

@@ -26,6 +26,16 @@ def attach(chan: Any, detach_keys: bytes = b"") -> bool:
     return _attach_posix(chan, scanner)
 
 
+def _forward(chan: Any, scanner: Scanner | None, data: bytes) -> bool:
+    """Send what was typed, less the detach keys; True if they were typed."""
+    detached = False
+    if scanner is not None:
+        data, detached = scanner.feed(data)
+    if data:
+        chan.sendall(data)
+    return detached
+
+
 def _attach_posix(chan: Any, scanner: Scanner | None) -> bool:
     import select
     import signal
@@ -52,18 +62,13 @@ def _attach_posix(chan: Any, scanner: Scanner | None) -> bool:
                 os.write(sys.stdout.fileno(), data)
             if fd in r:
                 data = os.read(fd, 4096)
-                detached = False
                 if not data:  # our input ended: tell the other end, and read on
                     if scanner is not None and (held := scanner.flush()):
                         chan.sendall(held)
                     chan.shutdown_write()
                     watch = [chan]
                     continue
-                if scanner is not None:
-                    data, detached = scanner.feed(data)
-                if data:
-                    chan.sendall(data)
-                if detached:
+                if _forward(chan, scanner, data):
                     return True
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
@@ -86,12 +91,7 @@ def _attach_windows(chan: Any, scanner: Scanner | None) -> bool:  # pragma: no c
     size = shutil.get_terminal_size()
     while not stop.is_set():
         if msvcrt.kbhit():  # type: ignore[attr-defined]
-            data, detached = msvcrt.getwch().encode(), False  # type: ignore[attr-defined]
-            if scanner is not None:
-                data, detached = scanner.feed(data)
-            if data:
-                chan.sendall(data)
-            if detached:
+            if _forward(chan, scanner, msvcrt.getwch().encode()):  # type: ignore[attr-defined]
                 return True
         else:
             time.sleep(0.01)

@@ -242,6 +242,8 @@ def test_human_units() -> None:
     assert opts.human_size(1990000) == "1.99MB"
     assert opts.human_size(0) == "0B"
     assert opts.human_size(11_900_000) == "11.9MB"
+    assert opts.bytes_size(593920) == "580KiB" and opts.bytes_size(67108864) == "64MiB"
+    assert opts.bytes_size(2678784) == "2.555MiB" and opts.bytes_size(0) == "0B"  # as docker stats shows them
     assert opts.human_duration(0.2) == "Less than a second"
     assert opts.human_duration(90) == "About a minute"
     assert opts.human_duration(14 * 60) == "14 minutes"
