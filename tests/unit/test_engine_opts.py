@@ -202,11 +202,14 @@ def test_commands_fail_in_one_line_without_a_vm(tmp_path: Path, monkeypatch: pyt
     from desktop.cli import main
 
     monkeypatch.setenv("PYDESK_HOME", str(tmp_path))
-    for argv in (["ps"], ["logs", "x"], ["images"], ["stop", "x"], ["system", "df"]):
+    for argv in (["ps"], ["logs", "x"], ["images"], ["stop", "x"], ["system", "df"], ["top", "x"], ["stats"],
+                 ["info"], ["image", "prune", "-f"], ["container", "ls"], ["version"]):
         assert main(argv) == 1
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert err == ("pydesk: error: pydesk VM 'default' is not running "
                        "(hint: start it with `pydesk vm start`)\n"), argv
+        if argv == ["version"]:  # the client's half still shows, as docker's does
+            assert out.startswith("Client: pydesk\n Version:           ") and "Server" not in out, out
 
 
 def test_every_command_is_registered() -> None:
@@ -217,6 +220,14 @@ def test_every_command_is_registered() -> None:
                                 "tag": ["a", "b"], "login": [], "load": [], "save": ["x"]}.get(cmd, ["x"]))).func
     assert parse("system", "df").func is engine_cli.cmd_system_df
     assert parse("system", "prune", "-f").force
+    # docker's management forms are the short forms, with their flags
+    for group, member, short in (("image", "ls", "images"), ("image", "rm", "rmi"), ("container", "ls", "ps"),
+                                 ("container", "rm", "rm"), ("container", "stats", "stats")):
+        assert parse(group, member, *(["x"] if member == "rm" else [])).func is parse(short, *(["x"] if short in (
+            "rmi", "rm") else [])).func
+    assert parse("container", "ls", "-a", "-q").all and parse("image", "rm", "-f", "x").force
+    assert parse("inspect", "x").type is None  # the groups' inspect does not change the short form's
+    assert parse("image", "inspect", "x").type is None and parse("container", "inspect", "x").type is None
 
 
 # --- references, time, output -----------------------------------------------------------------

@@ -361,6 +361,23 @@ def test_image_and_container_groups_and_their_prunes(vm: Pydesk, tmp_path) -> No
     assert "busybox" in vm("image", "ls", "--format", "{{.Repository}}").stdout.split()  # in use, and tagged
 
 
+def test_version_and_info(vm: Pydesk) -> None:
+    out = vm("version", check=True).stdout
+    assert out.startswith("Client: pydesk\n") and "\nServer: pydesk engine (in the VM)\n" in out, out
+    assert " API version:       1.44 (minimum version 1.24)\n" in out, out
+    assert vm("version", "--format", "{{.Server.ApiVersion}} {{.Client.ApiVersion}}").stdout == "1.44 1.44\n"
+    n = name()
+    vm("run", "-d", "--name", n, "busybox", "sleep", "600", check=True)
+    try:
+        info = vm("info", check=True).stdout
+        assert " Storage Driver: overlay2\n" in info and " Default Runtime: crun\n" in info, info
+        assert re.search(r"\n CPUs: 2\n Total Memory: [\d.]+[MG]iB\n", info), info  # VM_FLAGS: 2 CPUs, 1G
+        running = len(vm("ps", "-q").stdout.split())
+        assert vm("info", "--format", "{{.ContainersRunning}}").stdout == f"{running}\n" and running >= 1
+    finally:
+        vm("rm", "-f", n)
+
+
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     n = name()
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
