@@ -29,12 +29,16 @@ def client_info() -> dict[str, str]:
 
 @handles_errors()
 def cmd_version(args: argparse.Namespace) -> int:
+    import docker.errors
+
+    from vmkit.errors import VMKitError
+
     client = client_info()
     try:
         server: dict[str, Any] | None = engine(args).api.version()
-        failure = None
-    except Exception as exc:  # the client half is still worth showing, as docker does
-        server, failure = None, exc
+        failure: BaseException | None = None
+    except (VMKitError, docker.errors.DockerException, OSError) as exc:  # the client half is still worth
+        server, failure = None, exc                                       # showing, as docker does
     if args.format:
         _print_formatted([{"Client": client, "Server": server}], args.format)
     else:
