@@ -1046,6 +1046,12 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _system_info(args: argparse.Namespace) -> int:
+    from desktop.about_cli import cmd_info
+
+    return cmd_info(args)
+
+
 def confirm(warning: str) -> bool:
     """docker's prune prompt, on stderr; only y or yes goes on."""
     print(warning, file=sys.stderr)
@@ -1234,6 +1240,9 @@ def register(sub: Any) -> None:
     p = ss.add_parser("df", help="show the engine's disk usage")
     p.add_argument("--format", help="json, or a template")
     p.set_defaults(func=cmd_system_df)
+    p = ss.add_parser("info", help="what the engine runs and has (as `pydesk info`)")
+    p.add_argument("-f", "--format", help="json, or a template like '{{.ContainersRunning}}'")
+    p.set_defaults(func=_system_info)
     p = ss.add_parser("prune", help="remove stopped containers, unused networks and dangling images")
     p.add_argument("-a", "--all", action="store_true", help="remove all unused images, not just dangling ones")
     p.add_argument("-f", "--force", action="store_true", help="do not ask for confirmation")
