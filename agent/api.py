@@ -945,11 +945,19 @@ ZERO = "0001-01-01T00:00:00Z"
 def image_history(h: Handler, name: str) -> None:
     img = h.engine.image(name)
     hist = img.config.get("history") or []
+    sizes = []  # each layer's unpacked size, bottom first
+    for chain in img.chain_ids:
+        try:
+            sizes.append(int(h.engine.store.layer_meta(chain).get("tar_size") or 0))
+        except (StoreError, ValueError, OSError):
+            sizes.append(0)
+    made = iter(sizes)  # the steps that made a layer take the layers' sizes, in order
+    steps = [(entry, 0 if entry.get("empty_layer") else next(made, 0)) for entry in hist]
     out = []
-    for i, entry in enumerate(reversed(hist)):
+    for i, (entry, size) in enumerate(reversed(steps)):
         out.append({"Id": img.id if i == 0 else "<missing>", "Created": int(_created(entry.get("created", ""))),
                     "CreatedBy": entry.get("created_by", ""), "Tags": [familiar(t) for t in img.tags] if i == 0 else None,
-                    "Size": 0, "Comment": entry.get("comment", "")})
+                    "Size": size, "Comment": entry.get("comment", "")})
     h.reply(200, out)
 
 

@@ -723,6 +723,32 @@ def cmd_unpause(args: argparse.Namespace) -> int:
 
 
 @handles_errors()
+def cmd_update(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {}
+    if args.memory:
+        body["Memory"] = opts.parse_memory(args.memory)
+    if args.memory_swap:
+        body["MemorySwap"] = -1 if args.memory_swap == "-1" else opts.parse_bytes(args.memory_swap, "--memory-swap")
+    if args.cpus:
+        body["NanoCpus"] = opts.parse_cpus(args.cpus)
+    if args.cpu_shares is not None:
+        body["CpuShares"] = opts.parse_int(args.cpu_shares, "-c, --cpu-shares")
+    if args.pids_limit is not None:
+        body["PidsLimit"] = opts.parse_int(args.pids_limit, "--pids-limit")
+    if args.restart:
+        body["RestartPolicy"] = opts.parse_restart(args.restart)
+    if not body:
+        raise Fail("you must provide one or more flags when using this command")
+    api = engine(args).api
+
+    def update(name: str) -> None:
+        res = api._post_json(api._url("/containers/{0}/update", name), data=body)
+        api._raise_for_status(res)
+
+    return _each(args.containers, update)
+
+
+@handles_errors()
 def cmd_rename(args: argparse.Namespace) -> int:
     client = engine(args)
     client.api.rename(args.container, args.new_name)
@@ -1151,6 +1177,14 @@ def register(sub: Any) -> None:
     p = add("pause", cmd_pause, "freeze all processes of containers")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     p = add("unpause", cmd_unpause, "thaw paused containers")
+    p.add_argument("containers", nargs="+", metavar="CONTAINER")
+    p = add("update", cmd_update, "change a container's limits or restart policy, running or not")
+    p.add_argument("-m", "--memory")
+    p.add_argument("--memory-swap")
+    p.add_argument("--cpus")
+    p.add_argument("-c", "--cpu-shares")
+    p.add_argument("--pids-limit")
+    p.add_argument("--restart")
     p.add_argument("containers", nargs="+", metavar="CONTAINER")
     p = add("rename", cmd_rename, "give a container another name")
     p.add_argument("container", metavar="CONTAINER")

@@ -13,10 +13,11 @@ from desktop.engine_cli import _filters, _section, cmd_inspect, confirm, engine,
 
 #: (name in the group, the top-level command it is, aliases)
 IMAGE = (("ls", "images", ["list"]), ("rm", "rmi", ["remove"]), ("inspect", "inspect", []), ("tag", "tag", []),
-         ("pull", "pull", []), ("save", "save", []), ("load", "load", []))
+         ("pull", "pull", []), ("save", "save", []), ("load", "load", []), ("history", "history", []))
 CONTAINER = (("ls", "ps", ["list", "ps"]), ("rm", "rm", ["remove"]), ("inspect", "inspect", []),
              *((n, n, []) for n in ("run", "create", "start", "stop", "restart", "kill", "wait", "attach",
-                                    "logs", "exec", "top", "stats", "pause", "unpause", "rename", "port", "cp")))
+                                    "logs", "exec", "top", "stats", "pause", "unpause", "rename", "port", "cp",
+                                    "diff", "update")))
 
 
 @handles_errors()

@@ -1,4 +1,5 @@
-"""`pydesk top` and `pydesk stats`: what runs in containers and what it uses, docker-compatible.
+"""`pydesk top`, `stats`, `diff` and `history`: what runs in containers, what it uses and what
+it changed, and what made an image; docker-compatible.
 
 stats works as docker's CLI does on the engine's samples: the CPU percentage is the container's
 CPU time over all CPUs' time between two samples a second apart, times the CPUs (so one busy
@@ -25,6 +26,39 @@ def cmd_top(args: argparse.Namespace) -> int:
     client = engine(args)
     out = client.api.top(args.container, ps_args=" ".join(args.ps_args) or None)
     print(opts.table([list(out.get("Titles") or []), *[list(p) for p in out.get("Processes") or []]]))
+    return 0
+
+
+@handles_errors()
+def cmd_diff(args: argparse.Namespace) -> int:
+    changes = engine(args).api.diff(args.container) or []
+    for change in changes:
+        print(f"{'CAD'[change.get('Kind', 0)] if change.get('Kind') in (0, 1, 2) else '?'} {change.get('Path')}")
+    return 0
+
+
+@handles_errors()
+def cmd_history(args: argparse.Namespace) -> int:
+    now = time.time()
+    rows = []
+    for entry in engine(args).api.history(args.image):
+        image_id = str(entry.get("Id") or "<missing>")
+        created = int(entry.get("Created") or 0)
+        by = str(entry.get("CreatedBy") or "")
+        rows.append({
+            "ID": image_id if args.no_trunc or image_id == "<missing>" else image_id.removeprefix("sha256:")[:12],
+            "CreatedSince": f"{opts.human_duration(now - created)} ago" if args.human else str(created),
+            "CreatedBy": by if args.no_trunc else opts.truncate(by, 45),
+            "Size": opts.human_size(entry.get("Size") or 0) if args.human else str(entry.get("Size") or 0),
+            "Comment": str(entry.get("Comment") or ""),
+        })
+    if args.quiet:
+        print("\n".join(r["ID"] for r in rows))
+        return 0
+    if args.format:
+        return _print_formatted(rows, args.format)
+    print(opts.table([["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
+                      *[[r["ID"], r["CreatedSince"], r["CreatedBy"], r["Size"], r["Comment"]] for r in rows]]))
     return 0
 
 
@@ -135,3 +169,12 @@ def register(sub: Any) -> None:
     p.add_argument("--format", help="json, or a template like '{{.Name}} {{.CPUPerc}}'")
     p.add_argument("--no-trunc", action="store_true")
     p.add_argument("containers", nargs="*", metavar="CONTAINER")
+    p = add("diff", cmd_diff, "list what a container changed in its file system (A added, C changed, D deleted)")
+    p.add_argument("container")
+    p = add("history", cmd_history, "show how an image was made, newest step first")
+    p.add_argument("-H", "--human", action=argparse.BooleanOptionalAction, default=True,
+                   help="sizes and times for people (default)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only IDs")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--format", help="json, or a template like '{{.CreatedBy}}'")
+    p.add_argument("image")

@@ -378,6 +378,37 @@ def test_version_and_info(vm: Pydesk) -> None:
         vm("rm", "-f", n)
 
 
+def test_history_diff_update(vm: Pydesk) -> None:
+    image_id = vm("image", "inspect", "-f", "{{.Id}}", "nginx", check=True).stdout.strip()
+    table = vm("history", "nginx", check=True).stdout.splitlines()
+    assert table[0].split() == ["IMAGE", "CREATED", "CREATED", "BY", "SIZE", "COMMENT"]
+    rows = [line.split("|") for line in vm("history", "--format", "{{.ID}}|{{.CreatedBy}}|{{.Size}}", "nginx",
+                                           check=True).stdout.splitlines()]
+    assert [r[0] for r in rows] == [image_id[7:19], "<missing>"], rows  # newest step first
+    assert all(r[1].startswith("pydesk test builder") for r in rows), rows
+    assert all(r[2].endswith("MB") and float(r[2][:-2]) >= 1 for r in rows), rows  # each step's layer
+    assert vm("history", "-q", "--no-trunc", "nginx").stdout.split() == [image_id, "<missing>"]
+
+    n = name()
+    vm("run", "-d", "--name", n, "busybox", "sh", "-c", "echo new > /new.txt; rm /etc/group; sleep 600", check=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "D /etc/group" not in (diff := vm("diff", n).stdout.splitlines()):
+            assert time.monotonic() < deadline, diff
+            time.sleep(0.2)
+        assert "A /new.txt" in diff and "C /etc" in diff, diff
+        assert vm("update", "-m", "64m", "--pids-limit", "40", "--restart", "on-failure:2", n).stdout == f"{n}\n"
+        host = json.loads(vm("inspect", "-f", "{{json .HostConfig}}", n, check=True).stdout)
+        assert (host["Memory"], host["PidsLimit"], host["RestartPolicy"]) == (
+            64 << 20, 40, {"Name": "on-failure", "MaximumRetryCount": 2}), host
+        assert vm("exec", n, "cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/pids.max").stdout.split() == [
+            str(64 << 20), "40"]
+        assert "one or more flags" in one_line_error(vm("update", n))
+        assert "invalid argument" in one_line_error(vm("update", "-m", "lots", n))
+    finally:
+        vm("rm", "-f", n)
+
+
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     n = name()
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
