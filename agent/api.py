@@ -405,7 +405,23 @@ def _event_match(ev: dict[str, Any], flt: dict[str, list[str]]) -> bool:
             return False
         if k == "container" and not any(ev["Actor"]["ID"].startswith(v) or ev["Actor"]["Attributes"].get("name") == v for v in vs):
             return False
+        if k == "image" and not any(_is_image(ev, v) for v in vs):
+            return False
+        if k == "label" and not _labels_match(ev["Actor"]["Attributes"], vs):
+            return False
     return True
+
+
+def _is_image(ev: dict[str, Any], wanted: str) -> bool:
+    """The `image` filter: a container event's image, or an image event's own ID or name."""
+    actor = ev["Actor"]
+    named = actor["Attributes"].get("image") if ev["Type"] == "container" else actor["Attributes"].get("name")
+    ids = [actor["ID"]] if ev["Type"] == "image" else []
+    try:
+        want = normalize(wanted)
+        return (bool(named) and normalize(named) == want) or any(i == wanted or i.split(":")[-1].startswith(wanted) for i in ids)
+    except EngineError:
+        return False
 
 
 @routes.add("GET", "/system/df")

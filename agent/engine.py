@@ -378,7 +378,7 @@ class Engine:
         c.save()
         with self.lock:
             self.containers[cid] = c
-        self.events.emit("container", "create", cid, {"name": cname, "image": image_ref})
+        self.events.emit("container", "create", cid, self._actor(c))
         return c
 
     def _initial_networks(self, body: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -602,7 +602,7 @@ class Engine:
         finally:
             go.release()
         if go.ok:
-            self.events.emit("container", "start", c.id, {"name": c.name})
+            self.events.emit("container", "start", c.id, self._actor(c))
 
     def _start(self, c: Container, go: _Go) -> None:
         with c.lock:
@@ -722,8 +722,8 @@ class Engine:
             c.save()  # (a crash before this is a crash while running, which start-up records as such)
         steps("state")
         if oom:
-            self.events.emit("container", "oom", c.id, {"name": c.name})
-        self.events.emit("container", "die", c.id, {"name": c.name, "exitCode": str(code)})
+            self.events.emit("container", "oom", c.id, self._actor(c))
+        self.events.emit("container", "die", c.id, self._actor(c, exitCode=str(code)))
         if c.r["HostConfig"].get("AutoRemove"):  # (never with a restart policy): gone before the clean-up
             with contextlib.suppress(EngineError):
                 self.remove(c, force=True)
@@ -835,7 +835,7 @@ class Engine:
         if timeout < 0 or not self._wait_exit(c, seq, float(timeout) if timeout >= 0 else None):
             runtime.kill(c.runtime_id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
-        self.events.emit("container", "stop", c.id, {"name": c.name})
+        self.events.emit("container", "stop", c.id, self._actor(c))
         return True
 
     def kill(self, c: Container, signal_name: str | None = None) -> None:
@@ -849,12 +849,12 @@ class Engine:
         if sig == signal.SIGKILL:
             c.stopping = True  # docker kill is a manual stop for restart policies
         runtime.kill(c.runtime_id, str(sig), all_processes=sig == signal.SIGKILL)
-        self.events.emit("container", "kill", c.id, {"name": c.name, "signal": str(sig)})
+        self.events.emit("container", "kill", c.id, self._actor(c, signal=str(sig)))
 
     def restart(self, c: Container, timeout: int | None = None) -> None:
         self.stop(c, timeout)
         self.start(c)
-        self.events.emit("container", "restart", c.id, {"name": c.name})
+        self.events.emit("container", "restart", c.id, self._actor(c))
 
     def wait(self, c: Container, condition: str = "not-running", seq: int | None = None) -> int:
         """Block until ``condition``; ``seq`` is the exit count seen when the wait was asked
@@ -878,7 +878,7 @@ class Engine:
         runtime.crun("resume" if resume else "pause", c.runtime_id)
         c.state.update(Paused=not resume, Status="running" if resume else "paused")
         c.save()
-        self.events.emit("container", "unpause" if resume else "pause", c.id, {"name": c.name})
+        self.events.emit("container", "unpause" if resume else "pause", c.id, self._actor(c))
 
     def remove(self, c: Container, force: bool = False, volumes: bool = False) -> None:
         with c.lock:
@@ -909,7 +909,7 @@ class Engine:
             c.root = self._to_trash(c.root)
             c.exited.notify_all()
         self.housekeeper.defer(c.id, lambda: self._settle(c), "removal")
-        self.events.emit("container", "destroy", c.id, {"name": c.name})
+        self.events.emit("container", "destroy", c.id, self._actor(c))
         if volumes or c.r["HostConfig"].get("AutoRemove"):
             self._remove_anonymous_volumes(c)
 
@@ -1035,7 +1035,7 @@ class Engine:
         name = self._unique_name(new)
         c.r["Name"] = "/" + name
         c.save()
-        self.events.emit("container", "rename", c.id, {"name": name})
+        self.events.emit("container", "rename", c.id, self._actor(c, name=name))
 
     def update(self, c: Container, body: dict[str, Any]) -> list[str]:
         """`docker update`: new limits in the record, and in the live cgroup when running."""
@@ -1058,7 +1058,7 @@ class Engine:
             except OSError as exc:
                 raise EngineError(500, f"Cannot update container {c.id}: {exc}") from None
         c.save()
-        self.events.emit("container", "update", c.id, {"name": c.name})
+        self.events.emit("container", "update", c.id, self._actor(c))
         return warnings
 
     def changes(self, c: Container) -> list[dict[str, Any]]:
@@ -1148,7 +1148,7 @@ class Engine:
         e.process = proc
         e.running = True
         e.pid = proc.proc.pid
-        self.events.emit("container", "exec_start", c.id, {"name": c.name, "execID": e.id})
+        self.events.emit("container", "exec_start", c.id, self._actor(c, execID=e.id))
 
         def waiter() -> None:
             rc = proc.proc.wait()
@@ -1163,7 +1163,7 @@ class Engine:
             e.exit_code = rc
             e.running = False
             e.done.set()
-            self.events.emit("container", "exec_die", c.id, {"name": c.name, "execID": e.id, "exitCode": str(rc)})
+            self.events.emit("container", "exec_die", c.id, self._actor(c, execID=e.id, exitCode=str(rc)))
 
         workers.spawn(waiter, name=f"exec-{e.id[:12]}")
         return proc
@@ -1192,6 +1192,13 @@ class Engine:
         path = c.root / f"exec-{e.id}.json"
         path.write_text(json.dumps(spec))
         return path
+
+    @staticmethod
+    def _actor(c: Container, **extra: str) -> dict[str, str]:
+        """A container event's attributes, as Docker's: its labels, its image as given, its
+        name (what `events --filter label=|image=|container=` look at)."""
+        cfg = c.r["Config"]
+        return {**(cfg.get("Labels") or {}), "image": cfg.get("Image") or "", "name": c.name, **extra}
 
     # --- inspection ---------------------------------------------------------------------
     def inspect(self, c: Container) -> dict[str, Any]:

@@ -204,7 +204,8 @@ def test_commands_fail_in_one_line_without_a_vm(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("PYDESK_HOME", str(tmp_path))
     for argv in (["ps"], ["logs", "x"], ["images"], ["stop", "x"], ["system", "df"], ["top", "x"], ["stats"],
                  ["info"], ["system", "info"], ["image", "prune", "-f"], ["container", "ls"], ["version"],
-                 ["diff", "x"], ["history", "x"], ["image", "history", "x"], ["update", "-m", "64m", "x"]):
+                 ["diff", "x"], ["history", "x"], ["image", "history", "x"], ["update", "-m", "64m", "x"],
+                 ["events", "--since", "10m"]):
         assert main(argv) == 1
         out, err = capsys.readouterr()
         assert err == ("pydesk: error: pydesk VM 'default' is not running "

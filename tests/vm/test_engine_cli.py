@@ -409,6 +409,30 @@ def test_history_diff_update(vm: Pydesk) -> None:
         vm("rm", "-f", n)
 
 
+def test_events_between_times_and_filtered(vm: Pydesk) -> None:
+    n = name()
+    since = f"{time.time() - 60:.3f}"  # (the guest's clock may lag the host's a little)
+    vm("run", "--rm", "--name", n, "-l", f"suite={n}", "busybox", "true", check=True)
+    until = f"{time.time() + 1:.3f}"
+
+    def events(*flags: str) -> list[str]:
+        return vm("events", "--since", since, "--until", until, *flags, check=True).stdout.splitlines()
+
+    lines = events("--filter", f"container={n}")
+    actions = [line.split()[2] for line in lines]
+    assert actions == ["create", "start", "die", "destroy"], lines
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z container create [0-9a-f]{64} \(.*\)", lines[0]), lines
+    assert f" (image=busybox, name={n}, " in lines[0] and lines[0].endswith(f", suite={n})"), lines  # sorted
+    assert "exitCode=0" in lines[2], lines
+    assert events("--filter", f"label=suite={n}", "--format", "{{.Action}}") == actions
+    assert events("--filter", "image=busybox", "--filter", f"container={n}", "--format", "{{.Action}}") == actions
+    assert events("--filter", f"label=suite=other-{n}") == []
+    assert events("--filter", "image=nginx", "--filter", f"container={n}") == []
+    first = json.loads(events("--filter", f"container={n}", "--format", "json")[0])
+    assert (first["Type"], first["Action"], first["Actor"]["Attributes"]["name"]) == ("container", "create", n)
+    assert "invalid value for \"since\"" in one_line_error(vm("events", "--since", "yesterday-ish"))
+
+
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     n = name()
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
