@@ -99,15 +99,12 @@ HEADS = [("CONTAINER ID", "ID"), ("NAME", "Name"), ("CPU %", "CPUPerc"), ("MEM U
          ("MEM %", "MemPerc"), ("NET I/O", "NetIO"), ("BLOCK I/O", "BlockIO"), ("PIDS", "PIDs")]
 
 
-def _targets(api: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+def _targets(api: Any, args: argparse.Namespace, named: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The containers to show: those named (looked up once, before the first refresh), else
+    every running one (or every one, ``-a``) as listed at this refresh."""
     if args.containers:
-        out = []
-        for name in args.containers:
-            info = api.inspect_container(name)
-            info["_asked"] = name
-            out.append(info)
-        return out
-    return [api.inspect_container(c["Id"]) for c in api.containers(all=args.all)]
+        return named
+    return [{"Id": c["Id"], "Name": (c.get("Names") or [""])[0]} for c in api.containers(all=args.all)]
 
 
 @handles_errors()
@@ -125,8 +122,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         except docker.errors.NotFound:
             return None  # removed meanwhile: no longer shown
 
+    named = [{"Id": (info := api.inspect_container(n))["Id"], "Name": info["Name"], "_asked": n}
+             for n in args.containers]
     while True:
-        targets = _targets(api, args)
+        targets = _targets(api, args, named)
         if not pre:  # the first figures need a sample a second before them
             pre = {t["Id"]: s for t in targets if (s := sample(t)) is not None}
             time.sleep(INTERVAL)

@@ -165,6 +165,15 @@ def test_create_start_attach_wait(vm: Pydesk) -> None:
         vm("rm", "-f", m)
 
 
+def wait_removed(vm: Pydesk, n: str) -> None:
+    """A --rm container is gone soon after it exits."""
+    for _ in range(50):
+        if vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == "":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the --rm container {n} was not removed after it exited")
+
+
 def terminal(vm: Pydesk, *args: str, size: tuple[int, int]) -> PtySession:
     """`pydesk <args>` under a real pseudo-terminal of ``size`` (rows, columns)."""
     return PtySession([sys.executable, "-m", "desktop.cli", *args], vm.env, size=size, cwd=ROOT)
@@ -203,12 +212,7 @@ def test_run_it_is_a_terminal_with_the_exit_code(vm: Pydesk) -> None:
     finally:
         term.close()
         vm("rm", "-f", n)
-    for _ in range(50):  # --rm: gone after it exits
-        if vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == "":
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the --rm container was not removed")
+    wait_removed(vm, n)  # --rm: gone after it exits
 
 
 def test_a_terminal_has_the_window_size_from_the_first_instruction(vm: Pydesk) -> None:
@@ -438,12 +442,7 @@ def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
     assert vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == ""
     assert vm("run", "-d", "--rm", "--name", n, "busybox", "true").returncode == 0
-    for _ in range(50):
-        if vm("ps", "-a", "-q", "--filter", f"name={n}").stdout == "":
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("a --rm container was not removed after it exited")
+    wait_removed(vm, n)
 
 
 def test_nginx_serves_http_inside_the_vm(vm: Pydesk) -> None:
