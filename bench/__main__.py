@@ -495,7 +495,7 @@ def write_report(r: dict[str, dict[str, float]]) -> None:
         "and writes the same blobs but decompresses and unpacks nothing, a floor for any pull that",
         "unpacks. Until 2026-12-05 that download was the target's peer (1.32–1.53× in whole runs); it was",
         "moved to the reference row because it measures a different job: under TCG the gunzip and the",
-        "diff_id hash of nginx's layers alone cost ~0.45 s of guest CPU that the copy never does, and",
+        "diff_id hash of nginx's top layer alone cost ~0.45 s of guest CPU that the copy never does, and",
         "natively (the rows below it, no VM) a private dockerd's own `docker pull` of the same image is",
         "several times the OCI copy too. Each run starts with none of nginx's blobs in any store; the",
         "three alternate, and which goes first turns from round to round. The native rows run the",
