@@ -98,9 +98,11 @@ class _HostEngine:
         self.events = Events()
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _skopeo(src: str, dest: str) -> float:
+    """Seconds for one native `skopeo copy`."""
     t0 = time.monotonic()
-    fn()
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false", src, dest],
+                   check=True, capture_output=True)
     return time.monotonic() - t0
 
 
@@ -118,29 +120,23 @@ def native(registry: str, work: Path, runs: int) -> dict[str, float]:
         d = work / f"native-pull-{i}"
         engine = _HostEngine(d / "engine")
         try:
-            out["native_pydesk_s"].append(_timed(lambda: pull.pull(engine, f"{registry}/library/nginx:latest",
-                                                                    None, None, lambda _: None) or _fail()))
+            t0 = time.monotonic()
+            if not pull.pull(engine, f"{registry}/library/nginx:latest", None, None, lambda _: None):
+                raise SystemExit("the engine's pull code failed natively (see its log)")
+            out["native_pydesk_s"].append(time.monotonic() - t0)
         finally:
             engine.store.close()
         store = f"containers-storage:[overlay@{d}/storage+{d}/run]"
-        subprocess.run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
-                        f"docker://{registry}/library/skopeo:latest", store + "skopeo:latest"],
-                       check=True, capture_output=True)  # the store's first use, as in the guest
-        for key, dest in (("native_storage_s", store + "nginx:latest"), ("native_oci_s", f"oci:{d}/oci:latest")):
-            out[key].append(_timed(lambda: subprocess.run(
-                ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false", src, dest],
-                check=True, capture_output=True)))
-        subprocess.run(["umount", "-R", f"{d}/storage/overlay"], capture_output=True)  # c/storage's own bind mount
+        _skopeo(f"docker://{registry}/library/skopeo:latest", store + "skopeo:latest")  # the store's first use
+        out["native_storage_s"].append(_skopeo(src, store + "nginx:latest"))
+        out["native_oci_s"].append(_skopeo(src, f"oci:{d}/oci:latest"))
+        subprocess.run(["umount", "-R", f"{d}/storage/overlay"], check=False, capture_output=True)  # c/storage's bind mount
         shutil.rmtree(d, ignore_errors=True)
     result = {k: statistics.median(v) for k, v in out.items()}
     dockerd = _native_dockerd_pull(registry, work, runs + 2)
     if dockerd is not None:
         result["native_dockerd_s"] = dockerd
     return result
-
-
-def _fail() -> None:
-    raise SystemExit("the engine's pull code failed natively (see its log)")
 
 
 def _native_dockerd_pull(registry: str, work: Path, n: int) -> float | None:
@@ -155,7 +151,9 @@ def _native_dockerd_pull(registry: str, work: Path, n: int) -> float | None:
     try:
         with native_dockerd(work / "dockerd-pull") as d:
             for _ in range(n):
-                times.append(_timed(lambda: d.cli.ok("pull", "-q", name)))
+                t0 = time.monotonic()
+                d.cli.ok("pull", "-q", name)
+                times.append(time.monotonic() - t0)
                 d.cli.ok("rmi", name)
     except NativeDockerdError as exc:
         print(f"no native dockerd pull figure: {exc}", flush=True)
