@@ -25,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent import archive, detach_keys, workers
+from agent import archive, detach_keys, filters, workers
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, console_size, familiar, normalize
 from agent.http_request import RequestParsing
@@ -183,15 +183,9 @@ class Handler(RequestParsing):
         except ValueError:
             raise EngineError(400, f"invalid value for {name}: {v}") from None
 
-    def filters(self) -> dict[str, list[str]]:
-        raw = self.query.get("filters")
-        if not raw:
-            return {}
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise EngineError(400, "invalid filter") from None
-        return {k: (list(v) if isinstance(v, list) else [x for x, on in v.items() if on]) for k, v in data.items()}
+    def filters(self, accepted: frozenset[str]) -> filters.Filters:
+        """The ``filters`` query, refused (400) if it names a key ``accepted`` lacks."""
+        return filters.parse(self.query.get("filters"), accepted)
 
     def body_json(self) -> Any:
         n = int(self.headers.get("Content-Length") or 0)
@@ -250,6 +244,8 @@ class Handler(RequestParsing):
             self._safe_error(exc.status, exc.message)
         except ImageInUse as exc:
             self._safe_error(409, str(exc))
+        except filters.FilterError as exc:
+            self._safe_error(400, str(exc))
         except StoreError as exc:
             self._safe_error(404 if "not found" in str(exc).lower() or "no such" in str(exc).lower() else 500, str(exc))
         except (BrokenPipeError, ConnectionResetError):
@@ -375,7 +371,7 @@ def events(h: Handler) -> None:
     since = h.query.get("since")
     until = h.query.get("until")
     past, q = h.engine.events.subscribe(float(since) if since else None)
-    flt = h.filters()
+    flt = h.filters(None)  # any key, as dockerd's /events
     h.start_stream()
     deadline = float(until) if until else None
     try:
@@ -397,17 +393,26 @@ def events(h: Handler) -> None:
         h.close_connection = True
 
 
-def _event_match(ev: dict[str, Any], flt: dict[str, list[str]]) -> bool:
+def _event_match(ev: dict[str, Any], flt: filters.Filters) -> bool:
+    """dockerd's event filters: every key given must pass. For an object type's own key
+    (container, network, volume, daemon…) an event passes when its actor's ID or name starts
+    with a value, whatever the event's type, as in dockerd."""
+    actor = ev["Actor"]
+    attrs = actor["Attributes"]
     for k, vs in flt.items():
-        if k == "type" and ev["Type"] not in vs:
-            return False
-        if k == "event" and ev["Action"] not in vs:
-            return False
-        if k == "container" and not any(ev["Actor"]["ID"].startswith(v) or ev["Actor"]["Attributes"].get("name") == v for v in vs):
-            return False
-        if k == "image" and not any(_is_image(ev, v) for v in vs):
-            return False
-        if k == "label" and not _labels_match(ev["Actor"]["Attributes"], vs):
+        if k == "type":
+            ok = ev["Type"] in vs
+        elif k == "event":
+            ok = ev["Action"] in vs
+        elif k == "scope":
+            ok = ev.get("scope", "local") in vs
+        elif k == "image":
+            ok = any(_is_image(ev, v) for v in vs)
+        elif k == "label":
+            ok = filters.labels_match(attrs, vs)
+        else:  # container, network, volume, daemon, plugin, node, service, secret, config
+            ok = filters.fuzzy(vs, actor["ID"], attrs.get("name"))
+        if not ok:
             return False
     return True
 
@@ -490,7 +495,9 @@ def container_create(h: Handler) -> None:
 
 @routes.add("GET", "/containers/json")
 def container_list(h: Handler) -> None:
-    h.reply(200, h.engine.list(h.qbool("all"), h.filters(), h.qint("limit", -1) or -1))
+    flt = h.filters(filters.CONTAINERS)
+    filters.check_containers(flt)
+    h.reply(200, h.engine.list(h.qbool("all"), flt, h.qint("limit", -1) or -1))
 
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/json")
@@ -608,15 +615,13 @@ def container_remove(h: Handler, ref: str) -> None:
 
 @routes.add("POST", "/containers/prune")
 def container_prune(h: Handler) -> None:
-    flt = h.filters()
-    until = _until(flt)
+    flt = h.filters(filters.CONTAINER_PRUNE)
+    until = filters.until(flt)
     deleted, space = [], 0
     for c in list(h.engine.containers.values()):
         if c.running or c.state.get("Restarting"):
             continue
-        if flt.get("label") and not _labels_match(c.r["Config"].get("Labels") or {}, flt["label"]):
-            continue
-        if flt.get("label!") and any(_labels_match(c.r["Config"].get("Labels") or {}, [v]) for v in flt["label!"]):
+        if not filters.labels_pass(c.r["Config"].get("Labels"), flt):
             continue
         if until is not None and _created(c.r["Created"]) >= until:
             continue
@@ -625,24 +630,6 @@ def container_prune(h: Handler) -> None:
         deleted.append(c.id)
     h.engine.events.emit("container", "prune", "", {"reclaimed": str(space)})
     h.reply(200, {"ContainersDeleted": deleted or None, "SpaceReclaimed": space})
-
-
-def _until(flt: dict[str, list[str]]) -> float | None:
-    """The `until` prune filter: a Unix time, an RFC 3339 time or a duration like 10m."""
-    if not flt.get("until"):
-        return None
-    value = flt["until"][0]
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h)", value)
-    if m:
-        return time.time() - float(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    t = _created(value)
-    if not t:
-        raise EngineError(400, f"invalid until filter: {value}")
-    return t
 
 
 @routes.add("GET", r"/containers/(?P<ref>[^/]+)/top")
@@ -902,11 +889,20 @@ def _created(value: str) -> float:
 
 @routes.add("GET", "/images/json")
 def image_list(h: Handler) -> None:
-    flt = h.filters()
+    flt = h.filters(filters.IMAGES)
     refs = flt.get("reference") or []
+    # before/since name images (their creation times bound the list); until is a time
+    before = min((_created(h.engine.image(r).created) for r in flt.get("before") or ()), default=None)
+    since = max((_created(h.engine.image(r).created) for r in flt.get("since") or ()), default=None)
+    until = filters.until(flt)
+    dangling = filters.boolean(flt, "dangling")
     out = []
     for img in h.engine.store.images():
-        if flt.get("dangling") and (flt["dangling"][0] in ("true", "1")) == bool(img.tags):
+        if dangling is not None and dangling == bool(img.tags):
+            continue
+        created = _created(img.created)
+        if ((before is not None and created >= before) or (since is not None and created <= since)
+                or (until is not None and created > until)):
             continue
         summary = _image_summary(h.engine, img)
         if refs:
@@ -914,7 +910,7 @@ def image_list(h: Handler) -> None:
             if not tags:
                 continue
             summary["RepoTags"] = tags
-        if flt.get("label") and not _labels_match(summary["Labels"], flt["label"]):
+        if not filters.labels_pass(summary["Labels"], flt):
             continue
         out.append(summary)
     h.reply(200, out)
@@ -929,14 +925,6 @@ def _reference_match(tag: str, pattern: str) -> bool:
     if fnmatch.fnmatchcase(tag, pattern):
         return True
     return ":" not in pattern.rsplit("/", 1)[-1] and fnmatch.fnmatchcase(repo, pattern)
-
-
-def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
-    for v in wanted:
-        k, eq, val = v.partition("=")
-        if k not in labels or (eq and labels[k] != val):
-            return False
-    return True
 
 
 @routes.add("GET", r"/images/(?P<name>.+)/json")
@@ -1007,19 +995,15 @@ def image_remove(h: Handler, name: str) -> None:
 
 @routes.add("POST", "/images/prune")
 def image_prune(h: Handler) -> None:
-    flt = h.filters()
-    dangling = not (flt.get("dangling") and flt["dangling"][0] in ("false", "0"))
+    flt = h.filters(filters.IMAGE_PRUNE)
+    dangling = filters.boolean(flt, "dangling") is not False  # dangling only, unless dangling=false
     images = h.engine.store.images()
-    until = _until(flt)
+    until = filters.until(flt)
     only = None
     if until is not None or flt.get("label") or flt.get("label!"):
-        def labels(img: Any) -> dict[str, str]:
-            return (img.config.get("config") or {}).get("Labels") or {}
-
         only = {i.id for i in images
                 if (until is None or _created(i.created) < until)
-                and (not flt.get("label") or _labels_match(labels(i), flt["label"]))
-                and not any(_labels_match(labels(i), [v]) for v in flt.get("label!") or [])}
+                and filters.labels_pass((i.config.get("config") or {}).get("Labels"), flt)}
     space = h.engine.store.prune(dangling_only=dangling, only=only)
     after = {i.id for i in h.engine.store.images()}
     deleted: list[dict[str, str]] = []
@@ -1160,12 +1144,38 @@ def _network_json(e: Engine, net: Any) -> dict[str, Any]:
 
 @routes.add("GET", "/networks")
 def network_list(h: Handler) -> None:
-    flt = h.filters()
+    match = _network_filter(h.filters(filters.NETWORKS))
     nets = [_network_json(h.engine, n) for n in h.engine.networks.nets.values()]
     nets += [_pseudo_net("host"), _pseudo_net("none")]
-    if flt.get("name"):
-        nets = [n for n in nets if any(v in n["Name"] for v in flt["name"])]
-    h.reply(200, nets)
+    h.reply(200, [n for n in nets if match(n)])
+
+
+_PREDEFINED = ("bridge", "host", "none")
+
+
+def _network_filter(flt: filters.Filters) -> Callable[[dict[str, Any]], bool]:
+    """dockerd's network filters, checked once: name and id by substring, driver and scope
+    exactly, labels, ``dangling`` (not predefined, no container) and ``type`` (builtin or
+    custom). Their refusals are worded as dockerd's."""
+    for v in flt.get("type") or ():
+        if v not in ("builtin", "custom"):
+            raise filters.FilterError(f"invalid filter: 'type'='{v}'")
+    if len(flt.get("dangling") or ()) > 1:
+        raise filters.FilterError('got more than one value for filter key "dangling"')
+    if (flt.get("dangling") or ["true"])[0] not in ("0", "false", "1", "true"):
+        raise filters.FilterError('invalid value for filter \'dangling\', must be "true" (or "1"), or "false" (or "0")')
+    dangling = filters.boolean(flt, "dangling")
+
+    def match(n: dict[str, Any]) -> bool:
+        builtin = n["Name"] in _PREDEFINED
+        return ((not flt.get("name") or any(v in n["Name"] for v in flt["name"]))
+                and (not flt.get("id") or any(v in n["Id"] for v in flt["id"]))
+                and (not flt.get("driver") or n["Driver"] in flt["driver"])
+                and (not flt.get("scope") or n["Scope"] in flt["scope"])
+                and filters.labels_match(n.get("Labels"), flt.get("label") or ())
+                and (dangling is None or dangling == (not builtin and not n["Containers"]))
+                and (not flt.get("type") or ("builtin" if builtin else "custom") in flt["type"]))
+    return match
 
 
 def _pseudo_net(name: str) -> dict[str, Any]:
@@ -1230,12 +1240,23 @@ def network_remove(h: Handler, ref: str) -> None:
 
 @routes.add("POST", "/networks/prune")
 def network_prune(h: Handler) -> None:
+    """Unused user-defined networks go: kept while any container, even a stopped one, names
+    it (dockerd keeps only those with a running container's endpoint, so a stopped container
+    could not start again)."""
+    flt = h.filters(filters.NETWORK_PRUNE)
+    until = filters.until(flt)
     h.engine.housekeeper.expedite()
     removed = []
     for net in list(h.engine.networks.nets.values()):
+        if until is not None and _created(net.r["Created"]) > until:
+            continue
+        if not filters.labels_pass(net.r.get("Labels"), flt):
+            continue
         if net.user_defined and not any(net.name in c.r["NetworkSettings"]["Networks"] for c in h.engine.containers.values()):
             h.engine.networks.remove(net)
+            h.engine.events.emit("network", "destroy", net.id, {"name": net.name, "type": "bridge"})
             removed.append(net.name)
+    h.engine.events.emit("network", "prune", "", {"reclaimed": "0"})
     h.reply(200, {"NetworksDeleted": removed or None})
 
 
@@ -1265,25 +1286,21 @@ def _volume(e: Engine, name: str) -> dict[str, Any]:
 
 @routes.add("GET", "/volumes")
 def volume_list(h: Handler) -> None:
-    e, flt = h.engine, h.filters()
+    e, flt = h.engine, h.filters(filters.VOLUMES)
+    dangling = filters.boolean(flt, "dangling")
     out = []
     for name in e.volumes.names():
         v = e.volumes.inspect(name)
         if flt.get("name") and not any(n in name for n in flt["name"]):
             continue
-        if flt.get("dangling") and (flt["dangling"][0] in ("1", "true")) == bool(e.volume_users(name)):
+        if dangling is not None and dangling == bool(e.volume_users(name)):
             continue
-        if flt.get("label") and not all(_label_match(v["Labels"], f) for f in flt["label"]):
+        if not filters.labels_match(v["Labels"], flt.get("label") or ()):
             continue
         if flt.get("driver") and "local" not in flt["driver"]:
             continue
         out.append(v)
     h.reply(200, {"Volumes": out, "Warnings": []})
-
-
-def _label_match(labels: dict[str, str], f: str) -> bool:
-    key, eq, value = f.partition("=")
-    return key in labels and (not eq or labels[key] == value)
 
 
 @routes.add("POST", "/volumes/create")
@@ -1311,13 +1328,14 @@ def volume_remove(h: Handler, name: str) -> None:
 
 @routes.add("POST", "/volumes/prune")
 def volume_prune(h: Handler) -> None:
-    e, flt = h.engine, h.filters()
+    e, flt = h.engine, h.filters(filters.VOLUME_PRUNE)
     with e.lock:
         used = {m.get("Name") for c in e.containers.values() for m in c.r.get("Mounts") or [] if m.get("Name")}
     everything = (flt.get("all") or ["false"])[0].lower() in ("1", "true")
-    deleted, space = e.volumes.prune(used, everything, flt.get("label") or [])
+    deleted, space = e.volumes.prune(used, everything, lambda labels: filters.labels_pass(labels, flt))
     for name in deleted:
         e.events.emit("volume", "destroy", name, {"driver": "local"})
+    e.events.emit("volume", "prune", "", {"reclaimed": str(space)})
     h.reply(200, {"VolumesDeleted": deleted or None, "SpaceReclaimed": space})
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import reference, runtime, seccomp, stats, top, workers
+from agent import filters, reference, runtime, seccomp, stats, top, workers
 from agent.containers import RECORDS, ZERO_TIME, Container, Process, new_id, parse_signal, utc_now
 from agent.events import Events
 from agent.housekeeping import Housekeeper
@@ -602,6 +602,7 @@ class Engine:
         finally:
             go.release()
         if go.ok:
+            self._network_events(c, "connect")  # as dockerd: the endpoints, then the start
             self.events.emit("container", "start", c.id, self._actor(c))
 
     def _start(self, c: Container, go: _Go) -> None:
@@ -724,6 +725,7 @@ class Engine:
         if oom:
             self.events.emit("container", "oom", c.id, self._actor(c))
         self.events.emit("container", "die", c.id, self._actor(c, exitCode=str(code)))
+        self._network_events(c, "disconnect")
         if c.r["HostConfig"].get("AutoRemove"):  # (never with a restart policy): gone before the clean-up
             with contextlib.suppress(EngineError):
                 self.remove(c, force=True)
@@ -989,6 +991,16 @@ class Engine:
                     continue
                 self.events.emit("volume", "destroy", name, {"driver": "local"})
 
+    def _network_events(self, c: Container, action: str) -> None:
+        """``network connect``/``disconnect`` for each of a container's networks, as dockerd
+        reports its endpoints coming and going with the container's start and exit."""
+        for name in list(c.r["NetworkSettings"]["Networks"]):
+            try:
+                net = self.networks.get(name)
+            except KeyError:
+                continue  # host, none, container:…
+            self.events.emit("network", action, net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+
     def connect(self, c: Container, net: Network, endpoint: dict[str, Any]) -> None:
         """Attach a container to a network; a running one gets its interface right away."""
         if _fixed_address(endpoint or {}):
@@ -1240,21 +1252,21 @@ class Engine:
             "NetworkSettings": {"Networks": nets}, "Mounts": r.get("Mounts") or [],
         }
 
-    def list(self, all_: bool = False, filters: dict[str, list[str]] | None = None, limit: int = -1) -> list[dict[str, Any]]:
+    def list(self, all_: bool = False, flt: dict[str, list[str]] | None = None, limit: int = -1) -> list[dict[str, Any]]:
         out = []
         cs = sorted(self.containers.values(), key=lambda c: c.r["Created"], reverse=True)
         bounds = {}
         for key in ("before", "since"):  # a container name or id; Docker compares creation times
-            if filters and filters.get(key):
-                bounds[key] = self.container(filters[key][0]).r["Created"]
+            if flt and flt.get(key):
+                bounds[key] = self.container(flt[key][0]).r["Created"]
         for c in cs:
-            if not all_ and not c.running and not (filters and "status" in filters):
+            if not all_ and not c.running and not (flt and "status" in flt):
                 continue
             if "before" in bounds and not c.r["Created"] < bounds["before"]:
                 continue
             if "since" in bounds and not c.r["Created"] > bounds["since"]:
                 continue
-            if filters and not _match(c, filters):
+            if flt and not _match(c, flt):
                 continue
             out.append(self.summary(c))
         return out[:limit] if limit and limit > 0 else out
@@ -1343,20 +1355,18 @@ def _epoch(value: str) -> float:
         return 0.0
 
 
-def _match(c: Container, filters: dict[str, list[str]]) -> bool:
-    for key, values in filters.items():
+def _match(c: Container, flt: dict[str, list[str]]) -> bool:
+    for key, values in flt.items():
         if key == "name" and not any(v.lstrip("/") in c.name for v in values):
             return False
         if key == "id" and not any(c.id.startswith(v) for v in values):
             return False
         if key == "status" and c.state.get("Status") not in values:
             return False
-        if key == "label":
-            labels = c.r["Config"].get("Labels") or {}
-            for v in values:
-                k, eq, val = v.partition("=")
-                if k not in labels or (eq and labels[k] != val):
-                    return False
+        if key == "label" and not filters.labels_match(c.r["Config"].get("Labels"), values):
+            return False
+        if key == "isolation" and (c.r["HostConfig"].get("Isolation") or "") not in values:
+            return False
         if key == "ancestor" and not any(c.r["Config"]["Image"] == v or c.r["Image"].endswith(v) for v in values):
             return False
         if key == "exited" and not (not c.running and str(c.state.get("ExitCode")) in values):

@@ -21,7 +21,7 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,15 @@ class Volumes:
         os.rename(self.root / name, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def prune(self, used: set[str], everything: bool, label_filters: list[str]) -> tuple[list[str], int]:
+    def prune(self, used: set[str], everything: bool,
+              wanted: Callable[[dict[str, str]], bool] = lambda labels: True) -> tuple[list[str], int]:
+        """Remove the unused volumes (only anonymous ones unless ``everything``) whose labels
+        ``wanted`` accepts; returns their names and the bytes freed."""
         deleted, space = [], 0
         for name in self.names():
             if name in used or not (everything or self.is_anonymous(name)):
                 continue
-            if not _labels_match(self._meta(name).get("Labels") or {}, label_filters):
+            if not wanted(self._meta(name).get("Labels") or {}):
                 continue
             space += du(self.data(name))
             self.remove(name, [])
@@ -158,14 +161,6 @@ class Volumes:
             st = source.stat()
             os.chown(data, st.st_uid, st.st_gid)
             os.chmod(data, st.st_mode & 0o7777)
-
-
-def _labels_match(labels: dict[str, str], filters: list[str]) -> bool:
-    for f in filters:
-        key, eq, value = f.partition("=")
-        if key not in labels or (eq and labels[key] != value):
-            return False
-    return True
 
 
 # --- the mount plan ------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 @handles_errors()
 def cmd_images(args: argparse.Namespace) -> int:
     client = engine(args)
-    filters = _filters(args.filter)
+    filters = opts.filters(args.filter)
     images = client.api.images(name=args.repository, all=args.all, filters=filters or None)
     now = time.time()
     rows = []
@@ -786,16 +786,6 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 # --- containers: looking -------------------------------------------------------------------
-def _filters(items: list[str] | None) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise Fail(f"bad format of filter (expected name=value): {item}")
-        out.setdefault(k.strip().lower(), []).append(v)
-    return out
-
-
 def _go_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000 UTC")
 
@@ -860,7 +850,7 @@ def _print_formatted(rows: list[dict[str, Any]], fmt: str) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     client = engine(args)
     limit = 1 if args.latest else (args.last if args.last is not None else -1)
-    containers = client.api.containers(all=args.all or limit > 0, filters=_filters(args.filter) or None,
+    containers = client.api.containers(all=args.all or limit > 0, filters=opts.filters(args.filter) or None,
                                        limit=limit)
     now = time.time()
     rows = [ps_row(c, now, args.no_trunc) for c in containers]
@@ -1042,6 +1032,9 @@ def cmd_system_df(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_system_prune(args: argparse.Namespace) -> int:
+    filters = opts.filters(args.filter) or None
+    if args.volumes and filters and "until" in filters:  # volumes keep no creation time to compare
+        raise opts.FlagError('the "until" filter is not supported with "--volumes"')
     client = engine(args)
     api = client.api
     if not args.force:
@@ -1052,7 +1045,6 @@ def cmd_system_prune(args: argparse.Namespace) -> int:
                     else "all dangling images")
         if not confirm("WARNING! This will remove:\n" + "".join(f"  - {w}\n" for w in what)):
             return 0
-    filters = _filters(args.filter) or None
     total = 0
     out = api.prune_containers(filters=filters)
     total += out.get("SpaceReclaimed") or 0

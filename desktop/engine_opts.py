@@ -372,3 +372,15 @@ def _go_repr(v: Any) -> str:
     if isinstance(v, list):
         return "[" + " ".join(_go_repr(x) for x in v) + "]"
     return str(v)
+
+
+def filters(items: list[str] | None) -> dict[str, list[str]]:
+    """``--filter KEY=VALUE`` flags (repeatable) as the Engine API's filters; which keys an
+    endpoint takes is the engine's to say."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise FlagError(f"bad format of filter (expected name=value): {item}")
+        out.setdefault(key.strip().lower(), []).append(value)
+    return out

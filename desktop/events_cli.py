@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import _filters, engine, handles_errors
+from desktop.engine_cli import engine, handles_errors
 
 
 def line(ev: dict[str, Any]) -> str:
@@ -28,7 +28,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     until = opts.parse_since(args.until) if args.until else None
     api = engine(args).api
     template = "{{json .}}" if args.format == "json" else args.format
-    for ev in api.events(since=since, until=until, filters=_filters(args.filter) or None, decode=True):
+    for ev in api.events(since=since, until=until, filters=opts.filters(args.filter) or None, decode=True):
         print(opts.render_template(template, ev) if template else line(ev), flush=True)
     return 0
 

@@ -113,16 +113,6 @@ def translate_mounts(cfg: dict[str, Any], shares: tuple[Share, ...], os_: HostOS
 
 
 # --- volumes -------------------------------------------------------------------------------------
-def _filters(items: list[str] | None) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise opts.FlagError(f"bad format of filter (expected name=value): {item}")
-        out.setdefault(key, []).append(value)
-    return out
-
-
 def cmd_volume_create(args: argparse.Namespace) -> int:
     from desktop.engine_cli import engine
 
@@ -137,7 +127,7 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
 def cmd_volume_ls(args: argparse.Namespace) -> int:
     from desktop.engine_cli import _print_formatted, engine
 
-    vols = engine(args).api.volumes(filters=_filters(args.filter) or None).get("Volumes") or []
+    vols = engine(args).api.volumes(filters=opts.filters(args.filter) or None).get("Volumes") or []
     if args.quiet:
         for v in vols:
             print(v["Name"])
@@ -185,13 +175,13 @@ def cmd_volume_rm(args: argparse.Namespace) -> int:
 def cmd_volume_prune(args: argparse.Namespace) -> int:
     from desktop.engine_cli import confirm, engine
 
+    filters = opts.filters(args.filter)
     api = engine(args).api
     if not args.force:
         what = "all local volumes not used by at least one container" if args.all else \
                "all anonymous local volumes not used by at least one container"
         if not confirm(f"WARNING! This will remove {what}."):
             return 0
-    filters = _filters(args.filter)
     if args.all:
         filters["all"] = ["true"]
     out = api.prune_volumes(filters=filters or None)

@@ -9,7 +9,7 @@ import functools
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import _filters, _section, cmd_inspect, confirm, engine, handles_errors, image_prune_lines
+from desktop.engine_cli import _section, cmd_inspect, confirm, engine, handles_errors, image_prune_lines
 
 #: (name in the group, the top-level command it is, aliases)
 IMAGE = (("ls", "images", ["list"]), ("rm", "rmi", ["remove"]), ("inspect", "inspect", []), ("tag", "tag", []),
@@ -22,12 +22,12 @@ CONTAINER = (("ls", "ps", ["list", "ps"]), ("rm", "rm", ["remove"]), ("inspect",
 
 @handles_errors()
 def cmd_image_prune(args: argparse.Namespace) -> int:
+    filters = opts.filters(args.filter)  # a malformed flag is refused before anything is asked
+    filters["dangling"] = ["false" if args.all else "true"]
     if not args.force and not confirm(
             "WARNING! This will remove all images without at least one container associated to them."
             if args.all else "WARNING! This will remove all dangling images."):
         return 0
-    filters = _filters(args.filter)
-    filters["dangling"] = ["false" if args.all else "true"]
     out = engine(args).api.prune_images(filters=filters)
     _section("Deleted Images", image_prune_lines(out))
     print(f"Total reclaimed space: {opts.human_size(out.get('SpaceReclaimed') or 0)}")
@@ -36,9 +36,10 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_container_prune(args: argparse.Namespace) -> int:
+    filters = opts.filters(args.filter) or None
     if not args.force and not confirm("WARNING! This will remove all stopped containers."):
         return 0
-    out = engine(args).api.prune_containers(filters=_filters(args.filter) or None)
+    out = engine(args).api.prune_containers(filters=filters)
     _section("Deleted Containers", out.get("ContainersDeleted"))
     print(f"Total reclaimed space: {opts.human_size(out.get('SpaceReclaimed') or 0)}")
     return 0

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import Fail, _filters, _print_formatted, confirm, engine, handles_errors
+from desktop.engine_cli import Fail, _print_formatted, confirm, engine, handles_errors
 
 
 @handles_errors()
@@ -54,7 +54,7 @@ def _rows(nets: list[dict[str, Any]], no_trunc: bool) -> list[dict[str, Any]]:
 @handles_errors()
 def cmd_network_ls(args: argparse.Namespace) -> int:
     client = engine(args)
-    nets = sorted(client.api.networks(filters=_filters(args.filter) or None), key=lambda n: n["Name"])
+    nets = sorted(client.api.networks(filters=opts.filters(args.filter) or None), key=lambda n: n["Name"])
     rows = _rows(nets, args.no_trunc)
     if args.quiet:
         for r in rows:
@@ -112,11 +112,12 @@ def cmd_network_disconnect(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_network_prune(args: argparse.Namespace) -> int:
+    flt = opts.filters(args.filter) or None
     if not args.force and not confirm("WARNING! This will remove all custom networks not used by at least one "
                                       "container."):
         return 0
     client = engine(args)
-    out = client.api.prune_networks()
+    out = client.api.prune_networks(filters=flt)
     deleted = out.get("NetworksDeleted") or []
     if deleted:
         print("Deleted Networks:")
@@ -165,3 +166,4 @@ def register(sub: Any) -> None:
     p.add_argument("container", metavar="CONTAINER")
     p = add(ns, "prune", cmd_network_prune, "remove all unused networks")
     p.add_argument("-f", "--force", action="store_true")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="until=TIME, label=KEY[=VALUE] or label!=…")

@@ -437,6 +437,83 @@ def test_events_between_times_and_filtered(vm: Pydesk) -> None:
     assert "invalid value for \"since\"" in one_line_error(vm("events", "--since", "yesterday-ish"))
 
 
+def test_filters_choose_what_a_command_touches_and_typos_are_refused(vm: Pydesk) -> None:
+    n = name()
+    keep, gone, used = f"{n}-keep", f"{n}-gone", f"{n}-used"
+    since = f"{time.time() - 60:.3f}"
+    for net, extra in ((keep, ("--label", "keep")), (gone, ()), (used, ())):
+        vm("network", "create", "--label", f"suite={n}", *extra, net, check=True)
+    vkeep, vgone = f"{n}-vkeep", f"{n}-vgone"  # (an event filter's name matches any type's: see below)
+    for vol, extra in ((vkeep, ("--label", "keep")), (vgone, ())):
+        vm("volume", "create", "--label", f"suite={n}", *extra, vol, check=True)
+    vm("run", "-d", "--name", n, "--network", used, "busybox", "sleep", "600", check=True)
+    try:
+        def ls(what: str, *flt: str) -> list[str]:
+            flags = [x for f in flt for x in ("--filter", f)]
+            return sorted(vm(what, "ls", "--format", "{{.Name}}", *flags, check=True).stdout.split())
+
+        assert ls("network", f"label=suite={n}") == [gone, keep, used]
+        assert ls("network", f"label=suite={n}", "dangling=true") == [gone, keep]
+        assert ls("network", f"label=suite={n}", "label=keep") == [keep]
+        assert ls("network", f"name={n}", "type=custom", "driver=bridge", "scope=local") == [gone, keep, used]
+        assert ls("network", "type=builtin") == ["bridge", "host", "none"]
+        assert ls("network", f"label=suite={n}", "driver=null") == []
+        net_id = json.loads(vm("network", "inspect", keep, check=True).stdout)[0]["Id"]
+        assert ls("network", f"id={net_id[:12]}") == [keep]
+        # a typo in a prune's filter is refused, not ignored (ignored, it would prune every network)
+        assert one_line_error(vm("network", "prune", "-f", "--filter", "lable=keep")) == \
+            "pydesk: error: invalid filter 'lable'"
+        assert one_line_error(vm("network", "prune", "-f", "--filter", "until=yesterday")) == \
+            'pydesk: error: failed to parse value as time or duration: "yesterday"'
+        assert ls("network", f"label=suite={n}") == [gone, keep, used]
+        assert vm("network", "prune", "-f", "--filter", "until=2000-01-01T00:00:00Z", check=True).stdout == ""
+        out = vm("network", "prune", "-f", "--filter", f"label=suite={n}", "--filter", "label!=keep", check=True).stdout
+        assert out.split() == ["Deleted", "Networks:", gone]  # not the kept one, not the one in use
+        assert ls("network", f"label=suite={n}") == [keep, used]
+
+        assert ls("volume", f"label=suite={n}", "dangling=true") == [vgone, vkeep]
+        out = vm("volume", "prune", "-f", "--all", "--filter", f"label=suite={n}", "--filter", "label!=keep",
+                 check=True).stdout
+        assert vgone in out.split() and vkeep not in out
+        assert ls("volume", f"label=suite={n}") == [vkeep]
+        assert one_line_error(vm("volume", "prune", "-f", "--filter", "until=1h")) == \
+            "pydesk: error: invalid filter 'until'"
+        assert one_line_error(vm("system", "prune", "-f", "--volumes", "--filter", "until=1h")) == \
+            'pydesk: error: the "until" filter is not supported with "--volumes"'
+        assert one_line_error(vm("ps", "--filter", "status=sleeping")) == "pydesk: error: invalid filter 'status=sleeping'"
+
+        busybox = vm("images", "-q", "busybox", check=True).stdout.split()[0]
+        assert busybox in vm("images", "-q", "--filter", "until=1m", check=True).stdout.split()
+        assert vm("images", "-q", "--filter", "until=2023-11-14T22:13:19Z", check=True).stdout == ""  # test images: :20
+        assert vm("images", "-q", "--filter", "before=busybox", "--filter", "reference=busybox", check=True).stdout == ""
+        assert "No such image" in one_line_error(vm("images", "--filter", "since=no-such-image"))
+
+        until = f"{time.time() + 1:.3f}"
+
+        def events(*flt: str) -> list[str]:
+            flags = [x for f in flt for x in ("--filter", f)]
+            return vm("events", "--since", since, "--until", until, "--format", "{{.Type}} {{.Action}}", *flags,
+                      check=True).stdout.splitlines()
+
+        assert events(f"network={keep}") == ["network create"]
+        assert events(f"network={used}", "type=network") == ["network create", "network connect"]
+        assert events(f"network={gone}") == ["network create", "network destroy"]  # by the prune
+        assert events(f"volume={vgone}") == ["volume create", "volume destroy"]
+        assert events(f"volume={vkeep}", "event=create") == ["volume create"]
+        # as dockerd's, an object filter matches the ID or name of any event's actor: the
+        # volumes' events pass a network filter that names them
+        assert events(f"network={vkeep}") == ["volume create"]
+        assert events("scope=swarm") == [] and events("daemon=nothing-here") == []
+        assert events(f"container={n}", "type=container", "event=start") == ["container start"]
+        vm("stop", "-t", "0", n, check=True)
+        until = f"{time.time() + 1:.3f}"
+        assert events(f"network={used}", "event=disconnect") == ["network disconnect"]
+    finally:
+        vm("rm", "-f", n)
+        vm("network", "rm", keep, used)
+        vm("volume", "rm", vkeep)
+
+
 def test_run_rm_removes_and_detached_rm(vm: Pydesk) -> None:
     n = name()
     assert vm("run", "--rm", "--name", n, "busybox", "true").returncode == 0
