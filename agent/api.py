@@ -25,7 +25,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from agent import archive, detach_keys, filters, workers
+from agent import archive, commit, detach_keys, filters, workers
 from agent import logs as logmod
 from agent.engine import Engine, EngineError, console_size, familiar, normalize
 from agent.http_request import RequestParsing
@@ -240,7 +240,7 @@ class Handler(RequestParsing):
             return self.error(405 if known else 404, "page not found" if not known else "method not allowed")
         try:
             fn(self, **params)
-        except (EngineError, archive.ArchiveError, VolumeError) as exc:
+        except (EngineError, archive.ArchiveError, VolumeError, commit.CommitError) as exc:
             self._safe_error(exc.status, exc.message)
         except ImageInUse as exc:
             self._safe_error(409, str(exc))
@@ -934,7 +934,7 @@ def image_inspect(h: Handler, name: str) -> None:
     h.reply(200, {
         "Id": img.id, "RepoTags": [familiar(t) for t in img.tags], "RepoDigests": [
             familiar(d.split("@")[0]) + "@" + d.split("@")[1] for d in img.digests],
-        "Parent": "", "Comment": "", "Created": img.created or cfg.get("created", ""), "DockerVersion": "",
+        "Parent": "", "Comment": cfg.get("comment", ""), "Container": cfg.get("container", ""), "Created": img.created or cfg.get("created", ""), "DockerVersion": "",
         "Author": cfg.get("author", ""), "Config": cfg.get("config") or {}, "Architecture": cfg.get("architecture", ""),
         "Variant": cfg.get("variant"), "Os": cfg.get("os", "linux"), "Size": img.size, "VirtualSize": img.size,
         "GraphDriver": {"Name": "overlay2", "Data": {"LowerDir": ":".join(str(p) for p in img.lower_dirs)}},
@@ -1022,7 +1022,7 @@ def image_create(h: Handler) -> None:
     image = h.query.get("fromImage") or ""
     tag = h.query.get("tag") or ""
     if h.query.get("fromSrc"):
-        raise EngineError(501, "docker import is not supported")
+        return _image_import(h)
     if not image:
         raise EngineError(400, "fromImage is required")
     ref = image if "@" in image or not tag else f"{image}{'@' if tag.startswith('sha256:') else ':'}{tag}"
@@ -1083,6 +1083,65 @@ def _decode_auth(header: str | None) -> dict[str, str] | None:
         return data if isinstance(data, dict) else None
     except ValueError:
         return None
+
+
+def _image_import(h: Handler) -> None:
+    """`docker import`: the body's tar (plain or compressed) as a one-layer image."""
+    if h.query.get("fromSrc") != "-":
+        raise EngineError(400, "importing from a URL is not supported: the VM reaches no outside address; "
+                               "download the file and import it from there")
+    repo, tag = h.query.get("repo") or "", h.query.get("tag") or ""
+    ref = _new_ref(repo, tag)
+    image_id = commit.import_image(h.engine.store, h.body_stream(), tag=ref, message=h.query.get("message") or "",
+                                   change_list=_all(h, "changes"), platform=h.query.get("platform"))
+    h.engine.events.emit("image", "import", image_id, {"name": familiar(ref) if ref else image_id})
+    h.start_stream()
+    h.chunk(json.dumps({"status": image_id}).encode() + b"\r\n")
+    h.end_stream()
+
+
+def _new_ref(repo: str, tag: str) -> str | None:
+    """The reference a commit or an import is to be tagged with (``repo`` may hold the tag)."""
+    if not repo:
+        if tag:
+            raise EngineError(400, "a tag needs a repository name")
+        return None
+    return normalize(f"{repo}:{tag}" if tag else repo)
+
+
+def _all(h: Handler, name: str) -> list[str]:
+    """Every value of a query parameter given more than once (`changes`)."""
+    return urllib.parse.parse_qs(h._query).get(name) or []
+
+
+@routes.add("POST", "/commit")
+def container_commit(h: Handler) -> None:
+    c = h.engine.container(h.query.get("container") or "")
+    ref = _new_ref(h.query.get("repo") or "", h.query.get("tag") or "")
+    body = h.body_json()
+    image_id = commit.commit(h.engine, c, tag=ref, comment=h.query.get("comment") or "",
+                             author=h.query.get("author") or "", change_list=_all(h, "changes"),
+                             overrides=body if isinstance(body, dict) else None, pause=h.qbool("pause", True))
+    h.engine.events.emit("container", "commit", c.id, h.engine.actor(
+        c, comment=h.query.get("comment") or "", imageID=image_id, imageRef=familiar(ref) if ref else ""))
+    h.reply(201, {"Id": image_id})
+
+
+@routes.add("GET", r"/containers/(?P<ref>[^/]+)/export")
+def container_export(h: Handler, ref: str) -> None:
+    c = h.engine.container(ref)
+    with h.engine.container_root(c, own_view=False) as root:
+        h.start_stream("application/x-tar")
+        out = _ChunkWriter(h)
+        try:
+            archive.write_tree(root, out)
+        except OSError as exc:  # the headers are out: all we can do is cut the stream
+            log.warning("export of %s failed mid-stream: %s", c.name, exc)
+            h.close_connection = True
+            return
+        out.flush()
+        h.end_stream()
+    h.engine.events.emit("container", "export", c.id, h.engine.actor(c))
 
 
 @routes.add("GET", r"/images/(?P<name>.+)/get")

@@ -19,8 +19,8 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, cast
 
 MAX_LINKS = 40
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -191,11 +191,50 @@ def write_tar(root_fd: int, path: str, out: IO[bytes]) -> None:
     if base == "/":
         base = "."
     with loc, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        links: dict[tuple[int, int], str] = {}
+        walk = _Walk(tar)
         if loc.name:
-            _add_entry(tar, loc.dir_fd, loc.name, st, base, links)
+            _add_entry(loc.dir_fd, loc.name, st, base, walk)
         else:
-            _add_dir(tar, os.dup(loc.dir_fd), st, base, links)
+            _add_dir(os.dup(loc.dir_fd), st, base, walk)
+
+
+def write_tree(dir_fd: int, out: IO[bytes], *, layer: bool = False, skip: frozenset[str] = frozenset(),
+               lower: Callable[[str], os.stat_result | None] | None = None) -> int:
+    """Stream a tar of everything under the directory ``dir_fd``, named from it (``etc/passwd``,
+    no ``./`` and no entry for the directory itself), as `docker export` and layer tars are.
+    With ``layer`` it is an overlayfs upper dir made into an OCI layer: its whiteouts (0/0
+    character devices) become ``.wh.NAME`` files and its opaque directories get a
+    ``.wh..wh..opq`` entry. Names in ``skip`` (relative, e.g. ``etc/hosts``) are left out
+    with everything under them. ``lower`` gives what the layers below have at a name: a
+    directory that is there alike (copied up only for what is inside it) is written only
+    if something under it is. Returns the number of entries written."""
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        walk = _Walk(tar, layer=layer, skip=skip, lower=lower)
+        _add_children(dir_fd, "", walk)
+        return len(tar.members)
+
+
+class _Walk:
+    """A tar walk: the tar, the hardlinks seen (to write later ones as links), the options of
+    ``write_tree``, and the directories waiting to be written until something under them is."""
+
+    def __init__(self, tar: tarfile.TarFile, *, layer: bool = False, skip: frozenset[str] = frozenset(),
+                 lower: Callable[[str], os.stat_result | None] | None = None) -> None:
+        self.tar = tar
+        self.links: dict[tuple[int, int], str] = {}
+        self.layer, self.skip, self.lower = layer, skip, lower
+        self.pending: list[tarfile.TarInfo] = []
+
+    def add(self, ti: tarfile.TarInfo, f: IO[bytes] | None = None) -> None:
+        for waiting in self.pending:  # its parents first
+            self.tar.addfile(waiting)
+        self.pending.clear()
+        self.tar.addfile(ti, f)
+
+    def unchanged_dir(self, arcname: str, st: os.stat_result) -> bool:
+        low = self.lower(arcname) if self.layer and self.lower else None
+        return low is not None and stat.S_ISDIR(low.st_mode) and \
+            (low.st_mode, low.st_uid, low.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
 
 
 def _tarinfo(st: os.stat_result, name: str) -> tarfile.TarInfo:
@@ -206,21 +245,29 @@ def _tarinfo(st: os.stat_result, name: str) -> tarfile.TarInfo:
     return ti
 
 
-def _add_entry(tar: tarfile.TarFile, dir_fd: int, name: str, st: os.stat_result, arcname: str,
-               links: dict[tuple[int, int], str]) -> None:
+def _add_entry(dir_fd: int, name: str, st: os.stat_result, arcname: str, walk: _Walk) -> None:
     mode = st.st_mode
+    links = walk.links
+    if arcname in walk.skip:
+        return
     if stat.S_ISDIR(mode):
         try:
             fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
         except OSError:
             return  # swapped while we walked: skip it, never follow it
-        _add_dir(tar, fd, st, arcname, links)
+        _add_dir(fd, st, arcname, walk)
+        return
+    if walk.layer and stat.S_ISCHR(mode) and st.st_rdev == 0:  # an overlayfs whiteout
+        parent, _, base = arcname.rpartition("/")
+        ti = _tarinfo(st, f"{parent}/.wh.{base}" if parent else f".wh.{base}")
+        ti.mode = 0o644
+        walk.add(ti)
         return
     ti = _tarinfo(st, arcname)
     key = (st.st_dev, st.st_ino)
     if stat.S_ISREG(mode) and st.st_nlink > 1 and key in links:
         ti.type, ti.linkname = tarfile.LNKTYPE, links[key]
-        tar.addfile(ti)
+        walk.add(ti)
         return
     if stat.S_ISREG(mode):
         try:
@@ -233,7 +280,7 @@ def _add_entry(tar: tarfile.TarFile, dir_fd: int, name: str, st: os.stat_result,
                 return
             ti = _tarinfo(fst, arcname)
             ti.size = fst.st_size
-            tar.addfile(ti, _Exact(f, fst.st_size))
+            walk.add(ti, cast(IO[bytes], _Exact(f, fst.st_size)))
         if st.st_nlink > 1:
             links[key] = arcname
         return
@@ -246,25 +293,45 @@ def _add_entry(tar: tarfile.TarFile, dir_fd: int, name: str, st: os.stat_result,
         ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
     else:
         return  # sockets are not archived (as Docker)
-    tar.addfile(ti)
+    walk.add(ti)
 
 
-def _add_dir(tar: tarfile.TarFile, fd: int, st: os.stat_result, arcname: str,
-             links: dict[tuple[int, int], str]) -> None:
+def _add_dir(fd: int, st: os.stat_result, arcname: str, walk: _Walk) -> None:
     try:
         ti = _tarinfo(st, arcname)
         ti.type = tarfile.DIRTYPE
-        tar.addfile(ti)
-        with os.scandir(fd) as it:
-            entries = sorted(e.name for e in it)
-        for name in entries:
-            try:
-                est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            except OSError:
-                continue
-            _add_entry(tar, fd, name, est, f"{arcname}/{name}", links)
+        opaque = walk.layer and _opaque(fd)  # the directory hides what lower layers have in it
+        if not opaque and walk.unchanged_dir(arcname, st):
+            walk.pending.append(ti)  # written with the first entry under it, if one comes
+        else:
+            walk.add(ti)
+        if opaque:
+            wh = _tarinfo(st, f"{arcname}/.wh..wh..opq")
+            wh.mode = 0o644
+            walk.add(wh)
+        _add_children(fd, arcname + "/", walk)
+        if walk.pending and walk.pending[-1] is ti:
+            walk.pending.pop()  # nothing under it changed
     finally:
         os.close(fd)
+
+
+def _add_children(fd: int, prefix: str, walk: _Walk) -> None:
+    with os.scandir(fd) as it:
+        entries = sorted(e.name for e in it)
+    for name in entries:
+        try:
+            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            continue
+        _add_entry(fd, name, est, prefix + name, walk)
+
+
+def _opaque(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, "trusted.overlay.opaque") == b"y"
+    except OSError:
+        return False
 
 
 class _Exact:

@@ -357,6 +357,9 @@ class Engine:
         os.mkdir(root)  # (a new id: nothing is there)
         for d in ("upper", "work", "rootfs"):
             os.mkdir(root / d)
+        if not any(os.path.lexists(low / ".dockerenv") for low in img.lower_dirs):
+            # as dockerd: programs look for it to know they run in a container
+            os.close(os.open(root / "upper/.dockerenv", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755))
         record = {
             "Id": cid, "Created": utc_now(), "Path": args[0], "Args": args[1:],
             "State": {"Status": "created", "Running": False, "Paused": False, "Restarting": False,
@@ -378,7 +381,7 @@ class Engine:
         c.save()
         with self.lock:
             self.containers[cid] = c
-        self.events.emit("container", "create", cid, self._actor(c))
+        self.events.emit("container", "create", cid, self.actor(c))
         return c
 
     def _initial_networks(self, body: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -603,7 +606,7 @@ class Engine:
             go.release()
         if go.ok:
             self._network_events(c, "connect")  # as dockerd: the endpoints, then the start
-            self.events.emit("container", "start", c.id, self._actor(c))
+            self.events.emit("container", "start", c.id, self.actor(c))
 
     def _start(self, c: Container, go: _Go) -> None:
         with c.lock:
@@ -723,8 +726,8 @@ class Engine:
             c.save()  # (a crash before this is a crash while running, which start-up records as such)
         steps("state")
         if oom:
-            self.events.emit("container", "oom", c.id, self._actor(c))
-        self.events.emit("container", "die", c.id, self._actor(c, exitCode=str(code)))
+            self.events.emit("container", "oom", c.id, self.actor(c))
+        self.events.emit("container", "die", c.id, self.actor(c, exitCode=str(code)))
         self._network_events(c, "disconnect")
         if c.r["HostConfig"].get("AutoRemove"):  # (never with a restart policy): gone before the clean-up
             with contextlib.suppress(EngineError):
@@ -837,7 +840,7 @@ class Engine:
         if timeout < 0 or not self._wait_exit(c, seq, float(timeout) if timeout >= 0 else None):
             runtime.kill(c.runtime_id, "KILL", all_processes=True)
             self._wait_exit(c, seq, 30)
-        self.events.emit("container", "stop", c.id, self._actor(c))
+        self.events.emit("container", "stop", c.id, self.actor(c))
         return True
 
     def kill(self, c: Container, signal_name: str | None = None) -> None:
@@ -851,12 +854,12 @@ class Engine:
         if sig == signal.SIGKILL:
             c.stopping = True  # docker kill is a manual stop for restart policies
         runtime.kill(c.runtime_id, str(sig), all_processes=sig == signal.SIGKILL)
-        self.events.emit("container", "kill", c.id, self._actor(c, signal=str(sig)))
+        self.events.emit("container", "kill", c.id, self.actor(c, signal=str(sig)))
 
     def restart(self, c: Container, timeout: int | None = None) -> None:
         self.stop(c, timeout)
         self.start(c)
-        self.events.emit("container", "restart", c.id, self._actor(c))
+        self.events.emit("container", "restart", c.id, self.actor(c))
 
     def wait(self, c: Container, condition: str = "not-running", seq: int | None = None) -> int:
         """Block until ``condition``; ``seq`` is the exit count seen when the wait was asked
@@ -880,7 +883,7 @@ class Engine:
         runtime.crun("resume" if resume else "pause", c.runtime_id)
         c.state.update(Paused=not resume, Status="running" if resume else "paused")
         c.save()
-        self.events.emit("container", "unpause" if resume else "pause", c.id, self._actor(c))
+        self.events.emit("container", "unpause" if resume else "pause", c.id, self.actor(c))
 
     def remove(self, c: Container, force: bool = False, volumes: bool = False) -> None:
         with c.lock:
@@ -911,7 +914,7 @@ class Engine:
             c.root = self._to_trash(c.root)
             c.exited.notify_all()
         self.housekeeper.defer(c.id, lambda: self._settle(c), "removal")
-        self.events.emit("container", "destroy", c.id, self._actor(c))
+        self.events.emit("container", "destroy", c.id, self.actor(c))
         if volumes or c.r["HostConfig"].get("AutoRemove"):
             self._remove_anonymous_volumes(c)
 
@@ -946,10 +949,12 @@ class Engine:
             c.gone.set()
 
     @contextlib.contextmanager
-    def container_root(self, c: Container):  # type: ignore[no-untyped-def]
-        """A directory fd of the container's root for `cp`: the running container's own view
-        (/proc/PID/root, with its mounts), or its file system mounted for the copy."""
-        pid = int(c.state.get("Pid") or 0) if c.running else 0
+    def container_root(self, c: Container, own_view: bool = True):  # type: ignore[no-untyped-def]
+        """A directory fd of the container's root: for `cp`, the running container's own
+        view (/proc/PID/root, with its mounts); without ``own_view`` (`export`) and for a
+        stopped container, its overlay as the engine mounts it (no volumes, no /proc),
+        mounted for the while if it is not."""
+        pid = int(c.state.get("Pid") or 0) if c.running and own_view else 0
         if pid:
             try:
                 fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -1047,7 +1052,7 @@ class Engine:
         name = self._unique_name(new)
         c.r["Name"] = "/" + name
         c.save()
-        self.events.emit("container", "rename", c.id, self._actor(c, name=name))
+        self.events.emit("container", "rename", c.id, self.actor(c, name=name))
 
     def update(self, c: Container, body: dict[str, Any]) -> list[str]:
         """`docker update`: new limits in the record, and in the live cgroup when running."""
@@ -1070,7 +1075,7 @@ class Engine:
             except OSError as exc:
                 raise EngineError(500, f"Cannot update container {c.id}: {exc}") from None
         c.save()
-        self.events.emit("container", "update", c.id, self._actor(c))
+        self.events.emit("container", "update", c.id, self.actor(c))
         return warnings
 
     def changes(self, c: Container) -> list[dict[str, Any]]:
@@ -1093,7 +1098,7 @@ class Engine:
                 in_lower = any(os.path.lexists(str(low) + rel) for low in lowers)
                 out.append({"Path": rel, "Kind": 0 if in_lower else 1})
         # mount points the engine adds (Docker keeps these in its hidden init layer)
-        mounts = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev", "/proc", "/sys", "/dev/shm"}
+        mounts = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf", "/dev", "/proc", "/sys", "/dev/shm", "/.dockerenv"}
         mounts.update(m.get("Destination", "") for m in c.r.get("Mounts") or [])
         out = [ch for ch in out if not (ch["Kind"] == 1 and ch["Path"] in mounts)]
         out.sort(key=lambda ch: ch["Path"])
@@ -1160,7 +1165,7 @@ class Engine:
         e.process = proc
         e.running = True
         e.pid = proc.proc.pid
-        self.events.emit("container", "exec_start", c.id, self._actor(c, execID=e.id))
+        self.events.emit("container", "exec_start", c.id, self.actor(c, execID=e.id))
 
         def waiter() -> None:
             rc = proc.proc.wait()
@@ -1175,7 +1180,7 @@ class Engine:
             e.exit_code = rc
             e.running = False
             e.done.set()
-            self.events.emit("container", "exec_die", c.id, self._actor(c, execID=e.id, exitCode=str(rc)))
+            self.events.emit("container", "exec_die", c.id, self.actor(c, execID=e.id, exitCode=str(rc)))
 
         workers.spawn(waiter, name=f"exec-{e.id[:12]}")
         return proc
@@ -1206,7 +1211,7 @@ class Engine:
         return path
 
     @staticmethod
-    def _actor(c: Container, **extra: str) -> dict[str, str]:
+    def actor(c: Container, **extra: str) -> dict[str, str]:
         """A container event's attributes, as Docker's: its labels, its image as given, its
         name (what `events --filter label=|image=|container=` look at)."""
         cfg = c.r["Config"]

@@ -182,12 +182,12 @@ def pull(engine: Any, text: str, platform: str | None, auth: dict[str, str] | No
         del descs
     except (RegistryError, StoreError, LayerError, OSError, ValueError) as exc:
         log.warning("pull of %s failed: %s", text, exc)
-        _discard(store, committed)
+        store.discard_unused_blobs(committed)
         fail(str(exc))
         return None
     except Exception as exc:  # the HTTP status is already sent: report in the stream
         log.exception("pull of %s failed", text)
-        _discard(store, committed)
+        store.discard_unused_blobs(committed)
         fail(f"internal error: {exc}")
         return None
     finally:
@@ -234,18 +234,6 @@ def _layer_plan(config_bytes: bytes, layers: Sequence[Descriptor]) -> dict[str, 
         plan.setdefault(d.digest, (parent, diff_id, chain))
         parent = chain
     return plan
-
-
-def _discard(store: Any, digests: list[str]) -> None:
-    """A failed pull leaves the store as it found it: drop the blobs it committed that no
-    image uses (a later pull downloads them again)."""
-    used = set()
-    for img in store.images():
-        used.add(img.id)
-        used.update(d for d, _ in img.layers)
-    for d in digests:
-        if d not in used:
-            store.blob_path(d).unlink(missing_ok=True)
 
 
 def _exists(store: Any, ref: str) -> str | None:

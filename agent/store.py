@@ -466,6 +466,35 @@ class Store:
             self.commit_blob(tmp, actual, len(data))
         return actual
 
+    def put_layer_tar(self, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+        """Store as a blob the uncompressed layer tar that ``write`` writes to the file it is
+        given (a commit's changes, an import's tar), hashed as it is written; returns its
+        digest, which is also its diff_id, and its size."""
+        staged = self.root / "tmp" / f"layer-{uuid.uuid4().hex}"
+        try:
+            with open(staged, "wb") as f:
+                out = _HashingWriter(f)
+                write(cast(BinaryIO, out))
+                f.flush()
+                os.fsync(f.fileno())
+            digest = "sha256:" + out.hash.hexdigest()
+            self._install_blob(staged, digest)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        return digest, out.size
+
+    def discard_unused_blobs(self, digests: Iterable[str]) -> None:
+        """Drop the blobs among ``digests`` that no image uses: what a failed pull, commit or
+        import committed, so the store is left as it was found."""
+        used = set()
+        for img in self.images():
+            used.add(img.id)
+            used.update(d for d, _ in img.layers)
+        for d in digests:
+            if d not in used:
+                self.blob_path(d).unlink(missing_ok=True)
+
     # -- layers ---------------------------------------------------------------------------
 
     def layer_dir(self, chain: str) -> Path:
@@ -1017,6 +1046,21 @@ def _feed(src: _HashReader, proc: subprocess.Popen[bytes]) -> None:
             proc.stdin.close()
 
 
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.hash, self.size = f, fast_sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _compression(media_type: str | None, f: BinaryIO) -> str:
     if media_type in _GZIP_TYPES:
         return "gzip"
@@ -1106,7 +1150,8 @@ def _save_archive(store: Store, images: list[tuple[ImageRecord, list[str]]], out
             _add_bytes(tf, "manifest.json", json.dumps(docker_manifest).encode())
 
 
-def _host_arch() -> str:
+def host_arch() -> str:
+    """The guest's architecture as OCI names it (amd64, arm64)."""
     m = platform.machine().lower()
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(m, m)
 
@@ -1258,7 +1303,7 @@ class _Loader:
         if desc.get("mediaType") in _INDEX_TYPES or "manifests" in doc:
             children = _descriptors(doc, path)
             images = [c for c in children if (c.get("platform") or {}).get("os") != "unknown"]
-            match = [c for c in images if (c.get("platform") or {}).get("architecture") == _host_arch()]
+            match = [c for c in images if (c.get("platform") or {}).get("architecture") == host_arch()]
             ids = []
             for child in (match[:1] or images):
                 ids.extend(self.load_manifest(child, tags, depth + 1))

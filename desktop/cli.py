@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from desktop import about_cli, docker_context, engine_cli, events_cli, groups_cli, network_cli, watch_cli
+from desktop import about_cli, commit_cli, docker_context, engine_cli, events_cli, groups_cli, network_cli, watch_cli
 from vmkit.errors import AlreadyRunning, ConfigError, ImageError, NotRunning, VMKitError
 
 log = logging.getLogger("pydesk")
@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_guest_build)
     engine_cli.register(sub)
     watch_cli.register(sub)
+    commit_cli.register(sub)
     about_cli.register(sub)
     events_cli.register(sub)
     network_cli.register(sub)

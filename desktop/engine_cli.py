@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from desktop import dockerpy
 from desktop import engine_opts as opts
@@ -346,25 +346,32 @@ def _save_auth(server: str, auth: str | None) -> bool:
 
 @handles_errors()
 def cmd_save(args: argparse.Namespace) -> int:
-    import requests.exceptions
-
     client = engine(args)
     api = client.api
     if not args.output and sys.stdout.isatty():
         raise Fail("cowardly refusing to save to a terminal. Use the -o flag or redirect")
     res = api._get(api._url("/images/get"), params={"names": args.images}, stream=True)
     api._raise_for_status(res)
+    write_archive(res, args.output, "save")
+    return 0
+
+
+def write_archive(res: Any, output: str | None, verb: str) -> None:
+    """An archive the engine streams (save, export) to ``output``, or to stdout: a file only
+    once it is whole (a cut stream leaves no half archive under its name)."""
+    import requests.exceptions
+
     chunks = res.iter_content(1 << 20, decode_unicode=False)
     cut = "the engine stopped sending the archive part-way (its log in the VM, /run/pydesk/engine.log, says why)"
-    if not args.output:
+    if not output:
         try:
             for chunk in chunks:
                 sys.stdout.buffer.write(chunk)
         except requests.exceptions.ChunkedEncodingError:
-            raise Fail(f"failed to save: {cut}") from None
+            raise Fail(f"failed to {verb}: {cut}") from None
         sys.stdout.flush()
-        return 0
-    out = Path(args.output)
+        return
+    out = Path(output)
     tmp = out.with_name(f".{out.name}.pydesk-tmp")
     try:
         with open(tmp, "wb") as f:
@@ -373,26 +380,16 @@ def cmd_save(args: argparse.Namespace) -> int:
         os.replace(tmp, out)
     except requests.exceptions.ChunkedEncodingError:
         tmp.unlink(missing_ok=True)
-        raise Fail(f"failed to save to {args.output}: {cut}") from None
+        raise Fail(f"failed to {verb} to {output}: {cut}") from None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise Fail(f"failed to save to {args.output}: {exc.strerror or exc}") from None
-    return 0
+        raise Fail(f"failed to {verb} to {output}: {exc.strerror or exc}") from None
 
 
 @handles_errors()
 def cmd_load(args: argparse.Namespace) -> int:
     client = engine(args)
-    if args.input:
-        try:
-            data = open(args.input, "rb")
-        except OSError as exc:
-            raise Fail(f"open {args.input}: {(exc.strerror or str(exc)).lower()}") from None
-    else:
-        if streams.stdin_is_tty():
-            raise Fail("requested load from stdin, but stdin is empty")
-        data = sys.stdin.buffer
-    with data:
+    with open_input(args.input, "load") as data:
         for ev in client.api.load_image(data, quiet=args.quiet):
             if ev.get("error"):
                 raise Fail(ev["error"])
@@ -400,6 +397,19 @@ def cmd_load(args: argparse.Namespace) -> int:
             if text:
                 print(text, flush=True)
     return 0
+
+
+def open_input(path: str | None, verb: str) -> IO[bytes]:
+    """The archive a command reads (load, import): the file, or stdin when there is none
+    or it is ``-`` (not a terminal: nothing would come)."""
+    if path and path != "-":
+        try:
+            return open(path, "rb")
+        except OSError as exc:
+            raise Fail(f"open {path}: {(exc.strerror or str(exc)).lower()}") from None
+    if streams.stdin_is_tty():
+        raise Fail(f"requested {verb} from stdin, but stdin is empty")
+    return sys.stdin.buffer
 
 
 # --- containers: create / run ---------------------------------------------------------------
@@ -447,8 +457,10 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         host["DnsOptions"] = list(args.dns_option)
     if args.publish_all:
         host["PublishAllPorts"] = True
-    if args.volume:
-        host["Binds"] = list(args.volume)
+    # -v /path (no source) is an anonymous volume, as docker's CLI sends it: in Config.Volumes
+    anonymous = [v for v in args.volume or [] if ":" not in v]
+    if binds := [v for v in args.volume or [] if ":" in v]:
+        host["Binds"] = binds
     if getattr(args, "mount", None):
         from desktop.files_cli import parse_mount
 
@@ -485,6 +497,8 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         cfg["Labels"] = opts.parse_labels(args.label)
     if exposed:
         cfg["ExposedPorts"] = exposed
+    if anonymous:
+        cfg["Volumes"] = {v: {} for v in anonymous}
     if cfg_networking:
         cfg["NetworkingConfig"] = cfg_networking
     return cfg

@@ -13,11 +13,12 @@ from desktop.engine_cli import _section, cmd_inspect, confirm, engine, handles_e
 
 #: (name in the group, the top-level command it is, aliases)
 IMAGE = (("ls", "images", ["list"]), ("rm", "rmi", ["remove"]), ("inspect", "inspect", []), ("tag", "tag", []),
-         ("pull", "pull", []), ("save", "save", []), ("load", "load", []), ("history", "history", []))
+         ("pull", "pull", []), ("save", "save", []), ("load", "load", []), ("history", "history", []),
+         ("import", "import", []))
 CONTAINER = (("ls", "ps", ["list", "ps"]), ("rm", "rm", ["remove"]), ("inspect", "inspect", []),
              *((n, n, []) for n in ("run", "create", "start", "stop", "restart", "kill", "wait", "attach",
                                     "logs", "exec", "top", "stats", "pause", "unpause", "rename", "port", "cp",
-                                    "diff", "update")))
+                                    "diff", "update", "commit", "export")))
 
 
 @handles_errors()

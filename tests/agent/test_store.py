@@ -107,13 +107,6 @@ def snapshot(root: Path) -> list[tuple[str, int, int, bytes]]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def guard(tmp_path: Path, store: Store) -> Iterator[None]:
     """Sentinel dir next to the store and /tmp/outside must be untouched by the test."""
     sentinel = tmp_path / "sentinel"

@@ -9,7 +9,6 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,6 @@ from tests.agent.test_store import HOSTILE_TARS, snapshot
 from tests.support.registry import RunningRegistry
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="store tests run as root")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store")
-    yield s
-    s.close()
 
 
 def _layer(registry: RunningRegistry, name: str = "busybox", index: int = 0) -> tuple[Descriptor, str, bytes]:

@@ -145,7 +145,7 @@ def test_run_flags_to_create_body(tmp_path: Path) -> None:
     args = parse("run", "-d", "--rm", "-e", "A=1", "--env-file", str(envf), "-w", "/w", "-u", "1000:1000",
                  "--name", "web", "--entrypoint", "/bin/sh", "-l", "k=v", "--read-only", "--init",
                  "-m", "32m", "--cpus", "1.5", "--pids-limit", "20", "--network", "none", "--hostname", "h",
-                 "-v", "/a:/b:ro", "-p", "8080:80", "busybox", "-c", "echo hi")
+                 "-v", "/a:/b:ro", "-v", "/anon", "-p", "8080:80", "busybox", "-c", "echo hi")
     assert args.name == "default"  # the VM; --name after `run` names the container
     assert args.container_name == "web"
     cfg = engine_cli.container_config(args, environ={})
@@ -164,6 +164,7 @@ def test_run_flags_to_create_body(tmp_path: Path) -> None:
     assert host["AutoRemove"] is True and host["ReadonlyRootfs"] is True and host["Init"] is True
     assert host["NetworkMode"] == "none"
     assert host["Binds"] == ["/a:/b:ro"]
+    assert cfg["Volumes"] == {"/anon": {}}  # -v with no source: an anonymous volume, as docker's CLI sends it
     assert host["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -489,6 +490,7 @@ SAME_OUTPUT = [
     ("run", "--rm", "--hostname", "myhost", "busybox", "sh", "-c", "hostname; echo $HOSTNAME; env | sort"),
     ("run", "--rm", "--user", "nosuchuser", "busybox", "true"),
     ("run", "--rm", "busybox", "sh", "-c", "mount | grep -E ' / | /proc | /sys ' | cut -d' ' -f1,3,5"),
+    ("run", "--rm", "busybox", "stat", "-c", "%n %a %s %U", "/.dockerenv"),
     ("create", "--name", "bad name", "busybox"),
     ("rm", "no-such-container"),
     ("stop", "no-such-container"),
@@ -563,6 +565,26 @@ def test_start_failure_like_a_real_dockerd(docker: DockerCLI, reference: DockerC
         assert len(lines) == 1, r.stderr
         assert lines[0].startswith("docker: Error response from daemon: failed to create ")
         assert lines[0].endswith('exec: "no-such-command": executable file not found in $PATH: unknown.')
+
+
+def test_commit_export_import_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI, tmp_path: Path) -> None:
+    def session(cli: DockerCLI) -> list[tuple[int, str]]:
+        n = name()
+        img, imported, archive = f"pdtest-{n}:v1", f"pdtest-{n}:imp", tmp_path / f"{n}.tar"
+        steps = [cli("run", "--name", n, "busybox", "sh", "-c", "echo made > /made; rm /bin/ls"),
+                 cli("commit", "-c", "FROM busybox", n), cli("commit", "-c", "EXPOSE eighty", n),
+                 cli("commit", "-c", "CMD cat /made", "-c", "ENV A=1", "-m", "msg", n, img),
+                 cli("run", "--rm", img), cli("run", "--rm", img, "sh", "-c", "ls /bin/ls; echo $A"),
+                 cli("image", "inspect", "--format", "{{.Config.Cmd}} {{.Comment}} {{len .RootFS.Layers}}", img),
+                 cli("export", "-o", str(archive), n),
+                 cli("import", "-c", "CMD cat /made", str(archive), imported),
+                 cli("run", "--rm", imported),
+                 cli("image", "inspect", "--format", "{{.Config.Cmd}} {{.Comment}} {{len .RootFS.Layers}}", imported),
+                 cli("rm", n), cli("rmi", img, imported)]
+        out = [(s.returncode, (s.stdout + s.stderr).replace(n, "NAME")) for s in steps]
+        return [(rc, re.sub(r"sha256:[0-9a-f]{64}", "ID", text)) for rc, text in out]
+
+    assert session(docker) == session(reference)
 
 
 def test_detached_lifecycle_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -97,6 +98,40 @@ def test_attach_socket_and_put_get(docker_client) -> None:  # type: ignore[no-un
         assert api.wait(cid, condition="not-running")["StatusCode"] == 0
     finally:
         api.remove_container(cid, force=True)
+
+
+def test_commit_with_a_config_export_and_import(docker_client) -> None:  # type: ignore[no-untyped-def]
+    import io
+    import tarfile
+
+    c = docker_client.containers.run("busybox", ["sh", "-c", "echo hi > /greeting; sleep 600"], detach=True)
+    tags = []
+    try:
+        deadline = time.monotonic() + 30
+        while c.exec_run(["test", "-f", "/greeting"]).exit_code != 0 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        # the request's config, then the changes on top, as dockerd merges them
+        image = c.commit("pydesk-py/committed", "t1", message="m", author="a",
+                         conf={"Cmd": ["cat", "/greeting"], "Env": ["FROM_CONF=1"]}, changes=["ENV FROM_CHANGE=2"])
+        tags.append("pydesk-py/committed:t1")
+        assert image.tags == ["pydesk-py/committed:t1"]
+        assert image.attrs["Config"]["Cmd"] == ["cat", "/greeting"]
+        assert image.attrs["Config"]["Env"] == ["FROM_CONF=1", "FROM_CHANGE=2"]
+        assert docker_client.containers.run(image.id, remove=True) == b"hi\n"
+        data = b"".join(c.export(chunk_size=1 << 16))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+            assert tf.extractfile("greeting").read() == b"hi\n"  # type: ignore[union-attr]
+        out = docker_client.api.import_image_from_data(data, repository="pydesk-py/imported", tag="t1",
+                                                       changes=["CMD cat /greeting"])
+        tags.append("pydesk-py/imported:t1")
+        assert json.loads(out.splitlines()[-1])["status"].startswith("sha256:")
+        assert docker_client.containers.run("pydesk-py/imported:t1", remove=True) == b"hi\n"
+        with pytest.raises(docker.errors.APIError, match="a tag needs a repository name"):
+            docker_client.api.commit(c.id, tag="t2")
+    finally:
+        c.remove(force=True)
+        for t in tags:
+            docker_client.images.remove(t)
 
 
 def _read_until(raw, text: bytes, timeout: float = 60) -> bytes:  # type: ignore[no-untyped-def]

@@ -562,6 +562,75 @@ def test_images_tag_rmi_save_load(vm: Pydesk, tmp_path) -> None:  # type: ignore
     assert "No such image" in one_line_error(vm("rmi", "no-such-image:nope"))
 
 
+def test_commit_export_import(vm: Pydesk, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+    import tarfile
+
+    n, still = name(), name()
+    img = f"pdtest/{n}"
+    script = ("echo made > /made; rm /bin/ls; rm -rf /home; mkdir -p /home/new; echo x > /home/new/f; "
+              "echo vol > /data/v; touch /ready; sleep 600")
+    vm("run", "-d", "--name", n, "-v", "/data", "busybox", "sh", "-c", script, check=True)
+    vm("run", "-d", "--name", still, "busybox", "sleep", "600", check=True)
+    try:
+        deadline = time.monotonic() + 30
+        while vm("exec", n, "test", "-f", "/ready").returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        out = vm("commit", "-c", "CMD cat /made", "-c", "ENV ADDED=1", "-m", "the message", "-a", "Me <me@example.com>",
+                 n, f"{img}:v1", check=True).stdout.strip()
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", out), out
+        state = json.loads(vm("inspect", n, check=True).stdout)[0]["State"]
+        assert state["Running"] and not state["Paused"]  # paused for the commit, then resumed
+        assert vm("run", "--rm", f"{img}:v1", check=True).stdout == "made\n"
+        seen = vm("run", "--rm", f"{img}:v1", "sh", "-c", "ls /bin/ls; ls -A /home; echo $ADDED; ls -A /data; ls /ready",
+                  ).stdout.split()
+        assert seen == ["new", "1", "/ready"], seen  # ls and the old /home are gone; the volume's files are not in it
+        info = json.loads(vm("image", "inspect", f"{img}:v1", check=True).stdout)[0]
+        cid = json.loads(vm("inspect", n, check=True).stdout)[0]["Id"]
+        assert (info["Id"], info["Comment"], info["Author"], info["Container"]) == (out, "the message",
+                                                                                    "Me <me@example.com>", cid)
+        assert info["Config"]["Cmd"] == ["/bin/sh", "-c", "cat /made"] and "ADDED=1" in info["Config"]["Env"]
+        assert info["Config"]["Volumes"] == {"/data": {}}  # the container's volume, declared, as dockerd's commit
+        busybox = json.loads(vm("image", "inspect", "busybox", check=True).stdout)[0]
+        assert info["RootFS"]["Layers"][:-1] == busybox["RootFS"]["Layers"] and len(info["RootFS"]["Layers"]) == \
+            len(busybox["RootFS"]["Layers"]) + 1
+        assert vm("history", "--format", "{{.Comment}}", f"{img}:v1", check=True).stdout.splitlines()[0] == "the message"
+        # nothing changed: no new layer, as dockerd
+        vm("commit", still, f"{img}:same", check=True)
+        same = json.loads(vm("image", "inspect", f"{img}:same", check=True).stdout)[0]
+        assert same["RootFS"]["Layers"] == busybox["RootFS"]["Layers"]
+        assert one_line_error(vm("commit", "-c", "FROM busybox", n)) == "pydesk: error: from is not a valid change command"
+
+        exported = tmp_path / "fs.tar"
+        vm("export", "-o", str(exported), n, check=True)
+        with tarfile.open(exported) as tf:
+            names = set(tf.getnames())
+        assert {"made", "bin/busybox", "home/new/f", "etc/passwd"} <= names
+        assert "bin/ls" not in names and "data/v" not in names and not any(x.startswith("proc/") for x in names)
+        out = vm("import", "-c", 'CMD ["/bin/cat", "/made"]', "-m", "imported", str(exported), f"{img}:imp",
+                 check=True).stdout.strip()
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", out), out
+        assert vm("run", "--rm", f"{img}:imp", check=True).stdout == "made\n"
+        imp = json.loads(vm("image", "inspect", f"{img}:imp", check=True).stdout)[0]
+        assert imp["Comment"] == "imported" and len(imp["RootFS"]["Layers"]) == 1
+        packed = tmp_path / "fs.tar.gz"
+        packed.write_bytes(gzip.compress(exported.read_bytes(), compresslevel=1))
+        vm("image", "import", str(packed), f"{img}:gz", check=True)
+        assert vm("run", "--rm", f"{img}:gz", "cat", "/home/new/f", check=True).stdout == "x\n"
+
+        images_before = vm("images", "-q", "--no-trunc", check=True).stdout
+        garbage = tmp_path / "garbage.tar"
+        garbage.write_bytes(b"this is not a tar archive" * 100)
+        assert "invalid header" in one_line_error(vm("import", str(garbage), f"{img}:bad"))
+        assert vm("images", "-q", "--no-trunc", check=True).stdout == images_before
+        assert "No such container" in one_line_error(vm("export", "-o", str(tmp_path / "x.tar"), "no-such-container"))
+        assert not (tmp_path / "x.tar").exists()
+    finally:
+        vm("rm", "-f", "-v", n, still)
+        for tag in ("v1", "same", "imp", "gz"):
+            vm("rmi", f"{img}:{tag}")
+
+
 def test_pull_output_and_errors(vm: Pydesk) -> None:
     out = vm("pull", "busybox")
     assert out.returncode == 0, out.stderr
