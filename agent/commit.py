@@ -77,8 +77,9 @@ def commit(engine: Any, c: Container, *, tag: str | None, comment: str, author: 
         raise CommitError(404, f"the image of container {c.name} is not in the store any more") from None
     config = image_config(c.r["Config"], overrides, change_list)
     lowers = base_image.lower_dirs
-    skip = frozenset(m for m in (*ENGINE_MOUNTS, *(str(v.get("Destination", "")).strip("/")
-                                                   for v in c.r.get("Mounts") or []))
+    targets = [str(v.get("Destination", "")) for v in c.r.get("Mounts") or []]
+    targets += list(c.r["HostConfig"].get("Tmpfs") or {})
+    skip = frozenset(m for m in (*ENGINE_MOUNTS, *(os.path.normpath(t).strip("/") for t in targets if t))
                      if m and not any(os.path.lexists(low / m) for low in lowers))
     paused_here = False
     if pause and c.running and not c.state.get("Paused"):

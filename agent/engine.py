@@ -32,9 +32,9 @@ from agent.network import SPARES, Network, NetworkError, Networks
 from agent.dns import NameServer, resolv_conf_servers
 from agent.ports import HOST_GATEWAY, PortBroker, PortError, docker_port_map, host_service_ports
 from agent.ports import requested as requested_ports
-from agent.rootpath import lookup_user, resolve_in_root
+from agent.rootpath import lookup_groups, lookup_user, resolve_in_root
 from agent.store import ImageInUse, ImageNotFound, Store, StoreError
-from agent.volumes import VolumeError, Volumes
+from agent.volumes import VolumeError, Volumes, tmpfs_options
 from agent.volumes import plan as plan_mounts
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class EngineError(Exception):
 
 def not_found(what: str) -> EngineError:
     return EngineError(404, what)
+
+
+#: What dockerd sets in a container's own network namespace unless told otherwise: any user may
+#: bind ports below 1024 and send ICMP echo (ping without privileges).
+NET_SYSCTLS = {"net.ipv4.ip_unprivileged_port_start": "0", "net.ipv4.ping_group_range": "0 2147483647"}
 
 
 def normalize(ref: str) -> str:
@@ -350,6 +355,10 @@ class Engine:
             "StopTimeout": body.get("StopTimeout"),
         }
         try:
+            runtime.rlimits(host.get("Ulimits"))  # refused now rather than at every start
+        except ValueError as exc:
+            raise EngineError(400, str(exc)) from None
+        try:
             mounts = plan_mounts(host, config["Volumes"] or {}, self.volumes)
         except VolumeError as exc:
             raise EngineError(exc.status, exc.message) from exc
@@ -513,11 +522,16 @@ class Engine:
         user = cfg.get("User") or ""
         uid = gid = 0
         extra: tuple[int, ...] = ()
-        if user:
-            try:
+        try:
+            if user:
                 uid, gid, extra = lookup_user(c.rootfs, user)
-            except KeyError as exc:
-                raise EngineError(400, str(exc).strip("'\"")) from exc
+            extra += lookup_groups(c.rootfs, list(host.get("GroupAdd") or []))
+        except KeyError as exc:
+            raise EngineError(400, str(exc).strip("'\"")) from exc
+        sysctls = dict(host.get("Sysctls") or {})
+        mode = host.get("NetworkMode") or ""
+        if mode != "host" and not mode.startswith("container:"):  # a network namespace of its own
+            sysctls = {**NET_SYSCTLS, **sysctls}
         args = [c.r["Path"], *c.r["Args"]]
         mounts = [runtime.Mount(p, str(c.root / f), options=("rbind", "rprivate"))
                   for p, f in (("/etc/hosts", "hosts"), ("/etc/hostname", "hostname"), ("/etc/resolv.conf", "resolv.conf"))]
@@ -531,14 +545,15 @@ class Engine:
             id=c.id, rootfs=str(c.rootfs),
             process=runtime.ProcessSpec(args=tuple(args), env=tuple(cfg.get("Env") or ()), cwd=cfg.get("WorkingDir") or "/",
                                         uid=uid, gid=gid, additional_gids=_with_primary(gid, extra), terminal=c.tty,
-                                        console_size=console_size(host.get("ConsoleSize")) if c.tty else None),
+                                        console_size=console_size(host.get("ConsoleSize")) if c.tty else None,
+                                        rlimits=runtime.rlimits(host.get("Ulimits"))),
             hostname=cfg["Hostname"], mounts=tuple(mounts),
             resources=runtime.Resources(memory=memory, memory_swap=(swap if swap and swap > 0 else (memory if memory and swap in (None, 0) else None)),
                                         nano_cpus=host.get("NanoCpus") or None, cpu_shares=host.get("CpuShares") or None,
                                         pids_limit=host.get("PidsLimit") or None),
             readonly_rootfs=bool(host.get("ReadonlyRootfs")), netns=netns, privileged=bool(host.get("Privileged")),
             cap_add=tuple(host.get("CapAdd") or ()), cap_drop=tuple(host.get("CapDrop") or ()),
-            sysctls=tuple((host.get("Sysctls") or {}).items()),
+            sysctls=tuple(sysctls.items()),
             shm_size=host.get("ShmSize") or 64 * 1024 * 1024,
             seccomp_bpf=None if host.get("Privileged") else seccomp.default_program(),
         )
@@ -572,6 +587,11 @@ class Engine:
                     raise EngineError(400, f"bind source path does not exist: {src} (is its folder still shared "
                                            "with the VM? see `pydesk vm start --share`)")
             mounts.append(runtime.Mount(dst, src, options=("rbind", "rprivate") + ro))
+        for dst, spec in (c.r["HostConfig"].get("Tmpfs") or {}).items():  # --tmpfs: not among the Mounts records
+            opts, read_only = tmpfs_options(spec or "", dst)
+            mounts.append(runtime.Mount(os.path.normpath(dst), "tmpfs", type="tmpfs",
+                                        options=opts + (("ro",) if read_only else ())))
+        mounts.sort(key=lambda m: m.destination.count("/"))  # parents first (a stable sort)
         return mounts
 
     def _top_up_spares(self, net: Network) -> None:

@@ -77,16 +77,7 @@ def lookup_user(root: Path, user: str) -> tuple[int, int, tuple[int, ...]]:
             raise KeyError(f"unable to find user {name}: no matching entries in passwd file")
         uid, gid = int(name), 0
     if group:
-        gid = None
-        for line in groups:
-            f = line.split(":")
-            if len(f) >= 3 and (f[0] == group or (group.isdigit() and f[2] == group)):
-                gid = int(f[2])
-                break
-        if gid is None:
-            if not group.isdigit():
-                raise KeyError(f"unable to find group {group}: no matching entries in group file")
-            gid = int(group)
+        gid = _group_id(groups, group, "unable")
     extra = []
     if username:
         for line in groups:
@@ -94,3 +85,21 @@ def lookup_user(root: Path, user: str) -> tuple[int, int, tuple[int, ...]]:
             if len(f) >= 4 and username in f[3].split(",") and f[2].isdigit() and int(f[2]) != gid:
                 extra.append(int(f[2]))
     return uid, gid, tuple(extra)
+
+
+def lookup_groups(root: Path, names: list[str]) -> tuple[int, ...]:
+    """``--group-add`` semantics: each a gid or a group name from the container's /etc/group."""
+    if not names:
+        return ()
+    groups = (read_in_root(root, "/etc/group") or b"").decode(errors="replace").splitlines()
+    return tuple(_group_id(groups, g, "Unable") for g in names)
+
+
+def _group_id(lines: list[str], group: str, word: str) -> int:
+    for line in lines:
+        f = line.split(":")
+        if len(f) >= 3 and (f[0] == group or (group.isdigit() and f[2] == group)) and f[2].isdigit():
+            return int(f[2])
+    if not group.isdigit():  # (dockerd's two messages differ in their first letter)
+        raise KeyError(f"{word} to find group {group}: no matching entries in group file")
+    return int(group)

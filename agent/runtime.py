@@ -76,6 +76,34 @@ class Mount:
         return {"destination": self.destination, "type": self.type, "source": self.source, "options": list(self.options)}
 
 
+#: `--ulimit` names and the limits they set.
+RLIMITS = {name: f"RLIMIT_{name.upper()}" for name in (
+    "as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice", "nofile", "nproc", "rss",
+    "rtprio", "rttime", "sigpending", "stack")}
+#: What every container gets unless told otherwise (as Docker Desktop's engine).
+DEFAULT_RLIMITS = (("RLIMIT_NOFILE", 1048576, 1048576),)
+
+
+def rlimits(ulimits: list[dict[str, Any]] | None) -> tuple[tuple[str, int, int], ...]:
+    """HostConfig.Ulimits ([{Name, Soft, Hard}]) as (RLIMIT_…, soft, hard), over the defaults;
+    ValueError for a name or a pair the kernel would refuse."""
+    out = {t: (soft, hard) for t, soft, hard in DEFAULT_RLIMITS}
+    for u in ulimits or []:
+        if not isinstance(u, dict):
+            raise ValueError(f"invalid ulimit {u!r}")  # noqa: TRY004 (a bad request, answered 400)
+        name = str(u.get("Name") or "")
+        if name not in RLIMITS:
+            raise ValueError(f"invalid ulimit type: {name}")
+        try:
+            soft, hard = int(u.get("Soft", 0)), int(u.get("Hard", 0))
+        except (TypeError, ValueError):
+            raise ValueError(f"invalid ulimit {name}: soft and hard must be numbers") from None
+        if soft > hard and hard != -1:
+            raise ValueError(f"ulimit soft limit must be less than or equal to hard limit: {soft} > {hard}")
+        out[RLIMITS[name]] = (soft, hard)
+    return tuple((t, soft, hard) for t, (soft, hard) in out.items())
+
+
 @dataclasses.dataclass(frozen=True)
 class ProcessSpec:
     args: tuple[str, ...]
@@ -86,6 +114,7 @@ class ProcessSpec:
     additional_gids: tuple[int, ...] = ()
     terminal: bool = False
     console_size: tuple[int, int] | None = None  # (rows, columns) of the terminal at the start
+    rlimits: tuple[tuple[str, int, int], ...] = DEFAULT_RLIMITS  # (RLIMIT_…, soft, hard)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +243,7 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
             "env": env,
             "cwd": p.cwd or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "rlimits": [{"type": t, "hard": _unlimited(hard), "soft": _unlimited(soft)} for t, soft, hard in p.rlimits],
             "noNewPrivileges": not spec.privileged,
             "oomScoreAdj": 0,
             **({"consoleSize": {"height": p.console_size[0], "width": p.console_size[1]}}
@@ -226,6 +255,11 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
         "linux": linux,
         **({"annotations": annotations} if annotations else {}),
     }
+
+
+def _unlimited(n: int) -> int:
+    """Docker's -1 ("unlimited") as the kernel's RLIM_INFINITY."""
+    return 2**64 - 1 if n < 0 else n
 
 
 def write_file(path: Path | str, data: bytes, mode: int = 0o644) -> None:

@@ -164,6 +164,31 @@ class Volumes:
 
 
 # --- the mount plan ------------------------------------------------------------------------------
+_TMPFS_FLAGS = frozenset({"atime", "noatime", "relatime", "strictatime", "diratime", "nodiratime", "sync", "async",
+                          "dirsync", "mand", "nomand"})
+_TMPFS_KEYS = frozenset({"size", "mode", "uid", "gid", "nr_inodes", "nr_blocks", "mpol", "huge"})
+
+
+def tmpfs_options(spec: str, target: str) -> tuple[tuple[str, ...], bool]:
+    """``--tmpfs PATH[:OPTIONS]`` as dockerd mounts it: ``nosuid,nodev,noexec`` unless the
+    options say ``suid``, ``dev`` or ``exec``; returns the mount options and whether it is
+    read-only."""
+    pairs = {"suid": "nosuid", "dev": "nodev", "exec": "noexec"}
+    extra: list[str] = []
+    read_only = False
+    for opt in (o.strip() for o in spec.split(",")):
+        if not opt:
+            continue
+        if opt in ("ro", "rw"):
+            read_only = opt == "ro"
+        elif opt.removeprefix("no") in pairs:
+            pairs[opt.removeprefix("no")] = opt
+        elif opt in _TMPFS_FLAGS or (opt.partition("=")[0] in _TMPFS_KEYS and "=" in opt):
+            extra.append(opt)
+        else:
+            raise VolumeError(400, f'invalid tmpfs option ["{opt}"]')  # (dockerd's words)
+    return (*pairs.values(), *extra), read_only
+
 def _check_destination(dst: str, spec: str) -> str:
     if not dst.startswith("/"):
         raise VolumeError(400, f"invalid mount config: mount path must be absolute: {dst!r} (in {spec!r})")
@@ -254,6 +279,14 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
                  "Propagation": ""}, str(m))
         else:
             raise VolumeError(400, f"invalid mount config: mount type {kind!r} is not supported")
+    for target, options in (host_config.get("Tmpfs") or {}).items():  # --tmpfs (mounted at start)
+        if not target.startswith("/"):
+            raise VolumeError(400, f"invalid mount path: '{target}' mount path must be absolute")
+        dst = _check_destination(target, target)
+        tmpfs_options(options or "", target)
+        if dst in seen:
+            raise VolumeError(400, f"Duplicate mount point: {dst}")
+        seen.add(dst)
     for target in image_volumes:
         dst = _check_destination(target, target)
         if dst in seen:

@@ -422,6 +422,22 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         host["NanoCpus"] = opts.parse_cpus(args.cpus)
     if args.pids_limit is not None:
         host["PidsLimit"] = opts.parse_int(args.pids_limit, "--pids-limit")
+    if args.memory_swap:
+        host["MemorySwap"] = -1 if args.memory_swap == "-1" else opts.parse_bytes(args.memory_swap, "--memory-swap")
+    if args.cpu_shares is not None:
+        host["CpuShares"] = opts.parse_int(args.cpu_shares, "-c, --cpu-shares")
+    if args.shm_size:
+        host["ShmSize"] = opts.parse_bytes(args.shm_size, "--shm-size")
+    for flag, key in (("cap_add", "CapAdd"), ("cap_drop", "CapDrop"), ("group_add", "GroupAdd"), ("dns", "Dns"),
+                      ("dns_search", "DnsSearch"), ("dns_option", "DnsOptions")):  # lists passed as given
+        if getattr(args, flag):
+            host[key] = list(getattr(args, flag))
+    if args.sysctl:
+        host["Sysctls"] = opts.parse_pairs(args.sysctl, "--sysctl")
+    if args.ulimit:
+        host["Ulimits"] = [opts.parse_ulimit(u) for u in args.ulimit]
+    if args.tmpfs:
+        host["Tmpfs"] = opts.parse_tmpfs(args.tmpfs)
     if args.restart:
         host["RestartPolicy"] = opts.parse_restart(args.restart)
         if args.rm and host["RestartPolicy"]["Name"] != "no":
@@ -449,12 +465,6 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         cfg_networking = None
     if args.add_host:
         host["ExtraHosts"] = [opts.parse_add_host(h) for h in args.add_host]
-    if args.dns:
-        host["Dns"] = list(args.dns)
-    if args.dns_search:
-        host["DnsSearch"] = list(args.dns_search)
-    if args.dns_option:
-        host["DnsOptions"] = list(args.dns_option)
     if args.publish_all:
         host["PublishAllPorts"] = True
     # -v /path (no source) is an anonymous volume, as docker's CLI sends it: in Config.Volumes
@@ -495,8 +505,14 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
         cfg["Hostname"] = args.hostname
     if args.label:
         cfg["Labels"] = opts.parse_labels(args.label)
+    if args.expose:
+        exposed = {**opts.parse_expose(args.expose), **(exposed or {})}
     if exposed:
         cfg["ExposedPorts"] = exposed
+    if args.stop_signal:
+        cfg["StopSignal"] = args.stop_signal
+    if args.stop_timeout is not None:
+        cfg["StopTimeout"] = opts.parse_int(args.stop_timeout, "--stop-timeout")
     if anonymous:
         cfg["Volumes"] = {v: {} for v in anonymous}
     if cfg_networking:
@@ -1119,6 +1135,18 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--memory", help="memory limit, e.g. 32m")
     p.add_argument("--cpus", help="number of CPUs, e.g. 1.5")
     p.add_argument("--pids-limit", help="limit the number of processes")
+    p.add_argument("--memory-swap", help="memory plus swap limit, e.g. 64m (-1: unlimited swap)")
+    p.add_argument("-c", "--cpu-shares", help="relative CPU weight")
+    p.add_argument("--shm-size", help="size of /dev/shm, e.g. 128m")
+    p.add_argument("--cap-add", action="append", metavar="CAP", help="add a Linux capability (ALL for all)")
+    p.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a Linux capability (ALL for all)")
+    p.add_argument("--group-add", action="append", metavar="GROUP", help="an additional group (name or GID)")
+    p.add_argument("--sysctl", action="append", metavar="KEY=VALUE", help="a namespaced kernel parameter")
+    p.add_argument("--ulimit", action="append", metavar="NAME=SOFT[:HARD]", help="a resource limit, e.g. nofile=1024")
+    p.add_argument("--tmpfs", action="append", metavar="PATH[:OPTIONS]", help="mount a tmpfs, e.g. /run:size=64m")
+    p.add_argument("--expose", action="append", metavar="PORT[/PROTO]", help="expose a port without publishing it")
+    p.add_argument("--stop-signal", help="the signal that stops the container (default: the image's, or SIGTERM)")
+    p.add_argument("--stop-timeout", help="seconds to wait for it to stop before it is killed")
     p.add_argument("--restart", help="no | on-failure[:N] | always | unless-stopped")
     p.add_argument("--network", "--net", dest="network", help="connect to a network")
     p.add_argument("--hostname", help="container host name")

@@ -166,6 +166,50 @@ def parse_labels(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def parse_ulimit(item: str) -> dict[str, Any]:
+    """``--ulimit NAME=SOFT[:HARD]`` -> {Name, Soft, Hard} (-1 is unlimited); the engine knows
+    which names exist."""
+    name, eq, value = item.partition("=")
+    soft, _, hard = value.partition(":")
+    try:
+        if not (eq and name):
+            raise ValueError
+        n_soft = int(soft)
+        n_hard = int(hard) if hard else n_soft
+    except ValueError:
+        raise _invalid(item, "--ulimit", f"invalid ulimit argument: {item}") from None
+    return {"Name": name, "Soft": n_soft, "Hard": n_hard}
+
+
+def parse_pairs(items: Iterable[str], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` flags (``--sysctl``) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise _invalid(item, flag, f"{item} is not a KEY=VALUE pair")
+        out[key] = value
+    return out
+
+
+def parse_tmpfs(items: Iterable[str]) -> dict[str, str]:
+    """``--tmpfs PATH[:OPTIONS]`` -> HostConfig.Tmpfs."""
+    return {path: options for path, _, options in (item.partition(":") for item in items)}
+
+
+def parse_expose(items: Iterable[str]) -> dict[str, dict]:
+    """``--expose PORT[-PORT][/PROTO]`` -> ExposedPorts."""
+    out: dict[str, dict] = {}
+    for item in items:
+        ports, _, proto = item.partition("/")
+        first, dash, last = ports.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()) or proto not in ("", "tcp", "udp", "sctp"):
+            raise _invalid(item, "--expose", f"invalid range format for --expose: {item}")
+        for port in range(int(first), int(last or first) + 1):
+            out[f"{port}/{proto or 'tcp'}"] = {}
+    return out
+
+
 # --- ports -----------------------------------------------------------------------------
 def parse_publish(items: Iterable[str]) -> tuple[dict[str, dict], dict[str, list[dict[str, str]]]]:
     """``-p [ip:][host:]ctr[/proto]`` -> (ExposedPorts, PortBindings), passed through as-is."""

@@ -168,6 +168,29 @@ def test_run_flags_to_create_body(tmp_path: Path) -> None:
     assert host["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": "8080"}]}
 
 
+def test_runtime_flags_to_create_body() -> None:
+    args = parse("run", "--cap-add", "NET_ADMIN", "--cap-drop", "ALL", "--group-add", "audio", "--group-add", "29",
+                 "--sysctl", "net.ipv4.ip_forward=1", "--ulimit", "nofile=100:200", "--ulimit", "core=-1",
+                 "--tmpfs", "/run:size=1m,exec", "--tmpfs", "/x", "--shm-size", "1m", "-c", "512",
+                 "--memory-swap", "-1", "--expose", "7000-7001/udp", "--stop-signal", "SIGQUIT", "--stop-timeout", "3",
+                 "busybox")
+    cfg = engine_cli.container_config(args, environ={})
+    host = cfg["HostConfig"]
+    assert (host["CapAdd"], host["CapDrop"], host["GroupAdd"]) == (["NET_ADMIN"], ["ALL"], ["audio", "29"])
+    assert host["Sysctls"] == {"net.ipv4.ip_forward": "1"}
+    assert host["Ulimits"] == [{"Name": "nofile", "Soft": 100, "Hard": 200}, {"Name": "core", "Soft": -1, "Hard": -1}]
+    assert host["Tmpfs"] == {"/run": "size=1m,exec", "/x": ""}
+    assert (host["ShmSize"], host["CpuShares"], host["MemorySwap"]) == (1024 ** 2, 512, -1)
+    assert cfg["ExposedPorts"] == {"7000/udp": {}, "7001/udp": {}}
+    assert (cfg["StopSignal"], cfg["StopTimeout"]) == ("SIGQUIT", 3)
+    for flags, message in ((("--ulimit", "nofile"), "invalid ulimit argument: nofile"),
+                           (("--ulimit", "nofile=a:b"), "invalid ulimit argument"),
+                           (("--sysctl", "noequals"), "is not a KEY=VALUE pair"),
+                           (("--expose", "http"), "invalid range format for --expose")):
+        with pytest.raises(opts.FlagError, match=message):
+            engine_cli.container_config(parse("run", *flags, "busybox"), environ={})
+
+
 def test_command_after_image_is_not_parsed_as_flags() -> None:
     args = parse("run", "--rm", "busybox", "ls", "-l", "-e", "--name", "x")
     assert args.image == "busybox" and args.command == ["ls", "-l", "-e", "--name", "x"]

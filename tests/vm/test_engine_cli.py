@@ -91,6 +91,19 @@ def test_run_flags_reach_the_container(vm: Pydesk, tmp_path) -> None:  # type: i
     limits = vm("run", "--rm", "-m", "32m", "--cpus", "0.5", "--pids-limit", "20", "busybox", "cat",
                 "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/pids.max")
     assert limits.stdout.split() == ["33554432", "50000", "100000", "20"], limits.stderr
+    script = ("ulimit -n; ulimit -Hn; id -G; grep CapEff /proc/self/status; cat /proc/sys/net/ipv4/ip_forward; "
+              "grep ' /scratch ' /proc/mounts | cut -d' ' -f4 | tr , '\n' | grep -x noexec; df -k /dev/shm | tail -1; "
+              "cat /sys/fs/cgroup/cpu.weight; whoami; nc -l -p 80 -w 1 2>&1 | head -1; echo bound")
+    out = vm("run", "--rm", "--ulimit", "nofile=100:200", "--group-add", "29", "--group-add", "nogroup", "-u", "nobody",
+             "--cap-drop", "ALL", "--sysctl", "net.ipv4.ip_forward=1", "--tmpfs", "/scratch:size=1m",
+             "--shm-size", "2m", "-c", "2048", "busybox", "sh", "-c", script)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:6] == ["100", "200", "65534 29", "CapEff:\t0000000000000000", "1", "noexec"], lines
+    assert lines[6].split()[1] == "2048" and lines[7] != "100" and lines[8] == "nobody", lines  # 2m /dev/shm; weight
+    assert lines[-1] == "bound" and "Permission denied" not in out.stdout  # port 80 as nobody, as under dockerd
+    bad = one_line_error(vm("run", "--rm", "--ulimit", "files=1", "busybox", "true"))
+    assert bad == "pydesk: error: invalid ulimit type: files", bad
 
 
 def test_detached_lifecycle_logs_exec(vm: Pydesk) -> None:
