@@ -7,6 +7,7 @@ the API layer only translates them to Docker's JSON error shape.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +60,38 @@ class EngineError(Exception):
 
 def not_found(what: str) -> EngineError:
     return EngineError(404, what)
+
+
+MIN_MEMORY = 6 * 1024 * 1024  # dockerd's smallest --memory
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityOptions:
+    """``--security-opt``: seccomp unconfined or not, no_new_privs on or off."""
+    seccomp: bool = True
+    no_new_privileges: bool = True  # (Docker's default is off; pydesk's is on, as the brief asks)
+
+
+def security_options(items: list[str] | None) -> SecurityOptions:
+    """HostConfig.SecurityOpt as dockerd reads it (``key=value`` or the old ``key:value``);
+    AppArmor and SELinux labels are accepted and have nothing to do in this VM."""
+    seccomp, nnp = True, True
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            key, sep, value = item.partition(":")
+        if key == "no-new-privileges":
+            if value not in ("", "true", "false"):
+                raise EngineError(400, f'invalid --security-opt 2: "{item}"')
+            nnp = value != "false"
+        elif key == "seccomp" and value == "unconfined":
+            seccomp = False
+        elif key == "seccomp":
+            raise EngineError(400, "custom seccomp profiles are not supported here: use the default profile or "
+                                   "seccomp=unconfined")
+        elif key not in ("apparmor", "label"):
+            raise EngineError(400, f'invalid --security-opt 2: "{item}"')
+    return SecurityOptions(seccomp=seccomp, no_new_privileges=nnp)
 
 
 #: What dockerd sets in a container's own network namespace unless told otherwise: any user may
@@ -303,6 +336,9 @@ class Engine:
         if host.get("AutoRemove") and host["RestartPolicy"]["Name"] != "no":
             raise EngineError(400, "can't create 'AutoRemove' container with restart policy")
         console_size(host.get("ConsoleSize"))
+        if 0 < (host.get("Memory") or 0) < MIN_MEMORY:
+            raise EngineError(400, "Minimum memory limit allowed is 6MB")
+        security_options(host.get("SecurityOpt"))  # a bad one is refused now, not at every start
         env: dict[str, str] = {}
         for e in list(icfg.get("Env") or []) + list(body.get("Env") or []):
             k, _, v = e.partition("=")
@@ -313,7 +349,10 @@ class Engine:
             entrypoint = [entrypoint]
         if isinstance(cmd, str):
             cmd = [cmd]
-        if entrypoint is None or entrypoint == []:
+        if entrypoint == [""]:  # `--entrypoint ""`: none at all, and not the image's Cmd either
+            entrypoint = []
+            cmd = cmd or []
+        elif entrypoint is None or entrypoint == []:
             entrypoint = [] if entrypoint == [] and body.get("Entrypoint") is not None else (icfg.get("Entrypoint") or [])
             if not cmd:
                 cmd = icfg.get("Cmd") or []
@@ -321,7 +360,7 @@ class Engine:
             cmd = []
         args = list(entrypoint or []) + list(cmd or [])
         if not args:
-            raise EngineError(400, "no command specified")
+            raise EngineError(400, "No command specified")
         try:  # a malformed -p is the caller's error, found now rather than at start
             requested_ports(host.get("PortBindings"), body.get("ExposedPorts") or {}, False)
         except PortError as exc:
@@ -528,6 +567,7 @@ class Engine:
             extra += lookup_groups(c.rootfs, list(host.get("GroupAdd") or []))
         except KeyError as exc:
             raise EngineError(400, str(exc).strip("'\"")) from exc
+        secopt = security_options(host.get("SecurityOpt"))
         sysctls = dict(host.get("Sysctls") or {})
         mode = host.get("NetworkMode") or ""
         if mode != "host" and not mode.startswith("container:"):  # a network namespace of its own
@@ -555,7 +595,8 @@ class Engine:
             cap_add=tuple(host.get("CapAdd") or ()), cap_drop=tuple(host.get("CapDrop") or ()),
             sysctls=tuple(sysctls.items()),
             shm_size=host.get("ShmSize") or 64 * 1024 * 1024,
-            seccomp_bpf=None if host.get("Privileged") else seccomp.default_program(),
+            seccomp=secopt.seccomp and not host.get("Privileged"), no_new_privileges=secopt.no_new_privileges,
+            seccomp_bpf=None if host.get("Privileged") else seccomp.program(tuple(host.get("CapAdd") or ())),
         )
 
     def running_binds(self) -> list[str]:

@@ -43,6 +43,31 @@ READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 #: short and readable; it covers what Docker's profile refuses to containers without
 #: CAP_SYS_ADMIN and friends: kernel modules, kexec, keyrings, namespaces and mounts,
 #: clock changes, bpf/perf, cross-process memory access, and obsolete calls.
+#: Kept out of the deny list for a container given the capability, as Docker's profile
+#: allows them to it (its "includes": {"caps": [...]} rules).
+SECCOMP_BY_CAP = {
+    "CAP_SYS_ADMIN": ("bpf", "fsconfig", "fsmount", "fsopen", "fspick", "lookup_dcookie", "mount", "mount_setattr",
+                      "move_mount", "name_to_handle_at", "open_tree", "perf_event_open", "quotactl", "setns",
+                      "umount", "umount2", "unshare"),
+    "CAP_SYS_BOOT": ("reboot",),
+    "CAP_SYS_MODULE": ("create_module", "delete_module", "finit_module", "init_module", "query_module"),
+    "CAP_SYS_PACCT": ("acct",),
+    "CAP_SYS_PTRACE": ("kcmp", "process_vm_readv", "process_vm_writev", "ptrace"),
+    "CAP_SYS_RAWIO": ("ioperm", "iopl"),
+    "CAP_SYS_TIME": ("clock_adjtime", "clock_settime", "settimeofday", "stime"),
+    "CAP_BPF": ("bpf",),
+    "CAP_PERFMON": ("perf_event_open",),
+}
+
+
+def seccomp_deny(cap_add: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The system calls a container is refused: the deny list less what its added
+    capabilities allow, as Docker's profile does."""
+    caps = {c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper() for c in cap_add}
+    allowed = {name for cap, names in SECCOMP_BY_CAP.items() if cap in caps or "CAP_ALL" in caps for name in names}
+    return tuple(name for name in SECCOMP_DENY if name not in allowed)
+
+
 SECCOMP_DENY = (
     "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
     "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "init_module",
@@ -57,11 +82,12 @@ SECCOMP_DENY = (
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def seccomp_profile() -> dict[str, Any]:
+def seccomp_profile(deny: tuple[str, ...] | None = None) -> dict[str, Any]:
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-        "syscalls": [{"names": list(SECCOMP_DENY), "action": "SCMP_ACT_ERRNO", "errnoRet": 1}],
+        "syscalls": [{"names": list(SECCOMP_DENY if deny is None else deny), "action": "SCMP_ACT_ERRNO",
+                      "errnoRet": 1}],
     }
 
 
@@ -141,7 +167,9 @@ class ContainerSpec:
     cap_drop: tuple[str, ...] = ()
     sysctls: tuple[tuple[str, str], ...] = ()
     shm_size: int = 64 * 1024 * 1024
-    seccomp_bpf: str | None = None  # the default profile compiled (agent/seccomp.py), base64
+    seccomp: bool = True  # False: --security-opt seccomp=unconfined
+    no_new_privileges: bool = True
+    seccomp_bpf: str | None = None  # the profile compiled (agent/seccomp.py), base64
 
 
 def _caps(spec: ContainerSpec) -> list[str]:
@@ -230,10 +258,12 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
     if not spec.privileged:
         linux["maskedPaths"] = list(MASKED_PATHS)
         linux["readonlyPaths"] = list(READONLY_PATHS)
-        if spec.seccomp_bpf:  # crun loads it as it is, instead of compiling the JSON profile
+        if not spec.seccomp:
+            pass  # --security-opt seccomp=unconfined
+        elif spec.seccomp_bpf:  # crun loads it as it is, instead of compiling the JSON profile
             annotations["run.oci.seccomp_bpf_data"] = spec.seccomp_bpf
         else:
-            linux["seccomp"] = seccomp_profile()
+            linux["seccomp"] = seccomp_profile(seccomp_deny(spec.cap_add))
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -244,7 +274,7 @@ def oci_config(spec: ContainerSpec) -> dict[str, Any]:
             "cwd": p.cwd or "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": t, "hard": _unlimited(hard), "soft": _unlimited(soft)} for t, soft, hard in p.rlimits],
-            "noNewPrivileges": not spec.privileged,
+            "noNewPrivileges": spec.no_new_privileges and not spec.privileged,
             "oomScoreAdj": 0,
             **({"consoleSize": {"height": p.console_size[0], "width": p.console_size[1]}}
                if p.terminal and p.console_size else {}),

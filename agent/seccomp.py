@@ -85,16 +85,26 @@ def compile_deny_list(syscalls: Iterable[str], errno: int, arches: Iterable[str]
         lib.seccomp_release(ctx)
 
 
-@functools.cache
 def default_program() -> str | None:
     """The default profile (agent.runtime.SECCOMP_DENY, EPERM) for this machine, base64 as
     crun's annotation wants it; None when it cannot be compiled here."""
-    from agent.runtime import SECCOMP_DENY
+    return program(())
 
+
+def program(cap_add: tuple[str, ...]) -> str | None:
+    """The profile for a container given ``cap_add`` (some capabilities bring system calls
+    with them, as in Docker's profile), compiled once per distinct deny list."""
+    from agent.runtime import seccomp_deny
+
+    return _program(seccomp_deny(cap_add))
+
+
+@functools.cache
+def _program(deny: tuple[str, ...]) -> str | None:
     arches = COMPAT_ARCHES.get(platform.machine(), (platform.machine(),))
     try:
-        program = compile_deny_list(SECCOMP_DENY, 1, arches)
+        bpf = compile_deny_list(deny, 1, arches)
     except SeccompError as exc:
         log.warning("containers get the JSON seccomp profile (crun compiles it each start): %s", exc)
         return None
-    return base64.b64encode(program).decode()
+    return base64.b64encode(bpf).decode()

@@ -429,7 +429,8 @@ def container_config(args: argparse.Namespace, environ: dict[str, str] | None = 
     if args.shm_size:
         host["ShmSize"] = opts.parse_bytes(args.shm_size, "--shm-size")
     for flag, key in (("cap_add", "CapAdd"), ("cap_drop", "CapDrop"), ("group_add", "GroupAdd"), ("dns", "Dns"),
-                      ("dns_search", "DnsSearch"), ("dns_option", "DnsOptions")):  # lists passed as given
+                      ("dns_search", "DnsSearch"), ("dns_option", "DnsOptions"),
+                      ("security_opt", "SecurityOpt")):  # lists passed as given
         if getattr(args, flag):
             host[key] = list(getattr(args, flag))
     if args.sysctl:
@@ -1142,6 +1143,8 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cap-drop", action="append", metavar="CAP", help="drop a Linux capability (ALL for all)")
     p.add_argument("--group-add", action="append", metavar="GROUP", help="an additional group (name or GID)")
     p.add_argument("--sysctl", action="append", metavar="KEY=VALUE", help="a namespaced kernel parameter")
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help="seccomp=unconfined, no-new-privileges[=false] (apparmor= and label= are accepted)")
     p.add_argument("--ulimit", action="append", metavar="NAME=SOFT[:HARD]", help="a resource limit, e.g. nofile=1024")
     p.add_argument("--tmpfs", action="append", metavar="PATH[:OPTIONS]", help="mount a tmpfs, e.g. /run:size=64m")
     p.add_argument("--expose", action="append", metavar="PORT[/PROTO]", help="expose a port without publishing it")

@@ -16,6 +16,7 @@ from agent import runtime, seccomp
 #: add_key(2): no capability needed, so only seccomp makes it fail with EPERM.
 ADD_KEY = {"x86_64": 248, "aarch64": 217}
 GETPID = {"x86_64": 39, "aarch64": 172}
+UMOUNT2 = {"x86_64": 166, "aarch64": 39}
 
 
 def run_filtered(program: bytes, syscall: int) -> int:
@@ -56,6 +57,27 @@ def test_the_compiled_default_profile_refuses_what_the_json_profile_refuses() ->
     assert len(program) % 8 == 0 and len(program) > 8
     assert run_filtered(program, ADD_KEY[platform.machine()]) == errno.EPERM
     assert run_filtered(program, GETPID[platform.machine()]) == 0  # everything else is allowed
+
+
+@pytest.mark.skipif(platform.machine() not in ADD_KEY, reason="the calls' numbers are known for x86_64 and aarch64 only")
+def test_an_added_capability_brings_its_system_calls_as_in_dockers_profile() -> None:
+    plain, admin = (base64.b64decode(seccomp.program(caps) or "") for caps in ((), ("SYS_ADMIN",)))
+    assert run_filtered(plain, UMOUNT2[platform.machine()]) == errno.EPERM
+    assert run_filtered(admin, UMOUNT2[platform.machine()]) != errno.EPERM  # reaches the kernel (EFAULT/EINVAL…)
+    assert run_filtered(admin, ADD_KEY[platform.machine()]) == errno.EPERM  # keyrings stay refused
+    assert "mount" not in runtime.seccomp_deny(("cap_sys_admin",)) and "mount" in runtime.seccomp_deny(("NET_ADMIN",))
+    assert runtime.seccomp_deny(("ALL",)) == ("add_key", "get_kernel_syms", "kexec_file_load", "kexec_load", "keyctl",
+                                             "move_pages", "nfsservctl",
+                                             "open_by_handle_at", "pivot_root", "request_key", "swapoff", "swapon",
+                                             "sysfs", "_sysctl", "uselib", "userfaultfd", "ustat", "vm86", "vm86old")
+
+
+def test_unconfined_has_no_profile_and_no_new_privileges_can_be_turned_off() -> None:
+    spec = runtime.ContainerSpec(id="c" * 64, rootfs="/r", process=runtime.ProcessSpec(args=("true",)),
+                                 hostname="h", seccomp=False, no_new_privileges=False, seccomp_bpf="AAAA")
+    config = runtime.oci_config(spec)
+    assert "seccomp" not in config["linux"] and "annotations" not in config
+    assert config["process"]["noNewPrivileges"] is False
 
 
 def test_unknown_names_are_skipped_and_bad_arches_refused() -> None:

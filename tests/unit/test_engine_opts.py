@@ -173,10 +173,11 @@ def test_runtime_flags_to_create_body() -> None:
                  "--sysctl", "net.ipv4.ip_forward=1", "--ulimit", "nofile=100:200", "--ulimit", "core=-1",
                  "--tmpfs", "/run:size=1m,exec", "--tmpfs", "/x", "--shm-size", "1m", "-c", "512",
                  "--memory-swap", "-1", "--expose", "7000-7001/udp", "--stop-signal", "SIGQUIT", "--stop-timeout", "3",
-                 "busybox")
+                 "--security-opt", "seccomp=unconfined", "busybox")
     cfg = engine_cli.container_config(args, environ={})
     host = cfg["HostConfig"]
     assert (host["CapAdd"], host["CapDrop"], host["GroupAdd"]) == (["NET_ADMIN"], ["ALL"], ["audio", "29"])
+    assert host["SecurityOpt"] == ["seccomp=unconfined"]
     assert host["Sysctls"] == {"net.ipv4.ip_forward": "1"}
     assert host["Ulimits"] == [{"Name": "nofile", "Soft": 100, "Hard": 200}, {"Name": "core", "Soft": -1, "Hard": -1}]
     assert host["Tmpfs"] == {"/run": "size=1m,exec", "/x": ""}
