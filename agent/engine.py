@@ -1170,7 +1170,7 @@ class Engine:
         if not c.running:
             raise EngineError(409, f"Container {c.id} is not running")
         if c.state.get("Paused"):
-            raise EngineError(409, f"Container {c.id} is paused, unpause the container before exec")
+            raise EngineError(409, f"Container {c.name} is paused, unpause the container before exec")
         if not config.get("Cmd"):
             raise EngineError(400, "No exec command specified")
         console_size(config.get("ConsoleSize"))
@@ -1200,12 +1200,13 @@ class Engine:
         user = cfg.get("User") or c.r["Config"].get("User")
         uid = gid = 0
         extra: tuple[int, ...] = ()
-        if user:
-            try:
+        try:
+            if user:
                 uid, gid, extra = lookup_user(c.rootfs, user)
-            except KeyError as exc:
-                raise EngineError(400, str(exc).strip("'\"")) from exc
-            argv += ["--user", f"{uid}:{gid}"]
+                argv += ["--user", f"{uid}:{gid}"]
+            extra += lookup_groups(c.rootfs, list(c.r["HostConfig"].get("GroupAdd") or []))  # as the container's
+        except KeyError as exc:
+            raise EngineError(400, str(exc).strip("'\"")) from exc
         process = self._exec_process(c, e, uid, gid, extra, size)
         if process is not None:  # the container's own process spec: its groups, caps, rlimits
             argv = [runtime.CRUN, "--root", runtime.CRUN_ROOT, "exec", "--process", str(process), c.runtime_id]
@@ -1232,11 +1233,10 @@ class Engine:
             rc = proc.proc.wait()
             proc.drain(5)
             (c.root / f"exec-{e.id}.json").unlink(missing_ok=True)
-            if rc == 255:  # crun could not start the process: Docker's codes for why
+            if rc == 255:  # crun could not start the process: dockerd's exec then says 126, whatever the cause
                 text = bytes(tail).decode(errors="replace").lower()
-                if "executable file" in text and "not found" in text or "no such file" in text:
-                    rc = 127
-                elif "permission denied" in text or "operation not permitted" in text:
+                if ("executable file" in text and "not found" in text or "no such file" in text
+                        or "permission denied" in text or "operation not permitted" in text):
                     rc = 126
             e.exit_code = rc
             e.running = False

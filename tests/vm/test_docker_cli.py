@@ -608,6 +608,23 @@ def test_commit_export_import_like_a_real_dockerd(docker: DockerCLI, reference: 
     assert session(docker) == session(reference)
 
 
+def test_exec_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
+    def session(cli: DockerCLI) -> list[tuple[int, str]]:
+        n = name()
+        cli("run", "-d", "--name", n, "--group-add", "29", "busybox", "sleep", "600")
+        try:
+            steps = [cli("exec", n, "sh", "-c", "echo out; echo err >&2; exit 3"), cli("exec", "-u", "nobody", n, "id"),
+                     cli("exec", "-w", "/tmp", "-e", "X=1", n, "sh", "-c", "echo $X $(pwd)"), cli("exec", n, "id")]
+            missing = cli("exec", n, "no-such-command")  # (crun's words, not runc's: the code only)
+            steps += [cli("pause", n), cli("exec", n, "true"), cli("unpause", n)]
+            out = [(s.returncode, (s.stdout + s.stderr).replace(n, "NAME")) for s in steps]
+            return [*out, (missing.returncode, "")]
+        finally:
+            cli("rm", "-f", n)
+
+    assert session(docker) == session(reference)
+
+
 def test_detached_lifecycle_like_a_real_dockerd(docker: DockerCLI, reference: DockerCLI) -> None:
     def session(cli: DockerCLI) -> list[tuple[int, str]]:
         n = name()
