@@ -189,9 +189,12 @@ def tmpfs_options(spec: str, target: str) -> tuple[tuple[str, ...], bool]:
             raise VolumeError(400, f'invalid tmpfs option ["{opt}"]')  # (dockerd's words)
     return (*pairs.values(), *extra), read_only
 
-def _check_destination(dst: str, spec: str) -> str:
+def _check_destination(dst: str, spec: str, kind: str = "volume", bind_spec: bool = False) -> str:
+    """A mount's target, normalised; refused in dockerd's words (``bind_spec``: a ``-v`` spec,
+    whose refusals dockerd prefixes with it)."""
     if not dst.startswith("/"):
-        raise VolumeError(400, f"invalid mount config: mount path must be absolute: {dst!r} (in {spec!r})")
+        why = f"invalid mount config for type \"{kind}\": invalid mount path: '{dst}' mount path must be absolute"
+        raise VolumeError(400, f"invalid volume specification: '{spec}': {why}" if bind_spec else why)
     dst = os.path.normpath(dst)
     if dst == "/":
         raise VolumeError(400, f"invalid mount config: destination can't be '/' (in {spec!r})")
@@ -238,7 +241,8 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
         parts = spec.split(":")
         if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
             raise VolumeError(400, f"invalid volume specification: '{spec}'")
-        src, dst = parts[0], _check_destination(parts[1], spec)
+        src = parts[0]
+        dst = _check_destination(parts[1], spec, "bind" if src.startswith("/") else "volume", bind_spec=True)
         mode = parts[2] if len(parts) > 2 else ""
         flags = set(mode.split(",")) - {""}
         bad = flags - {"ro", "rw", "z", "Z", "nocopy", "rprivate", "private", "rslave", "slave", "rshared", "shared",
@@ -256,7 +260,7 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
     for m in host_config.get("Mounts") or []:
         kind = (m.get("Type") or "volume").lower()
         target = m.get("Target") or m.get("Destination") or ""
-        dst = _check_destination(target, str(m))
+        dst = _check_destination(target, str(m), kind)
         ro = bool(m.get("ReadOnly"))
         src = m.get("Source") or ""
         if kind == "bind":
@@ -278,7 +282,7 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
             add({"Type": "tmpfs", "Source": "", "Destination": dst, "Mode": ",".join(opts), "RW": not ro,
                  "Propagation": ""}, str(m))
         else:
-            raise VolumeError(400, f"invalid mount config: mount type {kind!r} is not supported")
+            raise VolumeError(400, f'invalid mount config for type "{kind}": mount type unknown')
     for target, options in (host_config.get("Tmpfs") or {}).items():  # --tmpfs (mounted at start)
         if not target.startswith("/"):
             raise VolumeError(400, f"invalid mount path: '{target}' mount path must be absolute")
