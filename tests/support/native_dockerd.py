@@ -90,6 +90,16 @@ def native_dockerd(workdir: Path, start_timeout: float = 60) -> Iterator[NativeD
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
-        # its own managed containerd was its child; the data dir may hold overlay mounts
-        subprocess.run(["umount", "-R", str(workdir / "exec")], capture_output=True)
+        # its own managed containerd was its child; what it mounted (the netns file under
+        # exec/, overlays under data/) must not outlive it
+        _unmount_under(workdir)
         shutil.rmtree(workdir / "data", ignore_errors=True)
+
+
+def _unmount_under(path: Path) -> None:
+    """Everything mounted below ``path``, deepest first (``umount -R`` of a folder that is not
+    itself a mount point leaves what is under it)."""
+    prefix = str(path.resolve()) + "/"
+    points = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True)
