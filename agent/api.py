@@ -934,7 +934,8 @@ def image_inspect(h: Handler, name: str) -> None:
     h.reply(200, {
         "Id": img.id, "RepoTags": [familiar(t) for t in img.tags], "RepoDigests": [
             familiar(d.split("@")[0]) + "@" + d.split("@")[1] for d in img.digests],
-        "Parent": "", "Comment": cfg.get("comment", ""), "Container": cfg.get("container", ""), "Created": img.created or cfg.get("created", ""), "DockerVersion": "",
+        "Parent": "", "Comment": cfg.get("comment", ""), "Container": cfg.get("container", ""),
+        "Created": img.created or cfg.get("created", ""), "DockerVersion": "",
         "Author": cfg.get("author", ""), "Config": cfg.get("config") or {}, "Architecture": cfg.get("architecture", ""),
         "Variant": cfg.get("variant"), "Os": cfg.get("os", "linux"), "Size": img.size, "VirtualSize": img.size,
         "GraphDriver": {"Name": "overlay2", "Data": {"LowerDir": ":".join(str(p) for p in img.lower_dirs)}},
@@ -1219,11 +1220,12 @@ def _network_filter(flt: filters.Filters) -> Callable[[dict[str, Any]], bool]:
     for v in flt.get("type") or ():
         if v not in ("builtin", "custom"):
             raise filters.FilterError(f"invalid filter: 'type'='{v}'")
-    if len(flt.get("dangling") or ()) > 1:
+    values = flt.get("dangling") or []
+    if len(values) > 1:
         raise filters.FilterError('got more than one value for filter key "dangling"')
-    if (flt.get("dangling") or ["true"])[0] not in ("0", "false", "1", "true"):
+    if values and values[0] not in ("0", "false", "1", "true"):
         raise filters.FilterError('invalid value for filter \'dangling\', must be "true" (or "1"), or "false" (or "0")')
-    dangling = filters.boolean(flt, "dangling")
+    dangling = values[0] in ("1", "true") if values else None
 
     def match(n: dict[str, Any]) -> bool:
         builtin = n["Name"] in _PREDEFINED
@@ -1273,7 +1275,7 @@ def network_create(h: Handler) -> None:
         net = h.engine.networks.create(name, subnet, bool(body.get("Internal")), body.get("Labels") or {})
     except ValueError as exc:
         raise EngineError(409 if "already exists" in str(exc) else 400, str(exc)) from None
-    h.engine.events.emit("network", "create", net.id, {"name": name, "type": "bridge"})
+    h.engine.network_event("create", net)
     h.reply(201, {"Id": net.id, "Warning": ""})
 
 
@@ -1293,7 +1295,7 @@ def network_remove(h: Handler, ref: str) -> None:
         h.engine.networks.remove(net)
     except (RuntimeError, PermissionError) as exc:
         raise EngineError(403, str(exc)) from None
-    h.engine.events.emit("network", "destroy", net.id, {"name": net.name, "type": "bridge"})
+    h.engine.network_event("destroy", net)
     h.reply(204)
 
 
@@ -1313,7 +1315,7 @@ def network_prune(h: Handler) -> None:
             continue
         if net.user_defined and not any(net.name in c.r["NetworkSettings"]["Networks"] for c in h.engine.containers.values()):
             h.engine.networks.remove(net)
-            h.engine.events.emit("network", "destroy", net.id, {"name": net.name, "type": "bridge"})
+            h.engine.network_event("destroy", net)
             removed.append(net.name)
     h.engine.events.emit("network", "prune", "", {"reclaimed": "0"})
     h.reply(200, {"NetworksDeleted": removed or None})

@@ -16,11 +16,13 @@ from __future__ import annotations
 import bz2
 import contextlib
 import copy
+import functools
 import json
 import logging
 import lzma
 import os
 import shutil
+import stat
 import subprocess
 import zlib
 from collections.abc import Iterable, Iterator
@@ -80,7 +82,7 @@ def commit(engine: Any, c: Container, *, tag: str | None, comment: str, author: 
     targets = [str(v.get("Destination", "")) for v in c.r.get("Mounts") or []]
     targets += list(c.r["HostConfig"].get("Tmpfs") or {})
     skip = frozenset(m for m in (*ENGINE_MOUNTS, *(os.path.normpath(t).strip("/") for t in targets if t))
-                     if m and not any(os.path.lexists(low / m) for low in lowers))
+                     if m and lower_stat(lowers, m) is None)
     paused_here = False
     if pause and c.running and not c.state.get("Paused"):
         engine.pause(c)  # as dockerd: nothing changes under the walk
@@ -89,14 +91,9 @@ def commit(engine: Any, c: Container, *, tag: str | None, comment: str, author: 
         with _upper(c) as fd:
             written = [0]
 
-            def below(rel: str) -> os.stat_result | None:
-                for low in lowers:  # top-most first: the first layer that has the name decides
-                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                        return os.lstat(low / rel)
-                return None
-
             def write(out: BinaryIO) -> None:
-                written[0] = archive.write_tree(fd, out, layer=True, skip=skip, lower=below)
+                written[0] = archive.write_tree(fd, out, layer=True, skip=skip,
+                                                lower=functools.partial(lower_stat, lowers))
 
             digest, size = store.put_layer_tar(write)
     finally:
@@ -120,6 +117,29 @@ def commit(engine: Any, c: Container, *, tag: str | None, comment: str, author: 
         layers.append((digest, MT_OCI_TAR))
     log.info("commit of %s: layer %s, %d bytes, %d entries", c.name, digest, size, written[0])
     return _add(store, doc, layers, tag, digest)
+
+
+def lower_stat(lowers: list[Path], rel: str) -> os.stat_result | None:
+    """What the image's layers (top-most first) show at ``rel``, as overlayfs merges them:
+    names are looked up one component at a time and never through a symlink (which, in a
+    layer folder, would point into the engine's own file system), and the first layer that
+    has the name, or something that is not a directory on its way, decides."""
+    parts = rel.split("/")
+    for low in lowers:
+        path = low
+        for i, part in enumerate(parts):
+            path = path / part
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                break  # not in this layer: the next one down
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                return None  # a whiteout: deleted in this layer
+            if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+                return None  # a file or a link here hides the rest of the way
+        else:
+            return st
+    return None
 
 
 def _add(store: Any, doc: dict[str, Any], layers: list[tuple[str, str]], tag: str | None, digest: str) -> str:

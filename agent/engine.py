@@ -629,7 +629,7 @@ class Engine:
                                            "with the VM? see `pydesk vm start --share`)")
             mounts.append(runtime.Mount(dst, src, options=("rbind", "rprivate") + ro))
         for dst, spec in (c.r["HostConfig"].get("Tmpfs") or {}).items():  # --tmpfs: not among the Mounts records
-            opts, read_only = tmpfs_options(spec or "", dst)
+            opts, read_only = tmpfs_options(spec or "")
             mounts.append(runtime.Mount(os.path.normpath(dst), "tmpfs", type="tmpfs",
                                         options=opts + (("ro",) if read_only else ())))
         mounts.sort(key=lambda m: m.destination.count("/"))  # parents first (a stable sort)
@@ -1065,7 +1065,12 @@ class Engine:
                 net = self.networks.get(name)
             except KeyError:
                 continue  # host, none, container:…
-            self.events.emit("network", action, net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+            self.network_event(action, net, c)
+
+    def network_event(self, action: str, net: Network, c: Container | None = None) -> None:
+        """A network's event, with the attributes dockerd gives it (the container, if any)."""
+        self.events.emit("network", action, net.id,
+                         {**({"container": c.id} if c is not None else {}), "name": net.name, "type": "bridge"})
 
     def connect(self, c: Container, net: Network, endpoint: dict[str, Any]) -> None:
         """Attach a container to a network; a running one gets its interface right away."""
@@ -1092,7 +1097,7 @@ class Engine:
                     ep["Aliases"] = list(dict.fromkeys([*(ep.get("Aliases") or []), c.name, c.id[:12]]))
             nets[net.name] = ep
             c.save()
-        self.events.emit("network", "connect", net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+        self.network_event("connect", net, c)
 
     def disconnect(self, c: Container, net: Network) -> None:
         with c.lock:
@@ -1107,7 +1112,7 @@ class Engine:
                 self.networks.release(c.id, net)
             del nets[net.name]
             c.save()
-        self.events.emit("network", "disconnect", net.id, {"container": c.id, "name": net.name, "type": "bridge"})
+        self.network_event("disconnect", net, c)
 
     def rename(self, c: Container, new: str) -> None:
         name = self._unique_name(new)

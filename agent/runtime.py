@@ -43,6 +43,17 @@ READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysr
 #: short and readable; it covers what Docker's profile refuses to containers without
 #: CAP_SYS_ADMIN and friends: kernel modules, kexec, keyrings, namespaces and mounts,
 #: clock changes, bpf/perf, cross-process memory access, and obsolete calls.
+SECCOMP_DENY = (
+    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
+    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "init_module",
+    "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie",
+    "mount", "mount_setattr", "move_mount", "move_pages", "name_to_handle_at", "nfsservctl",
+    "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root", "process_vm_readv",
+    "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot", "request_key",
+    "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs", "_sysctl", "umount",
+    "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
+)
+
 #: Kept out of the deny list for a container given the capability, as Docker's profile
 #: allows them to it (its "includes": {"caps": [...]} rules).
 SECCOMP_BY_CAP = {
@@ -63,21 +74,15 @@ SECCOMP_BY_CAP = {
 def seccomp_deny(cap_add: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The system calls a container is refused: the deny list less what its added
     capabilities allow, as Docker's profile does."""
-    caps = {c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper() for c in cap_add}
+    caps = {cap_name(c) for c in cap_add}
     allowed = {name for cap, names in SECCOMP_BY_CAP.items() if cap in caps or "CAP_ALL" in caps for name in names}
     return tuple(name for name in SECCOMP_DENY if name not in allowed)
 
 
-SECCOMP_DENY = (
-    "acct", "add_key", "bpf", "clock_adjtime", "clock_settime", "create_module", "delete_module",
-    "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "get_kernel_syms", "init_module",
-    "ioperm", "iopl", "kcmp", "kexec_file_load", "kexec_load", "keyctl", "lookup_dcookie",
-    "mount", "mount_setattr", "move_mount", "move_pages", "name_to_handle_at", "nfsservctl",
-    "open_by_handle_at", "open_tree", "perf_event_open", "pivot_root", "process_vm_readv",
-    "process_vm_writev", "ptrace", "query_module", "quotactl", "reboot", "request_key",
-    "setns", "settimeofday", "stime", "swapoff", "swapon", "sysfs", "_sysctl", "umount",
-    "umount2", "unshare", "uselib", "userfaultfd", "ustat", "vm86", "vm86old",
-)
+def cap_name(cap: str) -> str:
+    """``net_admin`` or ``NET_ADMIN`` as the kernel's ``CAP_NET_ADMIN`` (as Docker takes them)."""
+    return cap.upper() if cap.upper().startswith("CAP_") else "CAP_" + cap.upper()
+
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -124,7 +129,7 @@ def rlimits(ulimits: list[dict[str, Any]] | None) -> tuple[tuple[str, int, int],
             soft, hard = int(u.get("Soft", 0)), int(u.get("Hard", 0))
         except (TypeError, ValueError):
             raise ValueError(f"invalid ulimit {name}: soft and hard must be numbers") from None
-        if soft > hard and hard != -1:
+        if hard != -1 and (soft == -1 or soft > hard):  # (-1: unlimited)
             raise ValueError(f"ulimit soft limit must be less than or equal to hard limit: {soft} > {hard}")
         out[RLIMITS[name]] = (soft, hard)
     return tuple((t, soft, hard) for t, (soft, hard) in out.items())
@@ -176,15 +181,14 @@ def _caps(spec: ContainerSpec) -> list[str]:
     if spec.privileged:
         return sorted(ALL_CAPS)
     caps = set(DEFAULT_CAPS)
-    norm = lambda c: c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper()  # noqa: E731
     if any(c.upper() == "ALL" for c in spec.cap_drop):
         caps = set()
     else:
-        caps -= {norm(c) for c in spec.cap_drop}
+        caps -= {cap_name(c) for c in spec.cap_drop}
     if any(c.upper() == "ALL" for c in spec.cap_add):
         caps = set(ALL_CAPS)
     else:
-        caps |= {norm(c) for c in spec.cap_add}
+        caps |= {cap_name(c) for c in spec.cap_add}
     return sorted(caps)
 
 

@@ -169,7 +169,7 @@ _TMPFS_FLAGS = frozenset({"atime", "noatime", "relatime", "strictatime", "dirati
 _TMPFS_KEYS = frozenset({"size", "mode", "uid", "gid", "nr_inodes", "nr_blocks", "mpol", "huge"})
 
 
-def tmpfs_options(spec: str, target: str) -> tuple[tuple[str, ...], bool]:
+def tmpfs_options(spec: str) -> tuple[tuple[str, ...], bool]:
     """``--tmpfs PATH[:OPTIONS]`` as dockerd mounts it: ``nosuid,nodev,noexec`` unless the
     options say ``suid``, ``dev`` or ``exec``; returns the mount options and whether it is
     read-only."""
@@ -188,6 +188,7 @@ def tmpfs_options(spec: str, target: str) -> tuple[tuple[str, ...], bool]:
         else:
             raise VolumeError(400, f'invalid tmpfs option ["{opt}"]')  # (dockerd's words)
     return (*pairs.values(), *extra), read_only
+
 
 def _check_destination(dst: str, spec: str, kind: str = "volume", bind_spec: bool = False) -> str:
     """A mount's target, normalised; refused in dockerd's words (``bind_spec``: a ``-v`` spec,
@@ -287,7 +288,7 @@ def plan(host_config: dict[str, Any], image_volumes: Iterable[str], volumes: Vol
         if not target.startswith("/"):
             raise VolumeError(400, f"invalid mount path: '{target}' mount path must be absolute")
         dst = _check_destination(target, target)
-        tmpfs_options(options or "", target)
+        tmpfs_options(options or "")
         if dst in seen:
             raise VolumeError(400, f"Duplicate mount point: {dst}")
         seen.add(dst)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from typing import Any
 
-from desktop.engine_cli import Fail, engine, handles_errors, open_input, write_archive
+from desktop.engine_cli import Fail, command_adder, engine, handles_errors, open_input, write_archive
 
 
 def split_ref(text: str | None) -> tuple[str | None, str | None]:
@@ -68,10 +67,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
+    add = command_adder(sub)
 
     p = add("commit", cmd_commit, "make an image of a container's changes")
     p.add_argument("-a", "--author", help='e.g. "Jane Doe <jane@example.com>"')

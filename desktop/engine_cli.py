@@ -413,19 +413,26 @@ def open_input(path: str | None, verb: str) -> IO[bytes]:
 
 
 # --- containers: create / run ---------------------------------------------------------------
-def container_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """The /containers/create body from run/create flags (pure: unit-tested)."""
+def resource_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The HostConfig limits `run`, `create` and `update` share (-m, --memory-swap, --cpus,
+    -c, --pids-limit)."""
     host: dict[str, Any] = {}
     if args.memory:
         host["Memory"] = opts.parse_memory(args.memory)
+    if args.memory_swap:
+        host["MemorySwap"] = opts.parse_swap(args.memory_swap)
     if args.cpus:
         host["NanoCpus"] = opts.parse_cpus(args.cpus)
-    if args.pids_limit is not None:
-        host["PidsLimit"] = opts.parse_int(args.pids_limit, "--pids-limit")
-    if args.memory_swap:
-        host["MemorySwap"] = -1 if args.memory_swap == "-1" else opts.parse_bytes(args.memory_swap, "--memory-swap")
     if args.cpu_shares is not None:
         host["CpuShares"] = opts.parse_int(args.cpu_shares, "-c, --cpu-shares")
+    if args.pids_limit is not None:
+        host["PidsLimit"] = opts.parse_int(args.pids_limit, "--pids-limit")
+    return host
+
+
+def container_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The /containers/create body from run/create flags (pure: unit-tested)."""
+    host = resource_limits(args)
     if args.shm_size:
         host["ShmSize"] = opts.parse_bytes(args.shm_size, "--shm-size")
     for flag, key in (("cap_add", "CapAdd"), ("cap_drop", "CapDrop"), ("group_add", "GroupAdd"), ("dns", "Dns"),
@@ -755,17 +762,7 @@ def cmd_unpause(args: argparse.Namespace) -> int:
 
 @handles_errors()
 def cmd_update(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {}
-    if args.memory:
-        body["Memory"] = opts.parse_memory(args.memory)
-    if args.memory_swap:
-        body["MemorySwap"] = -1 if args.memory_swap == "-1" else opts.parse_bytes(args.memory_swap, "--memory-swap")
-    if args.cpus:
-        body["NanoCpus"] = opts.parse_cpus(args.cpus)
-    if args.cpu_shares is not None:
-        body["CpuShares"] = opts.parse_int(args.cpu_shares, "-c, --cpu-shares")
-    if args.pids_limit is not None:
-        body["PidsLimit"] = opts.parse_int(args.pids_limit, "--pids-limit")
+    body = resource_limits(args)
     if args.restart:
         body["RestartPolicy"] = opts.parse_restart(args.restart)
     if not body:
@@ -1173,13 +1170,18 @@ def _container_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments")
 
 
-def register(sub: Any) -> None:
-    """Add the docker-compatible commands to `pydesk`'s subcommands."""
+def command_adder(sub: Any) -> Callable[..., argparse.ArgumentParser]:
+    """``add(name, func, help, **kw)``: a subcommand of ``sub`` that runs ``func``."""
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str, **kw: Any) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help, **kw)
         p.set_defaults(func=func)
         return p
+    return add
 
+
+def register(sub: Any) -> None:
+    """Add the docker-compatible commands to `pydesk`'s subcommands."""
+    add = command_adder(sub)
     p = add("run", cmd_run, "create and run a container")
     p.add_argument("-d", "--detach", action="store_true", help="run in the background and print the ID")
     p.add_argument("--sig-proxy", action=argparse.BooleanOptionalAction, default=True,

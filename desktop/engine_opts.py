@@ -53,6 +53,11 @@ def parse_memory(value: str, flag: str = "-m, --memory") -> int:
     return n
 
 
+def parse_swap(value: str) -> int:
+    """``--memory-swap``: a size, or -1 for unlimited swap."""
+    return -1 if value.strip() == "-1" else parse_bytes(value, "--memory-swap")
+
+
 def parse_cpus(value: str) -> int:
     """``--cpus 1.5`` -> NanoCpus 1500000000."""
     try:

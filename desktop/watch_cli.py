@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from desktop import engine_opts as opts
-from desktop.engine_cli import _print_formatted, engine, handles_errors
+from desktop.engine_cli import _print_formatted, command_adder, engine, handles_errors
 
 INTERVAL = 1.0  # seconds between samples, as docker's
 
@@ -154,10 +153,7 @@ def _show(rows: list[dict[str, str]], fmt: str | None, *, clear: bool) -> None:
 
 
 def register(sub: Any) -> None:
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
+    add = command_adder(sub)
 
     p = add("top", cmd_top, "show a container's processes")
     p.add_argument("container")

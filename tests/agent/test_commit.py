@@ -9,6 +9,7 @@ import io
 import json
 import lzma
 import os
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -170,3 +171,20 @@ def test_a_directory_copied_up_only_for_skipped_mount_points_is_no_change(tmp_pa
     (upper / "etc").chmod(0o755)
     (upper / "etc/motd").write_text("hi")
     assert names() == ["etc", "etc/motd"]  # the parent comes first
+
+
+def test_the_lower_layers_are_looked_up_as_overlayfs_merges_them(tmp_path: Path) -> None:
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    (bottom / "etc").mkdir(parents=True)
+    (bottom / "etc/hosts").write_text("x")
+    (bottom / "gone").write_text("x")
+    (bottom / "data").mkdir()
+    top.mkdir()
+    (top / "etc").symlink_to("/etc")  # an absolute link, as images have: never followed
+    os.mknod(top / "gone", 0o600 | stat.S_IFCHR, 0)  # a whiteout
+    lowers = [top, bottom]
+    assert commit.lower_stat(lowers, "etc/passwd") is None and commit.lower_stat(lowers, "etc/hosts") is None
+    assert stat.S_ISLNK(commit.lower_stat(lowers, "etc").st_mode)  # type: ignore[union-attr]
+    assert commit.lower_stat(lowers, "gone") is None
+    assert stat.S_ISDIR(commit.lower_stat(lowers, "data").st_mode)  # type: ignore[union-attr]
+    assert commit.lower_stat(lowers, "data/none") is None

@@ -24,18 +24,19 @@ def test_ulimits_become_rlimits_over_the_defaults() -> None:
         {"type": "RLIMIT_CORE", "soft": 2**64 - 1, "hard": 2**64 - 1}]  # -1: unlimited
     for bad, message in (([{"Name": "files"}], "invalid ulimit type: files"),
                          ([{"Name": "nofile", "Soft": 5, "Hard": 2}], "soft limit must be less than or equal"),
+                         ([{"Name": "nofile", "Soft": -1, "Hard": 2}], "soft limit must be less than or equal"),
                          ([{"Name": "nofile", "Soft": "x"}], "must be numbers"), (["nofile"], "invalid ulimit")):
         with pytest.raises(ValueError, match=message):
             runtime.rlimits(bad)  # type: ignore[arg-type]
 
 
 def test_tmpfs_options_are_dockerds() -> None:
-    assert tmpfs_options("", "/x") == (("nosuid", "nodev", "noexec"), False)
-    assert tmpfs_options("rw,exec,size=64m,mode=1777", "/x") == (("nosuid", "nodev", "exec", "size=64m", "mode=1777"), False)
-    assert tmpfs_options("ro,suid,uid=1000,noatime", "/x") == (("suid", "nodev", "noexec", "uid=1000", "noatime"), True)
+    assert tmpfs_options("") == (("nosuid", "nodev", "noexec"), False)
+    assert tmpfs_options("rw,exec,size=64m,mode=1777") == (("nosuid", "nodev", "exec", "size=64m", "mode=1777"), False)
+    assert tmpfs_options("ro,suid,uid=1000,noatime") == (("suid", "nodev", "noexec", "uid=1000", "noatime"), True)
     for bad in ("bogus", "size", "bind", "exec=1"):
         with pytest.raises(VolumeError, match="invalid tmpfs option"):
-            tmpfs_options(bad, "/x")
+            tmpfs_options(bad)
 
 
 def test_tmpfs_targets_are_checked_with_the_other_mounts(tmp_path: Path) -> None:
